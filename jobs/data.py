@@ -1,0 +1,281 @@
+"""The one data path: sources -> documents -> tokens (Ray Data ``map_batches``) -> blocks.
+
+Sources (``data=``):
+
+* ``stdlib``: the embedded default corpus, docstrings of the Python standard library;
+* a ``.txt``/``.md`` file or a directory of them (one document per file);
+* ``.jsonl`` (one JSON object per line, text in ``text_field``);
+* ``.parquet`` (text in column ``text_field``);
+* ``.json`` in SQuAD format (one document per context paragraph).
+
+Split: the token stream (documents in source order, separated by the tokenizer's EOS token) is
+cut by position: the first ``1 - val_fraction`` of tokens train, the last ``val_fraction``
+validate. Deterministic, and no validation text leaks into training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from cluster.config import BaseConfig
+from ops.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CORPUS = "stdlib"
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+# Text is tokenized in pieces of about this many characters so Ray Data can spread the work.
+CHUNK_CHARS = 64_000
+Format = Literal["auto", "text", "jsonl", "parquet", "squad", "stdlib"]
+
+
+class DataConfig(BaseConfig):
+    """Where text comes from and how it is split (shared by every job that reads a corpus)."""
+
+    data: str = Field(DEFAULT_CORPUS, description="corpus: 'stdlib' (embedded stdlib docstrings), a text file or "
+                      "directory, .jsonl, .parquet or SQuAD .json")
+    data_format: Format = Field("auto", description="how to read `data`; auto = by suffix")
+    text_field: str = Field("text", description="JSONL field / Parquet column holding the text")
+    val_fraction: float = Field(0.1, description="last fraction of the token stream held out for validation")
+
+    @field_validator("val_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {v}")
+        return v
+
+
+def detect_format(source: str, fmt: str = "auto") -> str:
+    """Resolve ``auto`` to a concrete format from the path, checking the path exists."""
+    if source == DEFAULT_CORPUS and fmt in ("auto", "stdlib"):
+        return "stdlib"
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"data '{source}' does not exist; valid: 'stdlib' (embedded corpus) or an existing "
+                        f"file/directory (.txt, .md, .jsonl, .parquet, SQuAD .json)")
+    if fmt != "auto":
+        return fmt
+    if path.is_dir():
+        return "text"
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix == ".json":
+        return "squad"
+    raise UserError(f"cannot tell the format of '{source}' from its suffix '{suffix}'; set data_format to one "
+                    f"of text, jsonl, parquet, squad")
+
+
+def read_documents(source: str, fmt: str = "auto", text_field: str = "text",
+                   max_docs: int | None = None) -> list[dict[str, Any]]:
+    """Read a corpus into ``[{"id", "text", "source"}]`` in source order.
+
+    Raises:
+        UserError: missing path, empty corpus, missing field/column, malformed file.
+    """
+    fmt = detect_format(source, fmt)
+    if fmt == "stdlib":
+        from ops.corpus import stdlib_documents
+
+        docs = stdlib_documents(max_docs)
+    elif fmt == "text":
+        docs = _read_text(Path(source).expanduser())
+    elif fmt == "jsonl":
+        docs = _read_jsonl(Path(source).expanduser(), text_field)
+    elif fmt == "parquet":
+        docs = _read_parquet(Path(source).expanduser(), text_field)
+    elif fmt == "squad":
+        docs = read_squad(Path(source).expanduser())[0]
+    else:
+        raise UserError(f"unknown data_format '{fmt}'; valid: auto, text, jsonl, parquet, squad, stdlib")
+    docs = [d for d in docs if d["text"].strip()]
+    if not docs:
+        raise UserError(f"data '{source}' holds no text")
+    return docs[:max_docs] if max_docs else docs
+
+
+def _read_text(path: Path) -> list[dict]:
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES) if path.is_dir() else [path]
+    if not files:
+        raise UserError(f"directory '{path}' has no {'/'.join(TEXT_SUFFIXES)} files")
+    docs = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"'{f}' is not UTF-8 text") from None
+        docs.append({"id": str(f.relative_to(path)) if path.is_dir() else f.name, "text": text, "source": str(f)})
+    return docs
+
+
+def _read_jsonl(path: Path, field: str) -> list[dict]:
+    docs = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"'{path}' line {lineno} is not valid JSON") from None
+            if not isinstance(row, dict) or field not in row:
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise UserError(f"'{path}' line {lineno} has no field '{field}'; it has {keys} (set text_field)")
+            docs.append({"id": str(row.get("id", f"{path.name}:{lineno}")), "text": str(row[field]),
+                         "source": str(path)})
+    return docs
+
+
+def _read_parquet(path: Path, column: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise UserError(f"'{path}' is not a readable Parquet file ({type(exc).__name__})") from None
+    if column not in schema.names:
+        raise UserError(f"Parquet file '{path}' has no column '{column}'; columns: {schema.names} (set text_field)")
+    cols = [column] + (["id"] if "id" in schema.names and column != "id" else [])
+    table = pq.read_table(path, columns=cols).to_pydict()
+    ids = table.get("id") or [f"{path.name}:{i}" for i in range(len(table[column]))]
+    return [{"id": str(i), "text": str(t), "source": str(path)} for i, t in zip(ids, table[column]) if t is not None]
+
+
+def read_squad(path: Path) -> tuple[list[dict], list[dict]]:
+    """Documents (one per context paragraph) and questions of a SQuAD v1.1-format file.
+
+    Document id = ``<article title>:<paragraph index>``; each question carries ``doc_id`` (its
+    paragraph) and ``answers`` (gold strings).
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise UserError(f"'{path}' is not valid JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise UserError(f"'{path}' is not SQuAD format (expected a top-level 'data' list)")
+    docs, questions = [], []
+    for article in data["data"]:
+        title = article.get("title", "untitled")
+        for i, para in enumerate(article.get("paragraphs", [])):
+            doc_id = f"{title}:{i}"
+            docs.append({"id": doc_id, "text": para["context"], "source": str(path)})
+            for qa in para.get("qas", []):
+                questions.append({"id": qa.get("id"), "question": qa["question"], "doc_id": doc_id,
+                                  "answers": sorted({a["text"] for a in qa.get("answers", [])})})
+    return docs, questions
+
+
+def text_pieces(docs: list[dict], separator: str) -> list[str]:
+    """Join documents with ``separator`` and cut the result into ~CHUNK_CHARS pieces at line ends.
+
+    Cutting only after a newline keeps tokenization of the pieces equal to tokenizing the whole
+    text for byte-level BPE tokenizers, whose pre-tokenizer never merges across a newline.
+    """
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for i, doc in enumerate(docs):
+        text = doc["text"] + (separator if i < len(docs) - 1 else "")
+        for line in text.splitlines(keepends=True):
+            current.append(line)
+            size += len(line)
+            if size >= CHUNK_CHARS and line.endswith("\n"):
+                pieces.append("".join(current))
+                current, size = [], 0
+    if current:
+        pieces.append("".join(current))
+    return pieces
+
+
+class _Tokenize:
+    """``map_batches`` callable: loads the tokenizer once per worker."""
+
+    def __init__(self, tokenizer_path: str):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        encoded = self.tokenizer(list(batch["text"]), add_special_tokens=False)["input_ids"]
+        return {"order": batch["order"], "ids": [np.asarray(e, dtype=np.int64) for e in encoded]}
+
+
+def tokenizer_dir(tokenizer) -> str:
+    """A directory the tokenizer can be re-loaded from on any worker of this node."""
+    path = getattr(tokenizer, "name_or_path", "")
+    if not Path(path).is_dir():
+        raise UserError(f"tokenizer '{path}' is not a local directory; load it with ops.model.load_tokenizer")
+    return path
+
+
+def token_stream(docs: list[dict], tokenizer, max_tokens: int | None = None) -> np.ndarray:
+    """Tokenize documents in order with Ray Data ``map_batches`` and concatenate the ids.
+
+    Args:
+        docs: documents from :func:`read_documents`.
+        tokenizer: a HF tokenizer loaded from a local directory.
+        max_tokens: keep only the first ``max_tokens`` tokens (None or 0: all).
+
+    Returns:
+        (N,) int64 token ids; documents separated by the EOS token.
+    """
+    import ray
+
+    separator = tokenizer.eos_token or "\n\n"
+    pieces = text_pieces(docs, separator)
+    if max_tokens:
+        # ~1 token per 2 characters at worst: stop reading pieces well past what is needed.
+        budget, kept = 0, []
+        for p in pieces:
+            kept.append(p)
+            budget += len(p)
+            if budget > 8 * max_tokens:
+                break
+        pieces = kept
+    ds = ray.data.from_items([{"order": i, "text": p} for i, p in enumerate(pieces)])
+    ds = ds.map_batches(_Tokenize, fn_constructor_args=(tokenizer_dir(tokenizer),), batch_size=4,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2), num_cpus=1)
+    rows = sorted(ds.take_all(), key=lambda r: r["order"])
+    ids = np.concatenate([np.asarray(r["ids"], dtype=np.int64) for r in rows]) if rows else np.zeros(0, np.int64)
+    if max_tokens:
+        ids = ids[:max_tokens]
+    log.info("tokenized %d documents into %d tokens (%d pieces)", len(docs), ids.size, len(pieces))
+    return ids
+
+
+def split_by_position(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """First ``1 - val_fraction`` of the stream trains, the rest validates."""
+    cut = int(round(len(ids) * (1.0 - val_fraction)))
+    return ids[:cut], ids[cut:]
+
+
+def pack_blocks(ids: np.ndarray, block_size: int) -> np.ndarray:
+    """Cut a token stream into (N, block_size) blocks, dropping the tail shorter than a block."""
+    n = len(ids) // block_size
+    if n == 0:
+        raise UserError(f"{len(ids)} tokens make no block of block_size={block_size}; use more data or a "
+                        f"smaller block_size")
+    return ids[: n * block_size].reshape(n, block_size)
+
+
+def block_datasets(cfg: DataConfig, tokenizer, block_size: int, max_tokens: int | None = None):
+    """Ray Datasets of ``{"input_ids": (block_size,)}`` rows for training and validation."""
+    import ray
+
+    ids = token_stream(read_documents(cfg.data, cfg.data_format, cfg.text_field), tokenizer, max_tokens)
+    train_ids, val_ids = split_by_position(ids, cfg.val_fraction)
+    train, val = pack_blocks(train_ids, block_size), pack_blocks(val_ids, block_size)
+    log.info("data: %d train blocks, %d validation blocks of %d tokens", len(train), len(val), block_size)
+    to_ds = lambda blocks: ray.data.from_items([{"input_ids": b} for b in blocks])  # noqa: E731
+    return to_ds(train), to_ds(val)

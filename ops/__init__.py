@@ -1,0 +1,1 @@
+"""Model-level building blocks. Nothing in this package imports Ray."""

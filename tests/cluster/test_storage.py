@@ -1,0 +1,53 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from cluster.storage import LAUNCH_DIR_ENV, artifact_path, resolve_storage, validate_name, writable_artifact
+from ops.errors import UserError
+
+
+def test_relative_storage_resolves_against_cwd(tmp_path, monkeypatch):
+    monkeypatch.delenv(LAUNCH_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_storage("./artifacts") == str(tmp_path.resolve() / "artifacts")
+
+
+def test_relative_storage_resolves_against_launch_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(LAUNCH_DIR_ENV, str(tmp_path))
+    monkeypatch.chdir("/")
+    assert resolve_storage("artifacts") == str(tmp_path.resolve() / "artifacts")
+
+
+def test_relative_storage_in_ray_working_dir_copy_is_refused(tmp_path, monkeypatch):
+    copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_x"
+    copy.mkdir(parents=True)
+    monkeypatch.delenv(LAUNCH_DIR_ENV, raising=False)
+    monkeypatch.chdir(copy)
+    with pytest.raises(UserError, match="temporary copy"):
+        resolve_storage("./artifacts")
+    assert resolve_storage(str(tmp_path / "abs")) == str(tmp_path / "abs")
+
+
+def test_uris_pass_through():
+    assert resolve_storage("s3://bucket/prefix/") == "s3://bucket/prefix"
+    assert artifact_path("gs://b/p", "adapters", "x") == "gs://b/p/adapters/x"
+
+
+@pytest.mark.parametrize("name", ["", "..", "../x", "a/b", ".hidden"])
+def test_bad_names(name):
+    with pytest.raises(UserError):
+        validate_name(name)
+
+
+def test_writable_artifact_is_atomic(tmp_path):
+    with writable_artifact(str(tmp_path), "reports", "r") as out:
+        (out / "a.json").write_text("1")
+        assert not (tmp_path / "reports" / "r").exists()
+    assert (tmp_path / "reports" / "r" / "a.json").read_text() == "1"
+    with pytest.raises(RuntimeError):
+        with writable_artifact(str(tmp_path), "reports", "r") as out:
+            (out / "a.json").write_text("2")
+            raise RuntimeError("crash mid-write")
+    assert (tmp_path / "reports" / "r" / "a.json").read_text() == "1"
+    assert [p.name for p in (tmp_path / "reports").iterdir()] == ["r"]

@@ -1,0 +1,66 @@
+import time
+
+import pytest
+import torch
+
+from ops.errors import UserError
+from ops.model import (DEFAULT_MODEL, load_model, load_tokenizer, model_size_bytes, parameter_count, resolve)
+
+
+def test_load_local_dir(tiny_model_dir):
+    model = load_model(str(tiny_model_dir))
+    tok = load_tokenizer(str(tiny_model_dir))
+    assert not model.training
+    ids = tok("hello world", return_tensors="pt")["input_ids"]
+    assert model(input_ids=ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
+
+
+def test_dtype_argument(tiny_model_dir):
+    assert load_model(str(tiny_model_dir), dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(UserError, match="unknown dtype 'int3'"):
+        load_model(str(tiny_model_dir), dtype="int3")
+
+
+def test_size_counts_tied_weights_once(tiny_model_dir):
+    model = load_model(str(tiny_model_dir))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    n = parameter_count(model)
+    assert n == sum(p.numel() for p in model.parameters())  # .parameters() already dedups tied params
+    assert model_size_bytes(model) == 4 * n + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("/nonexistent/model", "does not exist"),
+    ("./no/such/dir", "does not exist"),
+    ("", "empty model spec"),
+])
+def test_bad_paths(spec, fragment):
+    with pytest.raises(UserError, match=fragment):
+        resolve(spec)
+
+
+def test_unknown_hub_id_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="unknown model 'nobody/no-such-model-xyz': offline"):
+        load_model("nobody/no-such-model-xyz")
+
+
+def test_directory_without_model(tmp_path):
+    with pytest.raises(UserError, match="holds no config.json"):
+        resolve(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_embedded_default_cached_load_is_fast(embedded_storage):
+    t0 = time.perf_counter()
+    model = load_model(DEFAULT_MODEL, storage=embedded_storage)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 5.0, f"cached load took {elapsed:.1f}s"
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.vocab_size) == (576, 30, 9, 3, 49152)
+    assert 134e6 < parameter_count(model) < 135e6
+    assert (embedded_storage / "models" / DEFAULT_MODEL / "model.safetensors").is_file()
+    tok = load_tokenizer(DEFAULT_MODEL, storage=embedded_storage)
+    assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                             add_generation_prompt=True)
