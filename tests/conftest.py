@@ -116,3 +116,57 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayHead:
+    """A `ray start --head` cluster on loopback, as a user would start it."""
+
+    def __init__(self, num_cpus: int = 2):
+        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        bin_dir = str(Path(sys.executable).parent)
+        # Jobs run `python ...` through the head's PATH: make it this virtualenv's python.
+        self.env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                    "RAY_ADDRESS": self.dashboard}
+        self.env.pop("PYTHONPATH", None)
+        self.ray = str(Path(bin_dir) / "ray")
+        self.num_cpus = num_cpus
+
+    def start(self) -> None:
+        subprocess.run([self.ray, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                        f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
+                        f"--num-cpus={self.num_cpus}", "--disable-usage-stats", "--include-dashboard=true"],
+                       env=self.env, check=True, capture_output=True, timeout=180)
+
+    def stop(self) -> None:
+        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+
+    def submit(self, *entrypoint: str, raw: bool = False, working_dir: Path = REPO, timeout: int = 900,
+               extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        """``ray job submit --working-dir`` (raw) or ``python -m cluster.submit`` with ``entrypoint``."""
+        if raw:
+            cmd = [self.ray, "job", "submit", "--address", self.dashboard, "--working-dir", str(working_dir),
+                   *extra, "--", *entrypoint]
+        else:
+            cmd = [sys.executable, "-m", "cluster.submit", "--address", self.dashboard, "--", *entrypoint]
+        return subprocess.run(cmd, cwd=working_dir, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A loopback Ray head for `ray job submit` tests; always stopped, also on failure."""
+    head = RayHead()
+    head.start()
+    try:
+        yield head
+    finally:
+        head.stop()
