@@ -1,0 +1,34 @@
+"""ray_cluster.yaml passes the cluster-config schema of the installed Ray."""
+
+import copy
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def config():
+    return yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+
+
+def test_schema_and_ray_checks(config):
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+def test_gpu_workers_and_project_install(config):
+    gpu = [t for t in config["available_node_types"].values() if t.get("resources", {}).get("GPU")]
+    assert gpu and gpu[0]["max_workers"] >= gpu[0]["min_workers"]
+    assert any('".[gpu]"' in c for c in config["setup_commands"])
+    start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-port=8265" in start
+
+
+def test_schema_rejects_a_typo(config):
+    bad = copy.deepcopy(config)
+    bad["max_wrokers"] = 3
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(bad))
