@@ -120,19 +120,22 @@ def _check_clamp_bounds(lo: float, hi: float) -> None:
 # Dispatch between native and reference
 
 
+_NATIVE_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+
+
 def native_serves(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled ops serve these tensors (device served, one dtype, no fp64 surprises).
+    """Whether the compiled ops serve these tensors (a served device, one float dtype).
 
     Args:
         *tensors: the op's tensor arguments.
     """
-    devices = backend().devices
     first = tensors[0]
-    return (
-        first.device.type in devices
-        and first.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and all(t.dtype == first.dtype and t.device == first.device for t in tensors)
-    )
+    # Runs once per op call in decode, so it stays a few attribute reads (no torch.device
+    # objects); tensors on mixed devices reach the kernel, whose check names them.
+    device = "cpu" if first.is_cpu else "cuda" if first.is_cuda else ""
+    if device not in backend().devices or first.dtype not in _NATIVE_DTYPES:
+        return False
+    return all(t.dtype is first.dtype for t in tensors[1:])
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:

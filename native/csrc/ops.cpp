@@ -5,7 +5,7 @@
 // loops, built with -O3 -march=native by ops/native_build.py), threading from
 // at::parallel_for so that torch.set_num_threads governs it.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
+#include "dispatch.h"
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -26,11 +26,12 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
 }
 
-// exp(x) for float, written so that the compiler vectorises it (std::exp would be a scalar
-// libm call without -ffast-math). Cephes range reduction and polynomial: ~1 ulp on
-// [-87, 88], which keeps silu within 1e-6 relative of torch's Sleef exp.
+// exp(x) for x <= 0, written so that the compiler vectorises it (std::exp would be a scalar
+// libm call without -ffast-math). Cephes range reduction and polynomial: ~1 ulp on [-87, 0],
+// which keeps silu within 1e-6 relative of torch's Sleef exp. Below -87 it returns exp(-87),
+// whose effect on silu is under 1e-36.
 inline float exp_vec(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  x = x < -87.0f ? -87.0f : x;
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -46,54 +47,152 @@ inline float exp_vec(float x) {
   return p * scale;
 }
 
+// Kernels work on storage types: float, c10::Half, and bf16 as raw uint16_t bits, so that
+// the bf16 <-> float conversions below are plain integer code the compiler vectorises
+// (c10::BFloat16's own conversion has a NaN branch that blocks it).
+template <typename T>
+struct Storage {
+  using type = T;
+};
+template <>
+struct Storage<c10::BFloat16> {
+  using type = uint16_t;
+};
+template <typename T>
+using storage_t = typename Storage<T>::type;
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+inline float load(const uint16_t* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  return f != f ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(rounded);
+}
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(c10::Half* p, int64_t i, float v) { p[i] = static_cast<c10::Half>(v); }
+inline void store(uint16_t* p, int64_t i, float v) { p[i] = bf16_bits(v); }
+
+// v rounded to the storage precision and widened back: where HF materialises a T tensor.
+inline float round_to(const float*, float v) { return v; }
+inline float round_to(const c10::Half*, float v) { return static_cast<float>(static_cast<c10::Half>(v)); }
+inline float round_to(const uint16_t*, float v) {
+  const uint32_t bits = static_cast<uint32_t>(bf16_bits(v)) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
 // One row of HF LlamaRMSNorm: fp32 statistics, normalised value rounded to T, then
 // multiplied by the weight in T (exactly `weight * x.to(input_dtype)`).
-template <typename T>
-inline void rms_norm_row(T* out, const T* x, const T* w, int64_t h, float eps) {
+template <typename S>
+void rms_norm_row(S* __restrict__ out, const S* __restrict__ x, const S* __restrict__ w,
+                  int64_t h, float eps) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < h; ++i) {
-    const float v = static_cast<float>(x[i]);
+    const float v = load(x, i);
     acc += v * v;
   }
   const float inv = 1.f / std::sqrt(acc / static_cast<float>(h) + eps);
 #pragma omp simd
   for (int64_t i = 0; i < h; ++i) {
-    const T n = static_cast<T>(static_cast<float>(x[i]) * inv);
-    out[i] = static_cast<T>(static_cast<float>(w[i]) * static_cast<float>(n));
+    store(out, i, load(w, i) * round_to(x, load(x, i) * inv));
   }
 }
 
-template <typename T>
-void fused_add_rms_norm_rows(T* x, T* residual, const T* w, int64_t rows, int64_t h, float eps) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(h, 1)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t r = begin; r < end; ++r) {
-                       T* xr = x + r * h;
-                       T* rr = residual + r * h;
-                       // The sum is rounded to T before the statistics, as HF's
-                       // `residual + hidden_states` is.
+// residual <- x + residual, rounded to T before the statistics as HF's `residual + x` is.
+template <typename S>
+void add_row(S* __restrict__ residual, const S* __restrict__ x, int64_t h) {
 #pragma omp simd
-                       for (int64_t i = 0; i < h; ++i) {
-                         rr[i] = static_cast<T>(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
-                       }
-                       rms_norm_row(xr, rr, w, h, eps);
+  for (int64_t i = 0; i < h; ++i) store(residual, i, load(x, i) + load(residual, i));
+}
+
+template <typename S>
+void rms_norm_rows(S* out, const S* x, const S* w, int64_t rows, int64_t h, float eps) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(h, 1)),
+                   [=](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) rms_norm_row(out + r * h, x + r * h, w, h, eps);
+                   });
+}
+
+template <typename S>
+void fused_add_rms_norm_rows(S* x, S* residual, const S* w, int64_t rows, int64_t h, float eps) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(h, 1)),
+                   [=](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) {
+                       add_row(residual + r * h, x + r * h, h);
+                       rms_norm_row(x + r * h, residual + r * h, w, h, eps);
                      }
                    });
 }
 
-template <typename T>
-void clamped_relu_kernel(T* out, const T* x, int64_t n, float lo, float hi) {
-  at::parallel_for(0, n, kGrainElements * 4, [&](int64_t begin, int64_t end) {
+// out[c] = silu(gate[c]) * up[c] for c in [0, n), silu rounded to T first as HF's
+// `act_fn(gate) * up` does.
+template <typename S>
+void silu_mul_span(S* __restrict__ out, const S* __restrict__ gate, const S* __restrict__ up,
+                   int64_t n) {
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      // Comparisons (not std::min/max) so that NaN propagates as in torch.clamp.
-      float v = static_cast<float>(x[i]);
-      v = v < lo ? lo : v;
-      v = v > hi ? hi : v;
-      out[i] = static_cast<T>(v);
-    }
+  for (int64_t c = 0; c < n; ++c) {
+    const float g = load(gate, c);
+    // sigmoid from exp(-|g|), which never overflows: no clamp branch for the compiler to split
+    // into a second division, and one divide per element.
+    const float e = exp_vec(-std::fabs(g));
+    const float sig = (g >= 0.f ? 1.f : e) / (1.f + e);
+    store(out, c, round_to(gate, g * sig) * load(up, c));
+  }
+}
+
+// Row strides let silu_and_mul read both halves of one tensor; column blocks let a single
+// decode row spread over threads.
+template <typename S>
+void silu_mul_rows(S* out, const S* gate, const S* up, int64_t rows, int64_t d,
+                   int64_t out_stride, int64_t gate_stride, int64_t up_stride) {
+  const int64_t blocks = (d + kSiluBlock - 1) / kSiluBlock;
+  at::parallel_for(0, rows * blocks, std::max<int64_t>(1, kGrainElements / std::min(d, kSiluBlock)),
+                   [=](int64_t begin, int64_t end) {
+                     for (int64_t item = begin; item < end; ++item) {
+                       const int64_t r = item / blocks;
+                       const int64_t c0 = (item % blocks) * kSiluBlock;
+                       silu_mul_span(out + r * out_stride + c0, gate + r * gate_stride + c0,
+                                     up + r * up_stride + c0, std::min(d, c0 + kSiluBlock) - c0);
+                     }
+                   });
+}
+
+template <typename S>
+void clamp_span(S* __restrict__ out, const S* __restrict__ x, int64_t n, float lo, float hi) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    // Comparisons (not std::min/max) so that NaN propagates as in torch.clamp.
+    float v = load(x, i);
+    v = v < lo ? lo : v;
+    v = v > hi ? hi : v;
+    store(out, i, v);
+  }
+}
+
+template <typename S>
+void clamped_relu_kernel(S* out, const S* x, int64_t n, float lo, float hi) {
+  at::parallel_for(0, n, kGrainElements * 4, [=](int64_t begin, int64_t end) {
+    clamp_span(out + begin, x + begin, end - begin, lo, hi);
   });
+}
+
+template <typename T>
+storage_t<T>* ptr(at::Tensor& t) {
+  return reinterpret_cast<storage_t<T>*>(t.mutable_data_ptr<T>());
+}
+template <typename T>
+const storage_t<T>* cptr(const at::Tensor& t) {
+  return reinterpret_cast<const storage_t<T>*>(t.const_data_ptr<T>());
 }
 
 void check_norm_args(const at::Tensor& x, const at::Tensor& weight) {
@@ -117,16 +216,8 @@ void rms_norm_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight
   const int64_t h = x.size(-1);
   const int64_t rows = h == 0 ? 0 : x.numel() / h;
   const float epsf = static_cast<float>(eps);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_cpu", [&] {
-    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
-    const scalar_t* wp = wc.const_data_ptr<scalar_t>();
-    scalar_t* op = dst.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(h, 1)),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t r = begin; r < end; ++r) {
-                         rms_norm_row(op + r * h, xp + r * h, wp, h, epsf);
-                       }
-                     });
+  RAYLM_DISPATCH(x.scalar_type(), "rms_norm_cpu", [&] {
+    rms_norm_rows(ptr<scalar_t>(dst), cptr<scalar_t>(xc), cptr<scalar_t>(wc), rows, h, epsf);
   });
   if (!out.is_same(dst)) out.copy_(dst);
 }
@@ -145,38 +236,12 @@ void fused_add_rms_norm_cpu(at::Tensor& x, at::Tensor& residual, const at::Tenso
   const int64_t h = x.size(-1);
   const int64_t rows = h == 0 ? 0 : x.numel() / h;
   const float epsf = static_cast<float>(eps);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, x.scalar_type(), "fused_add_rms_norm_cpu", [&] {
-        fused_add_rms_norm_rows(xc.mutable_data_ptr<scalar_t>(), rc.mutable_data_ptr<scalar_t>(),
-                                wc.const_data_ptr<scalar_t>(), rows, h, epsf);
+  RAYLM_DISPATCH(
+      x.scalar_type(), "fused_add_rms_norm_cpu", [&] {
+        fused_add_rms_norm_rows(ptr<scalar_t>(xc), ptr<scalar_t>(rc), cptr<scalar_t>(wc), rows, h, epsf);
       });
   if (!x.is_same(xc)) x.copy_(xc);
   if (!residual.is_same(rc)) residual.copy_(rc);
-}
-
-// out[r, c] = silu(gate[r, c]) * up[r, c], with silu rounded to T first as HF's
-// `act_fn(gate) * up` does. Row strides let silu_and_mul read both halves of one tensor.
-template <typename T>
-void silu_mul_kernel(T* out, const T* gate, const T* up, int64_t rows, int64_t d,
-                     int64_t out_stride, int64_t gate_stride, int64_t up_stride) {
-  const int64_t blocks = (d + kSiluBlock - 1) / kSiluBlock;
-  at::parallel_for(0, rows * blocks, std::max<int64_t>(1, kGrainElements / std::min(d, kSiluBlock)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t item = begin; item < end; ++item) {
-                       const int64_t r = item / blocks;
-                       const int64_t c0 = (item % blocks) * kSiluBlock;
-                       const int64_t c1 = std::min(d, c0 + kSiluBlock);
-                       const T* g = gate + r * gate_stride;
-                       const T* u = up + r * up_stride;
-                       T* o = out + r * out_stride;
-#pragma omp simd
-                       for (int64_t c = c0; c < c1; ++c) {
-                         const float gv = static_cast<float>(g[c]);
-                         const T s = static_cast<T>(gv / (1.f + exp_vec(-gv)));
-                         o[c] = static_cast<T>(static_cast<float>(s) * static_cast<float>(u[c]));
-                       }
-                     }
-                   });
 }
 
 void silu_and_mul_cpu(at::Tensor& out, const at::Tensor& x) {
@@ -192,9 +257,9 @@ void silu_and_mul_cpu(at::Tensor& out, const at::Tensor& x) {
   at::Tensor dst = out.is_contiguous() ? out : at::empty(out_shape, x.options());
   const int64_t rows = d == 0 ? 0 : out.numel() / d;
   if (rows > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_and_mul_cpu", [&] {
-      const scalar_t* xp = xc.const_data_ptr<scalar_t>();
-      silu_mul_kernel(dst.mutable_data_ptr<scalar_t>(), xp, xp + d, rows, d, d, 2 * d, 2 * d);
+    RAYLM_DISPATCH(x.scalar_type(), "silu_and_mul_cpu", [&] {
+      const auto* xp = cptr<scalar_t>(xc);
+      silu_mul_rows(ptr<scalar_t>(dst), xp, xp + d, rows, d, d, 2 * d, 2 * d);
     });
   }
   if (!out.is_same(dst)) out.copy_(dst);
@@ -215,9 +280,8 @@ void silu_mul_cpu(at::Tensor& out, const at::Tensor& gate, const at::Tensor& up)
   const int64_t d = gate.size(-1);
   const int64_t rows = d == 0 ? 0 : gate.numel() / d;
   if (rows > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "silu_mul_cpu", [&] {
-      silu_mul_kernel(dst.mutable_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
-                      uc.const_data_ptr<scalar_t>(), rows, d, d, d, d);
+    RAYLM_DISPATCH(gate.scalar_type(), "silu_mul_cpu", [&] {
+      silu_mul_rows(ptr<scalar_t>(dst), cptr<scalar_t>(gc), cptr<scalar_t>(uc), rows, d, d, d, d);
     });
   }
   if (!out.is_same(dst)) out.copy_(dst);
@@ -229,9 +293,9 @@ at::Tensor clamped_relu_cpu(const at::Tensor& x, double lo, double hi) {
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty_like(xc);
   const int64_t n = xc.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "clamped_relu_cpu", [&] {
-    clamped_relu_kernel(out.mutable_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), n,
-                        static_cast<float>(lo), static_cast<float>(hi));
+  RAYLM_DISPATCH(x.scalar_type(), "clamped_relu_cpu", [&] {
+    clamped_relu_kernel(ptr<scalar_t>(out), cptr<scalar_t>(xc), n, static_cast<float>(lo),
+                        static_cast<float>(hi));
   });
   return out;
 }

@@ -5,7 +5,7 @@
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls cuSPARSE/cuBLAS headers that a bare
 // nvcc toolkit lacks, and these kernels need nothing but the current stream.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
+#include "dispatch.h"
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -135,7 +135,7 @@ void rms_norm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weigh
   const int64_t rows = h == 0 ? 0 : x.numel() / h;
   if (rows > 0) {
     auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_cuda", [&] {
+    RAYLM_DISPATCH(x.scalar_type(), "rms_norm_cuda", [&] {
       rms_norm_kernel<scalar_t><<<rows, norm_threads(h), 0, stream>>>(
           dst.mutable_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
           wc.const_data_ptr<scalar_t>(), h, static_cast<float>(eps));
@@ -161,8 +161,8 @@ void fused_add_rms_norm_cuda(at::Tensor& x, at::Tensor& residual, const at::Tens
   const int64_t rows = h == 0 ? 0 : x.numel() / h;
   if (rows > 0) {
     auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kBFloat16, at::kHalf, x.scalar_type(), "fused_add_rms_norm_cuda", [&] {
+    RAYLM_DISPATCH(
+        x.scalar_type(), "fused_add_rms_norm_cuda", [&] {
           fused_add_rms_norm_kernel<scalar_t><<<rows, norm_threads(h), 0, stream>>>(
               xc.mutable_data_ptr<scalar_t>(), rc.mutable_data_ptr<scalar_t>(),
               wc.const_data_ptr<scalar_t>(), h, static_cast<float>(eps));
@@ -199,7 +199,7 @@ void silu_and_mul_cuda(at::Tensor& out, const at::Tensor& x) {
   at::Tensor dst = out.is_contiguous() ? out : at::empty(out_shape, x.options());
   const int64_t rows = d == 0 ? 0 : out.numel() / d;
   if (rows > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_and_mul_cuda", [&] {
+    RAYLM_DISPATCH(x.scalar_type(), "silu_and_mul_cuda", [&] {
       const scalar_t* xp = xc.const_data_ptr<scalar_t>();
       launch_silu_mul(dst.mutable_data_ptr<scalar_t>(), xp, xp + d, rows, d, d, 2 * d, 2 * d);
     });
@@ -222,7 +222,7 @@ void silu_mul_cuda(at::Tensor& out, const at::Tensor& gate, const at::Tensor& up
   const int64_t d = gate.size(-1);
   const int64_t rows = d == 0 ? 0 : gate.numel() / d;
   if (rows > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "silu_mul_cuda", [&] {
+    RAYLM_DISPATCH(gate.scalar_type(), "silu_mul_cuda", [&] {
       launch_silu_mul(dst.mutable_data_ptr<scalar_t>(), gc.const_data_ptr<scalar_t>(),
                       uc.const_data_ptr<scalar_t>(), rows, d, d, d, d);
     });
@@ -240,7 +240,7 @@ at::Tensor clamped_relu_cuda(const at::Tensor& x, double lo, double hi) {
   if (n > 0) {
     const int threads = 256;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + threads - 1) / threads, 65535));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "clamped_relu_cuda", [&] {
+    RAYLM_DISPATCH(x.scalar_type(), "clamped_relu_cuda", [&] {
       clamped_relu_kernel<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           out.mutable_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), n,
           static_cast<float>(lo), static_cast<float>(hi));
