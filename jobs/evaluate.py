@@ -23,7 +23,7 @@ from cluster.runtime import init_ray
 from cluster.storage import local_storage_root, validate_name, writable_artifact
 from jobs.data import DataConfig, read_documents, token_stream
 from ops.metrics import measure_latency, sliding_window_perplexity
-from ops.model import DEFAULT_MODEL, load_model, load_tokenizer, model_size_bytes, parameter_count
+from ops.model import DEFAULT_MODEL, load_model, load_tokenizer, model_size_bytes, parameter_count, torch_dtype
 
 
 class LatencyConfig(BaseConfig):
@@ -69,7 +69,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    attention = choose_attention(cfg.attn_implementation, device=device, dtype=cfg.dtype)
+    attention = choose_attention(cfg.attn_implementation, device=device, dtype=torch_dtype(cfg.dtype))
     docs = read_documents(cfg.data, cfg.data_format, cfg.text_field)
     tokenizer = load_tokenizer(cfg.model, storage=storage)
     t0 = time.perf_counter()

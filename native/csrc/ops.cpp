@@ -1,0 +1,321 @@
+// Schemas of the raylm compiled ops and their CPU kernels.
+//
+// Every op is declared once here; CPU kernels are registered below and CUDA kernels in
+// ops_cuda.cu. Vectorisation comes from the compiler (`#pragma omp simd` over plain float
+// loops, built with -O3 -march=native by ops/native_build.py), threading from
+// at::parallel_for so that torch.set_num_threads governs it.
+#include <ATen/ATen.h>
+#include "dispatch.h"
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace raylm {
+namespace {
+
+// Rows smaller than this many elements are not worth a thread hand-off.
+constexpr int64_t kGrainElements = 16384;
+// Column block of silu_mul, so that a single decode row still spreads over threads.
+constexpr int64_t kSiluBlock = 4096;
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+}
+
+// exp(x) for x <= 0, written so that the compiler vectorises it (std::exp would be a scalar
+// libm call without -ffast-math). Cephes range reduction and polynomial: ~1 ulp on [-87, 0],
+// which keeps silu within 1e-6 relative of torch's Sleef exp. Below -87 it returns exp(-87),
+// whose effect on silu is under 1e-36.
+inline float exp_vec(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Kernels work on storage types: float, c10::Half, and bf16 as raw uint16_t bits, so that
+// the bf16 <-> float conversions below are plain integer code the compiler vectorises
+// (c10::BFloat16's own conversion has a NaN branch that blocks it).
+template <typename T>
+struct Storage {
+  using type = T;
+};
+template <>
+struct Storage<c10::BFloat16> {
+  using type = uint16_t;
+};
+template <typename T>
+using storage_t = typename Storage<T>::type;
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+inline float load(const uint16_t* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  return f != f ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(rounded);
+}
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(c10::Half* p, int64_t i, float v) { p[i] = static_cast<c10::Half>(v); }
+inline void store(uint16_t* p, int64_t i, float v) { p[i] = bf16_bits(v); }
+
+// v rounded to the storage precision and widened back: where HF materialises a T tensor.
+inline float round_to(const float*, float v) { return v; }
+inline float round_to(const c10::Half*, float v) { return static_cast<float>(static_cast<c10::Half>(v)); }
+inline float round_to(const uint16_t*, float v) {
+  const uint32_t bits = static_cast<uint32_t>(bf16_bits(v)) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// One row of HF LlamaRMSNorm: fp32 statistics, normalised value rounded to T, then
+// multiplied by the weight in T (exactly `weight * x.to(input_dtype)`).
+template <typename S>
+void rms_norm_row(S* __restrict__ out, const S* __restrict__ x, const S* __restrict__ w,
+                  int64_t h, float eps) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < h; ++i) {
+    const float v = load(x, i);
+    acc += v * v;
+  }
+  const float inv = 1.f / std::sqrt(acc / static_cast<float>(h) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < h; ++i) {
+    store(out, i, load(w, i) * round_to(x, load(x, i) * inv));
+  }
+}
+
+// residual <- x + residual, rounded to T before the statistics as HF's `residual + x` is.
+template <typename S>
+void add_row(S* __restrict__ residual, const S* __restrict__ x, int64_t h) {
+#pragma omp simd
+  for (int64_t i = 0; i < h; ++i) store(residual, i, load(x, i) + load(residual, i));
+}
+
+template <typename S>
+void rms_norm_rows(S* out, const S* x, const S* w, int64_t rows, int64_t h, float eps) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(h, 1)),
+                   [=](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) rms_norm_row(out + r * h, x + r * h, w, h, eps);
+                   });
+}
+
+template <typename S>
+void fused_add_rms_norm_rows(S* x, S* residual, const S* w, int64_t rows, int64_t h, float eps) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(h, 1)),
+                   [=](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) {
+                       add_row(residual + r * h, x + r * h, h);
+                       rms_norm_row(x + r * h, residual + r * h, w, h, eps);
+                     }
+                   });
+}
+
+// out[c] = silu(gate[c]) * up[c] for c in [0, n), silu rounded to T first as HF's
+// `act_fn(gate) * up` does.
+template <typename S>
+void silu_mul_span(S* __restrict__ out, const S* __restrict__ gate, const S* __restrict__ up,
+                   int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    const float g = load(gate, c);
+    // sigmoid from exp(-|g|), which never overflows: no clamp branch for the compiler to split
+    // into a second division, and one divide per element.
+    const float e = exp_vec(-std::fabs(g));
+    const float sig = (g >= 0.f ? 1.f : e) / (1.f + e);
+    store(out, c, round_to(gate, g * sig) * load(up, c));
+  }
+}
+
+// Row strides let silu_and_mul read both halves of one tensor; column blocks let a single
+// decode row spread over threads.
+template <typename S>
+void silu_mul_rows(S* out, const S* gate, const S* up, int64_t rows, int64_t d,
+                   int64_t out_stride, int64_t gate_stride, int64_t up_stride) {
+  const int64_t blocks = (d + kSiluBlock - 1) / kSiluBlock;
+  at::parallel_for(0, rows * blocks, std::max<int64_t>(1, kGrainElements / std::min(d, kSiluBlock)),
+                   [=](int64_t begin, int64_t end) {
+                     for (int64_t item = begin; item < end; ++item) {
+                       const int64_t r = item / blocks;
+                       const int64_t c0 = (item % blocks) * kSiluBlock;
+                       silu_mul_span(out + r * out_stride + c0, gate + r * gate_stride + c0,
+                                     up + r * up_stride + c0, std::min(d, c0 + kSiluBlock) - c0);
+                     }
+                   });
+}
+
+template <typename S>
+void clamp_span(S* __restrict__ out, const S* __restrict__ x, int64_t n, float lo, float hi) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    // Comparisons (not std::min/max) so that NaN propagates as in torch.clamp.
+    float v = load(x, i);
+    v = v < lo ? lo : v;
+    v = v > hi ? hi : v;
+    store(out, i, v);
+  }
+}
+
+template <typename S>
+void clamped_relu_kernel(S* out, const S* x, int64_t n, float lo, float hi) {
+  at::parallel_for(0, n, kGrainElements * 4, [=](int64_t begin, int64_t end) {
+    clamp_span(out + begin, x + begin, end - begin, lo, hi);
+  });
+}
+
+template <typename T>
+storage_t<T>* ptr(at::Tensor& t) {
+  return reinterpret_cast<storage_t<T>*>(t.mutable_data_ptr<T>());
+}
+template <typename T>
+const storage_t<T>* cptr(const at::Tensor& t) {
+  return reinterpret_cast<const storage_t<T>*>(t.const_data_ptr<T>());
+}
+
+void check_norm_args(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() >= 1, "x must have a hidden dimension");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "weight must have shape [",
+              x.size(-1), "], got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype ", weight.scalar_type(),
+              " must equal x dtype ", x.scalar_type());
+}
+
+void rms_norm_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_cpu(out, "out");
+  check_cpu(x, "x");
+  check_cpu(weight, "weight");
+  check_norm_args(x, weight);
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
+              "out must match x in shape and dtype");
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor wc = weight.contiguous();
+  at::Tensor dst = out.is_contiguous() ? out : at::empty_like(xc);
+  const int64_t h = x.size(-1);
+  const int64_t rows = h == 0 ? 0 : x.numel() / h;
+  const float epsf = static_cast<float>(eps);
+  RAYLM_DISPATCH(x.scalar_type(), "rms_norm_cpu", [&] {
+    rms_norm_rows(ptr<scalar_t>(dst), cptr<scalar_t>(xc), cptr<scalar_t>(wc), rows, h, epsf);
+  });
+  if (!out.is_same(dst)) out.copy_(dst);
+}
+
+void fused_add_rms_norm_cpu(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight,
+                            double eps) {
+  check_cpu(x, "x");
+  check_cpu(residual, "residual");
+  check_cpu(weight, "weight");
+  check_norm_args(x, weight);
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(),
+              "residual must match x in shape and dtype");
+  at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  at::Tensor rc = residual.is_contiguous() ? residual : residual.contiguous();
+  const at::Tensor wc = weight.contiguous();
+  const int64_t h = x.size(-1);
+  const int64_t rows = h == 0 ? 0 : x.numel() / h;
+  const float epsf = static_cast<float>(eps);
+  RAYLM_DISPATCH(
+      x.scalar_type(), "fused_add_rms_norm_cpu", [&] {
+        fused_add_rms_norm_rows(ptr<scalar_t>(xc), ptr<scalar_t>(rc), cptr<scalar_t>(wc), rows, h, epsf);
+      });
+  if (!x.is_same(xc)) x.copy_(xc);
+  if (!residual.is_same(rc)) residual.copy_(rc);
+}
+
+void silu_and_mul_cpu(at::Tensor& out, const at::Tensor& x) {
+  check_cpu(out, "out");
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0, "x last dim must be even, got ", x.sizes());
+  const int64_t d = x.size(-1) / 2;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = d;
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape) && out.scalar_type() == x.scalar_type(),
+              "out must have shape ", at::IntArrayRef(out_shape), " and x's dtype");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor dst = out.is_contiguous() ? out : at::empty(out_shape, x.options());
+  const int64_t rows = d == 0 ? 0 : out.numel() / d;
+  if (rows > 0) {
+    RAYLM_DISPATCH(x.scalar_type(), "silu_and_mul_cpu", [&] {
+      const auto* xp = cptr<scalar_t>(xc);
+      silu_mul_rows(ptr<scalar_t>(dst), xp, xp + d, rows, d, d, 2 * d, 2 * d);
+    });
+  }
+  if (!out.is_same(dst)) out.copy_(dst);
+}
+
+void silu_mul_cpu(at::Tensor& out, const at::Tensor& gate, const at::Tensor& up) {
+  check_cpu(out, "out");
+  check_cpu(gate, "gate");
+  check_cpu(up, "up");
+  TORCH_CHECK(gate.dim() >= 1 && gate.sizes() == up.sizes() && gate.sizes() == out.sizes(),
+              "out, gate and up must have one shape, got ", out.sizes(), ", ", gate.sizes(), ", ",
+              up.sizes());
+  TORCH_CHECK(gate.scalar_type() == up.scalar_type() && gate.scalar_type() == out.scalar_type(),
+              "out, gate and up must have one dtype");
+  const at::Tensor gc = gate.contiguous();
+  const at::Tensor uc = up.contiguous();
+  at::Tensor dst = out.is_contiguous() ? out : at::empty_like(gc);
+  const int64_t d = gate.size(-1);
+  const int64_t rows = d == 0 ? 0 : gate.numel() / d;
+  if (rows > 0) {
+    RAYLM_DISPATCH(gate.scalar_type(), "silu_mul_cpu", [&] {
+      silu_mul_rows(ptr<scalar_t>(dst), cptr<scalar_t>(gc), cptr<scalar_t>(uc), rows, d, d, d, d);
+    });
+  }
+  if (!out.is_same(dst)) out.copy_(dst);
+}
+
+at::Tensor clamped_relu_cpu(const at::Tensor& x, double lo, double hi) {
+  check_cpu(x, "x");
+  TORCH_CHECK(lo >= 0.0 && hi >= lo, "clamped_relu needs 0 <= lo <= hi, got lo=", lo, " hi=", hi);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  const int64_t n = xc.numel();
+  RAYLM_DISPATCH(x.scalar_type(), "clamped_relu_cpu", [&] {
+    clamped_relu_kernel(ptr<scalar_t>(out), cptr<scalar_t>(xc), n, static_cast<float>(lo),
+                        static_cast<float>(hi));
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(raylm, m) {
+  m.def("rms_norm(Tensor! out, Tensor x, Tensor weight, float eps) -> ()");
+  m.def("fused_add_rms_norm(Tensor! x, Tensor! residual, Tensor weight, float eps) -> ()");
+  m.def("silu_and_mul(Tensor! out, Tensor x) -> ()");
+  m.def("silu_mul(Tensor! out, Tensor gate, Tensor up) -> ()");
+  m.def("clamped_relu(Tensor x, float lo, float hi) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(raylm, CPU, m) {
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm_cpu);
+  m.impl("silu_and_mul", &silu_and_mul_cpu);
+  m.impl("silu_mul", &silu_mul_cpu);
+  m.impl("clamped_relu", &clamped_relu_cpu);
+}
+
+}  // namespace raylm

@@ -1,0 +1,149 @@
+"""The compiled raylm ops against their pure-PyTorch references: opcheck, dtypes, odd and strided shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ops import kernels as K
+
+pytestmark = pytest.mark.skipif(
+    "cpu" not in K.backend().devices, reason=f"native ops not built here: {K.backend_reason()}"
+)
+
+SHAPES = [(1, 576), (3, 577), (2, 5, 4097), (512, 64)]
+DTYPES = [torch.float32, torch.bfloat16]
+# The kernels round where HF rounds, so the only differences are fp32 summation order and
+# the exp approximation; bf16 may flip one rounding step (1 ulp of bf16 is 2**-8 relative).
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2)}
+
+
+def _strided(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A non-contiguous (..., H) view: every other column of a (..., 2H) tensor."""
+    base = torch.randn(*shape[:-1], 2 * shape[-1], dtype=dtype)
+    x = base[..., ::2]
+    assert not x.is_contiguous()
+    return x
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def test_opcheck_every_op() -> None:
+    x = torch.randn(3, 577)
+    w = torch.randn(577)
+    torch.library.opcheck(torch.ops.raylm.rms_norm.default, (torch.empty_like(x), x, w, 1e-6))
+    torch.library.opcheck(torch.ops.raylm.fused_add_rms_norm.default, (x.clone(), torch.randn(3, 577), w, 1e-6))
+    x2 = torch.randn(2, 3, 2 * 577)
+    torch.library.opcheck(torch.ops.raylm.silu_and_mul.default, (torch.empty(2, 3, 577), x2))
+    torch.library.opcheck(torch.ops.raylm.silu_mul.default, (torch.empty(3, 577), torch.randn(3, 577), x))
+    xg = torch.randn(4, 33, requires_grad=True)
+    torch.library.opcheck(torch.ops.raylm.clamped_relu.default, (xg, 0.1, 0.7))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_rms_norm(shape: tuple[int, ...], dtype: torch.dtype, strided: bool) -> None:
+    x = _strided(shape, dtype) if strided else torch.randn(*shape, dtype=dtype)
+    w = torch.randn(shape[-1], dtype=dtype)
+    out = torch.empty(shape, dtype=dtype)[..., :] if not strided else _strided(shape, dtype)
+    torch.ops.raylm.rms_norm(out, x, w, 1e-5)
+    torch.testing.assert_close(out, K.rms_norm_reference(x, w, 1e-5), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_fused_add_rms_norm(shape: tuple[int, ...], dtype: torch.dtype, strided: bool) -> None:
+    x = _strided(shape, dtype) if strided else torch.randn(*shape, dtype=dtype)
+    r = _strided(shape, dtype) if strided else torch.randn(*shape, dtype=dtype)
+    w = torch.randn(shape[-1], dtype=dtype)
+    x_ref, r_ref = x.clone(), r.clone()
+    torch.ops.raylm.fused_add_rms_norm(x, r, w, 1e-6)
+    K.fused_add_rms_norm_reference_(x_ref, r_ref, w, 1e-6)
+    torch.testing.assert_close(r, r_ref, atol=0, rtol=0)
+    torch.testing.assert_close(x, x_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_silu_and_mul(shape: tuple[int, ...], dtype: torch.dtype, strided: bool) -> None:
+    full = (*shape[:-1], 2 * shape[-1])
+    x = 4 * (_strided(full, dtype) if strided else torch.randn(*full, dtype=dtype))
+    out = _strided(shape, dtype) if strided else torch.empty(shape, dtype=dtype)
+    torch.ops.raylm.silu_and_mul(out, x)
+    torch.testing.assert_close(out, K.silu_and_mul_reference(x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_silu_mul(shape: tuple[int, ...], dtype: torch.dtype, strided: bool) -> None:
+    make = (lambda: _strided(shape, dtype)) if strided else (lambda: torch.randn(*shape, dtype=dtype))
+    gate, up = 4 * make(), make()
+    torch.testing.assert_close(K.silu_mul(gate, up), K.silu_mul_reference(gate, up), **TOL[dtype])
+
+
+def test_silu_extremes_match_torch() -> None:
+    g = torch.tensor([-200.0, -90.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 90.0, 200.0])
+    torch.testing.assert_close(K.silu_mul(g, torch.ones_like(g)), torch.nn.functional.silu(g), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_clamped_relu(shape: tuple[int, ...], dtype: torch.dtype, strided: bool) -> None:
+    x = _strided(shape, dtype) if strided else torch.randn(*shape, dtype=dtype)
+    torch.testing.assert_close(K.clamped_relu(x, 0.25, 1.5), K.clamped_relu_reference(x, 0.25, 1.5), atol=0, rtol=0)
+
+
+def test_clamped_relu_nan_and_bounds() -> None:
+    x = torch.tensor([float("nan"), -1.0, 0.0, 0.5, 3.0])
+    torch.testing.assert_close(K.clamped_relu(x, 0.0, 1.0), K.clamped_relu_reference(x, 0.0, 1.0), equal_nan=True)
+    with pytest.raises(ValueError, match="0 <= lo <= hi"):
+        K.clamped_relu(x, -0.5, 1.0)
+    with pytest.raises(RuntimeError, match="0 <= lo <= hi"):
+        torch.ops.raylm.clamped_relu(x, 2.0, 1.0)
+
+
+@pytest.mark.parametrize("lo", [0.0, 0.2])
+def test_clamped_relu_grad_matches_reference(lo: float) -> None:
+    x = torch.tensor([-1.0, 0.0, 0.1, 0.2, 0.5, 1.0, 1.5], requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    K.clamped_relu(x, lo, 1.0).sum().backward()
+    K.clamped_relu_reference(xr, lo, 1.0).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_and_silu_mul_grads_match_reference(dtype: torch.dtype) -> None:
+    x = torch.randn(4, 577, dtype=dtype, requires_grad=True)
+    w = torch.randn(577, dtype=dtype, requires_grad=True)
+    gate = torch.randn(4, 577, dtype=dtype, requires_grad=True)
+    up = torch.randn(4, 577, dtype=dtype, requires_grad=True)
+    leaves = (x, w, gate, up)
+    refs = tuple(t.detach().clone().requires_grad_(True) for t in leaves)
+    grad_out = torch.randn(4, 577, dtype=dtype)
+    (K.silu_mul(gate, up) * K.rms_norm(x, w, 1e-6) * grad_out).sum().backward()
+    xr, wr, gr, ur = refs
+    (K.silu_mul_reference(gr, ur) * K.rms_norm_reference(xr, wr, 1e-6) * grad_out).sum().backward()
+    for got, want in zip(leaves, refs):
+        torch.testing.assert_close(got.grad, want.grad, **(TOL[dtype] if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)))
+
+
+def test_silu_and_mul_grad_matches_reference() -> None:
+    x = torch.randn(3, 2 * 577, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    K.silu_and_mul(x).sum().backward()
+    K.silu_and_mul_reference(xr).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+def test_fused_add_rms_norm_refuses_autograd() -> None:
+    x = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="inference-only"):
+        K.fused_add_rms_norm_(x, torch.randn(2, 8), torch.ones(8), 1e-6)
