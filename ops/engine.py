@@ -11,6 +11,7 @@ other architecture falls back to the plain HF forward with one `DynamicCache` pe
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import queue
 import threading
@@ -302,6 +303,9 @@ class HFRunner:
         self.model = model
         self.max_seq_len = max_seq_len
         self.caches: list[Any] = [None] * max_batch_size
+        # transformers renamed `past_key_values` to `cache` in 5.x
+        params = inspect.signature(model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     @torch.inference_mode()
     def prefill(self, row: int, input_ids: torch.Tensor) -> torch.Tensor:
@@ -317,7 +321,7 @@ class HFRunner:
         for row in range(tokens.shape[0]):
             out = self.model(
                 input_ids=tokens[row, None, None],
-                past_key_values=self.caches[row],
+                **{self.cache_kwarg: self.caches[row]},
                 position_ids=positions[row, None, None],
                 use_cache=True,
             )
@@ -663,7 +667,8 @@ class Engine:
         seq.token_ids.append(token)
         request = seq.request
         is_eos = token in self.eos_token_ids and not request.ignore_eos
-        seq.text = self.tokenizer.decode(seq.token_ids, skip_special_tokens=True)
+        text_ids = seq.token_ids[:-1] if is_eos else seq.token_ids
+        seq.text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
         end = len(seq.text)
         stops = [i for i in (seq.text.find(s) for s in request.stop) if i >= 0]
         if stops:
