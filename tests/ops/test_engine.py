@@ -202,7 +202,11 @@ def test_request_validation_names_bad_value(engine):
 @pytest.fixture(scope="session")
 def smollm2(gguf_dir, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("smollm2")
-    AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32).save_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # de-quantized weights are plain fp32; drop the GGUF quantizer so save_pretrained accepts them
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    model.save_pretrained(path)
     return path
 
 
