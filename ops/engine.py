@@ -11,6 +11,7 @@ other architecture falls back to the plain HF forward with one `DynamicCache` pe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import itertools
 import queue
@@ -420,15 +421,15 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: EngineConfig | None = None):
-        self.config = config or EngineConfig()
+        cfg = config or EngineConfig()
         if hasattr(model, "get_base_model"):  # PEFT: LoRA layers stay in place and apply
             model = model.get_base_model()
         self.model = model.eval()
         self.tokenizer = tokenizer
-        cfg = self.config
         max_pos = getattr(model.config, "max_position_embeddings", None)
         if max_pos is not None and cfg.max_seq_len > max_pos:
-            cfg.max_seq_len = max_pos
+            cfg = dataclasses.replace(cfg, max_seq_len=max_pos)
+        self.config = cfg
         if not cfg.force_hf_forward and _is_llama_family(model, cfg.max_seq_len):
             self.runner: LlamaRunner | HFRunner = LlamaRunner(
                 model, cfg.max_batch_size, cfg.max_seq_len, cfg.fuse_qkv
@@ -439,6 +440,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # index == KV cache row
+        self._by_id: dict[int, _Sequence] = {}  # unfinished requests, for cancel() from any thread
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -512,17 +514,16 @@ class Engine:
                     f"{len(self._waiting)} requests already waiting (max_queue={self.config.max_queue})"
                 )
             self._waiting.append(seq)
+            self._by_id[seq.request_id] = seq
             self._wakeup.notify()
         self.start()
         return seq.request_id
 
     def cancel(self, request_id: int) -> None:
         """Cancels a request; its row is freed at the next engine step."""
-        with self._wakeup:
-            for seq in itertools.chain(self._waiting, self._running):
-                if seq.request_id == request_id:
-                    seq.cancelled = True
-            self._wakeup.notify()
+        seq = self._by_id.get(request_id)
+        if seq is not None:
+            seq.cancelled = True
 
     def stream(self, request: Request) -> AsyncIterator[Delta]:
         """Submits a request now and returns an async iterator over its `Delta`s.
@@ -623,6 +624,7 @@ class Engine:
                 self.step()
             except Exception as exc:  # noqa: BLE001 - delivered to every affected client
                 for seq in itertools.chain(self._running, self._drain_waiting()):
+                    self._by_id.pop(seq.request_id, None)
                     seq.on_event(exc)
                 self._running.clear()
 
@@ -677,12 +679,14 @@ class Engine:
             seq.finish_reason = "stop"
         elif len(seq.token_ids) >= request.max_tokens:
             seq.finish_reason = "length"
-        else:
-            if seq.text.endswith("\ufffd"):  # incomplete UTF-8 character: wait for its bytes
-                return
-            end -= _stop_prefix_len(seq.text, request.stop)
-        seq.text = seq.text[:end] if seq.finish_reason else seq.text
-        if end > seq.emitted and seq.finish_reason is None:
+        if seq.finish_reason is not None:
+            seq.text = seq.text[:end]  # the rest is sent with the completion by _finish
+            return
+        if seq.text.endswith("\ufffd"):  # incomplete UTF-8 character: wait for its bytes
+            return
+        # hold back a tail that may still grow into a stop string
+        end -= _stop_prefix_len(seq.text, request.stop)
+        if end > seq.emitted:
             seq.on_event(Delta(seq.text[seq.emitted : end]))
             seq.emitted = end
 
@@ -701,6 +705,7 @@ class Engine:
             self._finish(seq, seq.finish_reason or "cancelled")
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
+        self._by_id.pop(seq.request_id, None)
         now = time.perf_counter()
         n = len(seq.token_ids)
         first = seq.first_token_at or now
