@@ -23,7 +23,8 @@ from cluster.config import BaseConfig, save_config
 from cluster.runtime import init_ray
 from cluster.storage import local_storage_root, validate_name, writable_artifact
 from jobs.data import DEFAULT_CORPUS, Format, read_documents
-from ops.retrieval import DEFAULT_EMBEDDER, RetrievalStore, chunk_documents, embed, load_embedder, resolve_embedder
+from ops.retrieval import (DEFAULT_EMBEDDER, RetrievalStore, chunk_documents, embed, embedding_dimension, load_embedder,
+                           resolve_embedder)
 
 log = logging.getLogger(__name__)
 DESCRIPTION = __doc__
@@ -97,7 +98,7 @@ def embed_chunks(texts: list[str], embedder: str, batch_size: int, workers: int)
 def main(cfg: IndexConfig) -> RetrievalStore:
     t_start = time.perf_counter()
     # Load first so a bad embedder fails before Ray starts; the dimension checks the actors' output.
-    dimension = load_embedder(cfg.embedder).get_sentence_embedding_dimension()
+    dimension = embedding_dimension(load_embedder(cfg.embedder))
     docs = read_documents(cfg.data, cfg.data_format, cfg.text_field, max_docs=cfg.max_docs or None)
     chunks = chunk_documents(docs, cfg.chunk.size, cfg.chunk.overlap)
     print(f"[index] {len(docs)} documents -> {len(chunks)} chunks (size={cfg.chunk.size}, "
@@ -106,7 +107,8 @@ def main(cfg: IndexConfig) -> RetrievalStore:
     t0 = time.perf_counter()
     vectors = embed_chunks([c["text"] for c in chunks], cfg.embedder, cfg.batch_size, cfg.workers)
     embed_s = time.perf_counter() - t0
-    assert vectors.shape == (len(chunks), dimension), vectors.shape
+    if vectors.shape != (len(chunks), dimension):
+        raise RuntimeError(f"embedding actors returned {vectors.shape}, expected {(len(chunks), dimension)}")
     store = RetrievalStore.build(chunks, vectors, embedder_name=cfg.embedder, index_type=cfg.index.type,
                                  hnsw_m=cfg.index.hnsw_m, ivf_nlist=cfg.index.ivf_nlist)
     store.manifest.update(data=cfg.data, chunk_unit="characters", chunk_size=cfg.chunk.size,

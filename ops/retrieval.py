@@ -68,6 +68,12 @@ def load_embedder(name: str = DEFAULT_EMBEDDER, device: str = "cpu"):
                         f"({type(exc).__name__})") from None
 
 
+def embedding_dimension(model: Any) -> int:
+    """Vector size of a loaded sentence-transformers model (the method was renamed in v5)."""
+    get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(get())
+
+
 def embed(model: Any, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """Embed texts into (N, D) float32 L2-normalised vectors."""
     vectors = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
@@ -304,7 +310,7 @@ class RetrievalStore:
         model = None
         if embedder is not False:
             model = load_embedder(embedder or manifest["embedder"])
-            dim = model.get_sentence_embedding_dimension()
+            dim = embedding_dimension(model)
             if dim != manifest["dimension"]:
                 raise UserError(f"embedder '{embedder or manifest['embedder']}' makes {dim}-d vectors but index "
                                 f"'{directory}' holds {manifest['dimension']}-d ones (built with "
