@@ -328,15 +328,16 @@ class Ingress:
         adapter_dir(self.args.storage, model)
         return model
 
-    async def _call(self, coro_factory: Callable[[], Any], deadline: float) -> Any:
+    async def _call(self, make_call: Callable[[], Any], deadline: float, cancel: Callable[[], Any] | None = None) -> Any:
+        """Await a handle call within ``deadline`` (monotonic); map Serve/Ray failures to ApiError."""
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-        response = coro_factory()
+        response = make_call()
         try:
             return await asyncio.wait_for(response, max(0.001, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            response.cancel()
+            (cancel or response.cancel)()
             raise ApiError(504, f"request took longer than request_timeout_s={self.args.request_timeout_s}") from None
         except BackPressureError:
             raise ApiError(503, "too many requests in flight, retry later", retry_after=1) from None
@@ -360,7 +361,7 @@ class Ingress:
         handle = self.generator.options(multiplexed_model_id=adapter, stream=True) if adapter else \
             self.generator.options(stream=True)
         gen = handle.stream.remote(payload)
-        first = await self._call(lambda: gen.__anext__(), deadline)
+        first = await self._call(lambda: gen.__anext__(), deadline, gen.cancel)
         if "error" in first:
             raise ApiError.from_dict(first["error"])
         return self._rest(gen, first, deadline)
@@ -371,11 +372,10 @@ class Ingress:
             return
         while True:
             try:
-                event = await self._call(lambda: gen.__anext__(), deadline)
+                event = await self._call(lambda: gen.__anext__(), deadline, gen.cancel)
             except StopAsyncIteration:
                 return
             except ApiError as exc:
-                gen.cancel()
                 yield {"error": exc.to_dict()}
                 return
             yield event

@@ -52,3 +52,39 @@ def test_schemas_bounds():
         schemas.RagRequest(question="q", unknown=1)
     req = schemas.ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], stop="END", extra_field=1)
     assert req.stop == ["END"] and req.token_budget(7) == 7
+
+
+def test_timeout_is_504_and_cancels_the_call():
+    import asyncio
+    import time
+
+    from serve.app import AppArgs, Ingress
+
+    ingress = Ingress.func_or_class.__new__(Ingress.func_or_class)
+    ingress.args = AppArgs(request_timeout_s=0.05)
+    cancelled: list[bool] = []
+    with pytest.raises(ApiError) as err:
+        asyncio.run(ingress._call(lambda: asyncio.sleep(5), time.monotonic() + 0.05, lambda: cancelled.append(True)))
+    assert err.value.status == 504 and cancelled == [True]
+
+
+def test_full_engine_queue_is_503_with_retry_after(tiny_model_dir, tmp_path):
+    """The Generator class without Ray: a second waiting request over max_queue=1 is refused."""
+    import asyncio
+
+    from serve.app import Generator
+
+    gen = Generator.func_or_class({"storage": str(tmp_path), "model": str(tiny_model_dir), "max_batch_size": 1,
+                                   "max_queue": 1, "max_seq_len": 256, "index": None})
+    payload = {"prompt": "The quick brown fox", "max_tokens": 200, "temperature": 0.0}
+
+    async def flood() -> list[dict]:
+        return await asyncio.gather(*(gen.generate(dict(payload)) for _ in range(4)))
+
+    try:
+        results = asyncio.run(flood())
+    finally:
+        gen.engine.close()
+    refused = [r["error"] for r in results if "error" in r]
+    assert refused and all(e["status"] == 503 and e["retry_after"] == 1 for e in refused)
+    assert any("completion" in r for r in results)
