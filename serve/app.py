@@ -23,6 +23,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Literal
@@ -32,7 +33,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.config import BaseConfig, ConfigError, _format_validation_error
-from cluster.storage import local_storage_root
+from cluster.storage import local_storage_root, validate_name
 from ops.model import DEFAULT_MODEL
 from serve import schemas
 
@@ -69,8 +70,6 @@ class AppArgs(BaseConfig):
     @field_validator("index", "model_id")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        from cluster.storage import validate_name
-
         return validate_name(v) if v else v
 
 
@@ -120,8 +119,6 @@ def adapter_dir(storage: str, name: str) -> Path:
         ApiError: 422 for a name that is not a plain artifact name (paths never are), 404 for one
             that is not registered.
     """
-    import re
-
     if not re.match(schemas.NAME_PATTERN, name) or ".." in name:
         raise ApiError(422, f"adapter name {name[:80]!r} is not a registry name (letters, digits, '.', '-', '_')",
                        "adapter")
