@@ -195,11 +195,14 @@ class LlamaRunner:
             return self.qkv[i](x).split([q_dim, kv_dim, kv_dim], dim=-1)
         return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
 
-    def _heads(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Projects q/k/v and rotates q/k with the RoPE tables set by `_set_rope`.
+    def _heads(
+        self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projects q/k/v and rotates q/k.
 
         Args:
             x: (B, T, C) normalized hidden states.
+            rope: cos and sin, each (B, 1, T, hs).
 
         Returns:
             q (B, nh, T, hs), k and v (B, n_kv, T, hs).
@@ -213,14 +216,14 @@ class LlamaRunner:
         if hasattr(attn, "q_norm"):  # Qwen3 normalizes each head before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        cos, sin = self._rope
+        cos, sin = rope
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         return q, k, v
 
-    def _set_rope(self, x: torch.Tensor, positions: torch.Tensor) -> None:
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.rotary_emb(x, positions)  # (B, T, hs)
-        self._rope = (cos.unsqueeze(1), sin.unsqueeze(1))
+        return cos.unsqueeze(1), sin.unsqueeze(1)
 
     @torch.inference_mode()
     def prefill(self, row: int, input_ids: torch.Tensor) -> torch.Tensor:
@@ -236,11 +239,11 @@ class LlamaRunner:
         T = input_ids.shape[0]
         x = self.embed_tokens(input_ids[None])  # (1, T, C)
         positions = torch.arange(T, device=x.device)[None]
-        self._set_rope(x, positions)
+        rope = self._rope(x, positions)
         n_rep = self.n_head // self.n_kv_head
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
-            q, k, v = self._heads(i, h)
+            q, k, v = self._heads(i, h, rope)
             self.k_cache[i][row, :, :T] = k[0]
             self.v_cache[i][row, :, :T] = v[0]
             k = k.repeat_interleave(n_rep, dim=1)  # (1, nh, T, hs)
@@ -263,17 +266,20 @@ class LlamaRunner:
         Returns:
             (B, V) next-token logits.
         """
+        # attend only over the filled part of the cache
+        return self._decode(tokens, positions, int(positions.max()) + 1)
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, T: int) -> torch.Tensor:
         B = tokens.shape[0]
-        T = int(positions.max()) + 1  # attend only over the filled part of the cache
         rows = torch.arange(B, device=tokens.device)
         # (B, 1, 1, T): row b sees cache positions 0..positions[b]
         mask = (torch.arange(T, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
         x = self.embed_tokens(tokens[:, None])  # (B, 1, C)
-        self._set_rope(x, positions[:, None])
+        rope = self._rope(x, positions[:, None])
         n_rep = self.n_head // self.n_kv_head
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
-            q, k, v = self._heads(i, h)
+            q, k, v = self._heads(i, h, rope)
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
             k_cache[rows, :, positions] = k[:, :, 0]
             v_cache[rows, :, positions] = v[:, :, 0]
