@@ -1,0 +1,90 @@
+"""serve/ pieces that need no Ray: app args, adapter names, prompt fitting, schemas."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from cluster.config import ConfigError
+from serve import schemas
+from serve.app import ApiError, adapter_dir, build_app, parse_app_args, rag_messages
+
+
+def test_app_args_unknown_key_and_bad_value_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'modle'"):
+        parse_app_args({"modle": "x"})
+    with pytest.raises(ConfigError, match="max_queue"):
+        parse_app_args({"max_queue": 0})
+    with pytest.raises(ConfigError, match="jobs.index"):
+        build_app({"storage": str(tmp_path), "index": "missing"})
+
+
+def test_api_key_from_env_and_model_id_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAYLM_API_KEY", "secret")
+    args = parse_app_args({"storage": str(tmp_path), "model": "/some/dir/my-model/"})
+    assert args.api_key == "secret" and args.model_id == "my-model"
+
+
+@pytest.mark.parametrize("name, status", [("../../etc/passwd", 422), ("/etc", 422), (".hidden", 422),
+                                          ("a..b", 422), ("not-registered", 404)])
+def test_adapter_names_are_registry_names_only(tmp_path, name, status):
+    (tmp_path / "adapters" / "real").mkdir(parents=True)
+    (tmp_path / "adapters" / "real" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ApiError) as err:
+        adapter_dir(str(tmp_path), name)
+    assert err.value.status == status
+    assert adapter_dir(str(tmp_path), "real").name == "real"
+
+
+def test_rag_messages_trim_passages_to_the_budget():
+    sources = [{"text": "x" * 4000}, {"text": "y" * 4000}]
+    count = lambda messages: sum(len(m["content"]) for m in messages) // 4  # noqa: E731
+    messages = rag_messages("why?", sources, "sys", count, budget=500)
+    assert count(messages) <= 500 and "[1]" in messages[1]["content"] and messages[1]["content"].endswith("why?")
+
+
+def test_schemas_bounds():
+    with pytest.raises(ValidationError, match="question"):
+        schemas.RagRequest(question="   ")
+    with pytest.raises(ValidationError, match="max_tokens"):
+        schemas.RagRequest(question="q", max_tokens=10**6)
+    with pytest.raises(ValidationError):
+        schemas.RagRequest(question="q", unknown=1)
+    req = schemas.ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], stop="END", extra_field=1)
+    assert req.stop == ["END"] and req.token_budget(7) == 7
+
+
+def test_timeout_is_504_and_cancels_the_call():
+    import asyncio
+    import time
+
+    from serve.app import AppArgs, Ingress
+
+    ingress = Ingress.func_or_class.__new__(Ingress.func_or_class)
+    ingress.args = AppArgs(request_timeout_s=0.05)
+    cancelled: list[bool] = []
+    with pytest.raises(ApiError) as err:
+        asyncio.run(ingress._call(lambda: asyncio.sleep(5), time.monotonic() + 0.05, lambda: cancelled.append(True)))
+    assert err.value.status == 504 and cancelled == [True]
+
+
+def test_full_engine_queue_is_503_with_retry_after(tiny_model_dir, tmp_path):
+    """The Generator class without Ray: a second waiting request over max_queue=1 is refused."""
+    import asyncio
+
+    from serve.app import Generator
+
+    gen = Generator.func_or_class({"storage": str(tmp_path), "model": str(tiny_model_dir), "max_batch_size": 1,
+                                   "max_queue": 1, "max_seq_len": 256, "index": None})
+    payload = {"prompt": "The quick brown fox", "max_tokens": 200, "temperature": 0.0}
+
+    async def flood() -> list[dict]:
+        return await asyncio.gather(*(gen.generate(dict(payload)) for _ in range(4)))
+
+    try:
+        results = asyncio.run(flood())
+    finally:
+        gen.engine.close()
+    refused = [r["error"] for r in results if "error" in r]
+    assert refused and all(e["status"] == 503 and e["retry_after"] == 1 for e in refused)
+    assert any("completion" in r for r in results)
