@@ -8,7 +8,7 @@
 * ``Retriever``: embedder + FAISS index (``ops.retrieval``), concurrent queries batched with
   ``@serve.batch``;
 * ``Generator``: the model through the continuous-batching engine (``ops.engine``), attention
-  backend from ``ops.attention``, compiled ops when ``ops.kernels`` is installed, LoRA adapters
+  backend from ``ops.attention``, compiled ops from ``ops.patch``, LoRA adapters
   from ``<storage>/adapters/<name>/`` loaded per request with ``@serve.multiplexed``;
 * ``Ingress``: ``/v1/rag``, OpenAI-compatible ``/v1/chat/completions`` and ``/v1/completions``,
   ``/v1/models``, ``/healthz``; API key, body limits, 503 + Retry-After on full queues, 504 on
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -148,13 +147,14 @@ def rag_messages(question: str, sources: list[dict], system: str, count_tokens: 
 
 
 def op_path(model: Any) -> str:
-    """Patch ``model`` with the compiled ops when ``ops.kernels`` is installed; name the active path."""
-    if importlib.util.find_spec("ops.kernels") is None:
-        return "reference"
-    from ops import kernels
+    """Patch ``model`` with the compiled ops (RMSNorm, SwiGLU, fused add+norm); name the active path."""
+    from ops.patch import patch_model
 
-    kernels.patch_model(model)
-    return str(kernels.active_backend())
+    report = patch_model(model)
+    if report.reason:
+        return f"reference ({report.reason})"
+    return f"{report.backend} (rms_norm x{report.rms_norms}, silu_mul x{report.mlps}, " \
+           f"fused_add_rms_norm x{report.fused_layers})"
 
 
 class _AdapterEngine:
@@ -176,11 +176,11 @@ class Generator:
         import torch
 
         from ops.attention import choose_attention
-        from ops.model import load_tokenizer
+        from ops.model import load_tokenizer, torch_dtype
 
         self.args = AppArgs.model_validate(args)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.attention = choose_attention(self.args.attention, device=self.device, dtype=self.args.dtype)
+        self.attention = choose_attention(self.args.attention, device=self.device, dtype=torch_dtype(self.args.dtype))
         self.tokenizer = load_tokenizer(self.args.model, storage=self.args.storage)
         self.op_path = "reference"
         self.engine = self._engine(None)
