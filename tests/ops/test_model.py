@@ -64,3 +64,13 @@ def test_embedded_default_cached_load_is_fast(embedded_storage):
     tok = load_tokenizer(DEFAULT_MODEL, storage=embedded_storage)
     assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                                              add_generation_prompt=True)
+
+
+def test_artifacts_resolve_by_name_under_storage(tiny_model_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
+    source = resolve("models/tiny", storage=tmp_path)
+    assert source.kind == "hf" and source.path == str((tmp_path / "models" / "tiny").resolve())
+    with pytest.raises(UserError, match="does not exist"):
+        resolve("./models/absent/x", storage=tmp_path)
