@@ -530,6 +530,17 @@ def _swap(model: nn.Module, method: str, s: BaseModel, stats: dict[str, torch.Te
     return model
 
 
+def check(model: nn.Module, method: str, **settings: Any) -> None:
+    """Validate ``method`` and ``settings`` against ``model``'s layers without quantizing anything.
+
+    Raises:
+        UserError: unknown method or setting, or a ``group_size`` that does not divide a layer.
+    """
+    s = parse_settings(method, settings)
+    if method != "bf16":
+        _check_shapes(model, _targets(model, s), method, s)
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, method: str, *, calibration: torch.Tensor | None = None,
              **settings: Any) -> nn.Module:
