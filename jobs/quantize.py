@@ -29,12 +29,12 @@ from cluster.cli import run_job
 from cluster.config import BaseConfig, dump_config, save_config
 from cluster.runtime import init_ray
 from cluster.storage import artifact_path, local_storage_root, validate_name, writable_artifact
-from jobs.data import DataConfig, read_documents, token_stream
+from jobs.data import DataConfig, detect_format, read_documents, token_stream
 from jobs.evaluate import LatencyConfig
 from ops.errors import UserError
 from ops.metrics import measure_latency, sliding_window_perplexity
 from ops.model import DEFAULT_MODEL, load_model, load_tokenizer
-from ops.quantization import (METHODS, DynamicInt8Settings, StaticInt8Settings, WeightOnlyInt4Settings,
+from ops.quantization import (METHODS, check, DynamicInt8Settings, StaticInt8Settings, WeightOnlyInt4Settings,
                               WeightOnlyInt8Settings, quantize, save_quantized)
 
 # The promise of the seed pipeline, checked per row.
@@ -200,12 +200,16 @@ def main(cfg: QuantizeConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     docs = read_documents(cfg.data, cfg.data_format, cfg.text_field)
+    if "static_int8" in cfg.methods and cfg.calibration.data is not None:
+        detect_format(cfg.calibration.data)  # fail before any model work
     tokenizer = load_tokenizer(cfg.model, storage=storage)
     float_model = load_model(cfg.model, storage=storage, adapter=cfg.adapter)
     if cfg.adapter:
         from ops.lora import merge_adapter
 
         float_model = merge_adapter(float_model).eval()
+    for method in cfg.methods:
+        check(float_model, method, **cfg.settings(method))
     init_ray()
     needs_stream = "static_int8" in cfg.methods and cfg.calibration.data is None
     all_ids = torch.from_numpy(token_stream(docs, tokenizer, None)) if needs_stream else None
