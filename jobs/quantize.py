@@ -217,6 +217,10 @@ def main(cfg: QuantizeConfig) -> dict[str, Any]:
         torch.from_numpy(token_stream(docs, tokenizer, cfg.max_tokens or None))
     calibration = calibration_ids(cfg, tokenizer, eval_ids, all_ids) if "static_int8" in cfg.methods else None
     check_ids = eval_ids[:64].reshape(1, -1)
+    # Ray is only needed for tokenizing; leaving it keeps the long measurements independent of the cluster.
+    import ray
+
+    ray.shutdown()
 
     float_row = measure(float_model, eval_ids, cfg, "float32")
     float_row.update(method="float32", settings={}, reload_exact=None,
