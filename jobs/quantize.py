@@ -33,7 +33,7 @@ from jobs.data import DataConfig, detect_format, read_documents, token_stream
 from jobs.evaluate import LatencyConfig
 from ops.errors import UserError
 from ops.metrics import measure_latency, sliding_window_perplexity
-from ops.model import DEFAULT_MODEL, load_model, load_tokenizer
+from ops.model import DEFAULT_MODEL, load_model, load_tokenizer, model_size_bytes
 from ops.quantization import (METHODS, check, DynamicInt8Settings, StaticInt8Settings, WeightOnlyInt4Settings,
                               WeightOnlyInt8Settings, quantize, save_quantized)
 
@@ -224,8 +224,7 @@ def main(cfg: QuantizeConfig) -> dict[str, Any]:
 
     float_row = measure(float_model, eval_ids, cfg, "float32")
     float_row.update(method="float32", settings={}, reload_exact=None,
-                     size_mb=sum(p.numel() * p.element_size() for p in {id(p): p for p in
-                                 float_model.state_dict().values()}.values()) / 2**20)
+                     size_mb=model_size_bytes(float_model) / 2**20)
     rows = [add_ratios(float_row, float_row)]
     for method in cfg.methods:
         path, expected = quantize_one(cfg, method, float_model, tokenizer, calibration, check_ids)

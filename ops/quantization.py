@@ -89,6 +89,9 @@ class WeightOnlyInt8Settings(_Settings):
 
 
 class WeightOnlyInt4Settings(_Settings):
+    lm_head: HeadMode = Field("int8", description="lm_head (and the embedding tied to it): 'int8' weight-only int8 "
+                              "per channel (SmolLM2's embedding is Q8_0 in its GGUF, so int4 costs quality), "
+                              "'quantize' as int4, or 'float'")
     group_size: int = Field(32, description="weights per (scale, zero) group along the input dimension; "
                             "32 matches the GGUF Q4_1 blocks of the embedded model")
     compute_dtype: ComputeDtype = Field("bfloat16", description="activation/scale dtype inside the kernel (torch's "
