@@ -20,7 +20,7 @@ CASES = [
     ("weight_only_int8", {}, 0.02),
     ("weight_only_int8", {"compute_dtype": "float32", "lm_head": "float"}, 0.02),
     ("weight_only_int4", INT4, 0.15),
-    ("weight_only_int4", {**INT4, "compute_dtype": "float32", "lm_head": "int8"}, 0.15),
+    ("weight_only_int4", {**INT4, "compute_dtype": "float32", "lm_head": "quantize"}, 0.15),
 ]
 
 
