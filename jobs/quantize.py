@@ -26,7 +26,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from cluster.cli import run_job
-from cluster.config import BaseConfig, dump_config, save_config
+from cluster.config import BaseConfig, save_config
 from cluster.runtime import init_ray
 from cluster.storage import artifact_path, local_storage_root, validate_name, writable_artifact
 from jobs.data import DataConfig, detect_format, read_documents, token_stream
