@@ -25,3 +25,10 @@ def apply_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, traina
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"adapter '{adapter_dir}' has no adapter_config.json; valid: a PEFT adapter directory")
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def merge_adapter(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold the LoRA update into the base weights and return the plain base model (no PEFT wrapper)."""
+    if not hasattr(model, "merge_and_unload"):
+        raise UserError(f"merge_adapter needs a PEFT model, got {type(model).__name__}")
+    return model.merge_and_unload()

@@ -1,0 +1,653 @@
+"""Post-training quantization of causal LMs: one entry, :func:`quantize`, and one artifact format.
+
+Methods (``method=``):
+
+* ``dynamic_int8``: int8 weights; activations quantized to int8 at run time per token (or per
+  tensor); int8 x int8 -> int32 matmul with ``torch._int_mm``.
+* ``static_int8``: int8 weights; one activation scale per layer calibrated ahead of time on
+  real text, optionally after SmoothQuant scaling (``smoothquant_alpha``); ``torch._int_mm``.
+* ``weight_only_int8``: int8 per-channel weights, activations in float
+  (``torch.ops.aten._weight_int8pack_mm``).
+* ``weight_only_int4``: asymmetric int4 weights in groups of ``group_size`` along the input
+  dimension, activations in float (``torch.ops.aten._weight_int4pack_mm_for_cpu``).
+* ``bf16``: the whole model cast to bfloat16 (baseline).
+
+Every kernel is a stock PyTorch CPU op (no torchao, no ``torch.ao.quantization``, whose fbgemm
+dynamic path quantizes activations per tensor in 7 bits and is being retired in favour of torchao).
+
+Tied embeddings: when ``lm_head`` shares its weight with the input embedding (SmolLM2) and
+``lm_head`` is quantized, the embedding becomes a :class:`TiedEmbedding` that reads its rows from
+``lm_head``'s quantized weight; it owns no tensors, so the model stays tied and is stored once.
+
+Artifact (:func:`save_quantized` / :func:`load_quantized`): ``quantization.json`` (method,
+settings, base model, torch version), the base ``config.json``, ``model.safetensors`` with the
+portable tensors (int4 as two nibbles per byte; the CPU-specific packed layout is rebuilt on load)
+and, when given, the tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ops.errors import UserError
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "quantization.json"
+ComputeDtype = Literal["bfloat16", "float32"]
+HeadMode = Literal["quantize", "int8", "float"]
+
+
+# ----------------------------------------------------------------------------- settings
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    skip: list[str] = Field(default_factory=list, description="fnmatch patterns of linear module names kept in "
+                            "float, e.g. ['*.down_proj'] (lm_head is set by `lm_head`)")
+    lm_head: HeadMode = Field("quantize", description="lm_head (and the embedding tied to it): 'quantize' like the "
+                              "other linears, 'int8' weight-only int8 per channel, or 'float'")
+
+
+class DynamicInt8Settings(_Settings):
+    weight_granularity: Literal["per_channel", "per_tensor"] = Field("per_channel", description="int8 weight scales")
+    activation_granularity: Literal["per_token", "per_tensor"] = Field(
+        "per_token", description="run-time activation scale: one per token (row) or one per batch")
+
+
+class StaticInt8Settings(_Settings):
+    skip: list[str] = Field(default_factory=lambda: ["*.down_proj"], description="fnmatch patterns of linear "
+                            "module names kept in float (down_proj inputs carry the largest outliers)")
+    lm_head: HeadMode = Field("int8", description="lm_head (and the embedding tied to it): 'quantize' with a "
+                              "static activation scale, 'int8' weight-only int8 per channel, or 'float'")
+    weight_granularity: Literal["per_channel", "per_tensor"] = Field("per_channel", description="int8 weight scales")
+    smoothquant_alpha: float | None = Field(0.5, description="SmoothQuant migration strength in [0, 1]; "
+                                            "null = no smoothing")
+
+    @field_validator("smoothquant_alpha")
+    @classmethod
+    def _alpha(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise ValueError(f"smoothquant_alpha must be in [0, 1] or null, got {v}")
+        return v
+
+
+class WeightOnlyInt8Settings(_Settings):
+    weight_granularity: Literal["per_channel", "per_tensor"] = Field("per_channel", description="int8 weight scales")
+    compute_dtype: ComputeDtype = Field("bfloat16", description="activation dtype inside the kernel (torch's CPU "
+                                        "kernel is vectorized for bfloat16 only; float32 is exact but slow)")
+
+
+class WeightOnlyInt4Settings(_Settings):
+    lm_head: HeadMode = Field("int8", description="lm_head (and the embedding tied to it): 'int8' weight-only int8 "
+                              "per channel (SmolLM2's embedding is Q8_0 in its GGUF, so int4 costs quality), "
+                              "'quantize' as int4, or 'float'")
+    group_size: int = Field(32, description="weights per (scale, zero) group along the input dimension; "
+                            "32 matches the GGUF Q4_1 blocks of the embedded model")
+    compute_dtype: ComputeDtype = Field("bfloat16", description="activation/scale dtype inside the kernel (torch's "
+                                        "CPU kernel is vectorized for bfloat16 only; float32 is exact but slow)")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v not in (32, 64, 128, 256):
+            raise ValueError(f"group_size must be one of 32, 64, 128, 256 (the CPU int4 kernel's), got {v}")
+        return v
+
+
+class Bf16Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+SETTINGS: dict[str, type[BaseModel]] = {
+    "dynamic_int8": DynamicInt8Settings,
+    "static_int8": StaticInt8Settings,
+    "weight_only_int8": WeightOnlyInt8Settings,
+    "weight_only_int4": WeightOnlyInt4Settings,
+    "bf16": Bf16Settings,
+}
+METHODS = tuple(SETTINGS)
+
+
+def check_method(method: str) -> str:
+    if method not in SETTINGS:
+        raise UserError(f"unknown quantization method {method!r}; valid: {', '.join(METHODS)}")
+    return method
+
+
+def parse_settings(method: str, settings: dict[str, Any]) -> BaseModel:
+    """Validate ``settings`` for ``method``; bad keys and values become one-line :class:`UserError`."""
+    check_method(method)
+    try:
+        return SETTINGS[method].model_validate(settings)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "settings"
+        if first["type"] == "extra_forbidden":
+            raise UserError(f"unknown setting '{key}' for {method}; valid: "
+                            f"{', '.join(SETTINGS[method].model_fields)}") from None
+        raise UserError(f"bad setting '{key}' for {method}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+# ----------------------------------------------------------------------------- quantizers
+
+def _dtype(name: str) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def quantize_int8_weight(w: torch.Tensor, granularity: str = "per_channel") -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weights.
+
+    Args:
+        w: (N, K) float weight.
+        granularity: ``per_channel`` (one scale per output row) or ``per_tensor``.
+
+    Returns:
+        ``(q, scales)``: (N, K) int8 in [-127, 127] and (N,) float32 scales; ``w ~ q * scales[:, None]``.
+    """
+    w = w.float()
+    amax = w.abs().amax(dim=1) if granularity == "per_channel" else w.abs().amax().expand(w.shape[0])
+    scales = (amax / 127).clamp(min=1e-10)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales.contiguous()
+
+
+def quantize_int4_groupwise(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max int4 in groups along the input dimension (GGUF Q4_1 style: ``w = d * q + m``).
+
+    Args:
+        w: (N, K) float weight, ``K % group_size == 0``.
+
+    Returns:
+        ``(q, scales, mins)``: (N, K) uint8 in [0, 15], (N, K // group_size) float32 ``d`` and ``m``.
+    """
+    n, k = w.shape
+    g = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-10)
+    q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.reshape(n, k), scales, lo
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 values in [0, 15] -> (N, K // 2) uint8, even k in the low nibble (portable layout)."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: (N, K // 2) uint8 -> (N, K) uint8."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------- modules
+
+class Int8WeightOnlyLinear(nn.Module):
+    """``y = x @ (q * scales)^T + b`` with int8 weights and float activations (``_weight_int8pack_mm``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 compute_dtype: str = "bfloat16") -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
+        cdt = _dtype(compute_dtype)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=cdt))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=cdt) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, granularity: str = "per_channel",
+                   compute_dtype: str = "bfloat16") -> "Int8WeightOnlyLinear":
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype)
+        q, scales = quantize_int8_weight(linear.weight.detach(), granularity)
+        m.weight.copy_(q)
+        m.scales.copy_(scales)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach())
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., K) -> (..., N) in ``x``'s dtype."""
+        x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the float weight: (...,) -> (..., K) float32."""
+        return self.weight[ids].float() * self.scales[ids].float().unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.compute_dtype}"
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """Group-wise asymmetric int4 weights, float activations (``_weight_int4pack_mm_for_cpu``).
+
+    Buffers: ``qweight`` (N, K // 2) uint8 portable nibbles and ``scales_and_zeros``
+    (K // group_size, N, 2) in the kernel's convention ``w = (q - 8) * scale + zero``; the kernel's
+    CPU-specific ``packed`` layout is a non-persistent buffer rebuilt whenever ``qweight`` is loaded.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 32,
+                 compute_dtype: str = "bfloat16") -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.compute_dtype = group_size, compute_dtype
+        cdt = _dtype(compute_dtype)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2, dtype=cdt))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=cdt) if bias else None)
+        self.register_buffer("packed", torch.empty(0, dtype=torch.uint8), persistent=False)
+        self.repack()
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = 32,
+                   compute_dtype: str = "bfloat16") -> "Int4WeightOnlyLinear":
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, compute_dtype)
+        q, scales, mins = quantize_int4_groupwise(linear.weight.detach(), group_size)
+        m.qweight.copy_(pack_nibbles(q))
+        # The kernel centres q on 8: w = (q - 8) * d + (m + 8 d) = d * q + m.
+        m.scales_and_zeros.copy_(torch.stack([scales, mins + 8 * scales], dim=-1).transpose(0, 1))
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach())
+        m.repack()
+        return m
+
+    def repack(self) -> None:
+        """Rebuild the kernel layout from the portable nibbles."""
+        q = unpack_nibbles(self.qweight).to(torch.int32)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.repack()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., K) -> (..., N) in ``x``'s dtype."""
+        x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the float weight: (...,) -> (..., K) float32."""
+        flat = ids.reshape(-1)
+        q = unpack_nibbles(self.qweight[flat]).float()  # (n, K)
+        sz = self.scales_and_zeros[:, flat].float()  # (G, n, 2)
+        scale = sz[..., 0].t().repeat_interleave(self.group_size, dim=1)  # (n, K)
+        zero = sz[..., 1].t().repeat_interleave(self.group_size, dim=1)
+        return ((q - 8) * scale + zero).reshape(*ids.shape, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"compute={self.compute_dtype}")
+
+
+class Int8DynamicLinear(nn.Module):
+    """int8 weights x int8 activations quantized at run time (symmetric), int32 accumulation (``torch._int_mm``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 activation_granularity: str = "per_token") -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.activation_granularity = activation_granularity
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, granularity: str = "per_channel",
+                   activation_granularity: str = "per_token") -> "Int8DynamicLinear":
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, activation_granularity)
+        q, scales = quantize_int8_weight(linear.weight.detach(), granularity)
+        m.weight.copy_(q)
+        m.scales.copy_(scales)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach())
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., K) -> (..., N) in ``x``'s dtype."""
+        x2 = x.reshape(-1, self.in_features).float()  # (M, K)
+        amax = x2.abs().amax(dim=1, keepdim=True) if self.activation_granularity == "per_token" else x2.abs().amax()
+        x_scale = (amax / 127).clamp(min=1e-10)
+        xq = torch.round(x2 / x_scale).clamp(-127, 127).to(torch.int8)
+        y = torch._int_mm(xq, self.weight.t()).float() * x_scale * self.scales  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].float() * self.scales[ids].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"activations={self.activation_granularity}")
+
+
+class Int8StaticLinear(nn.Module):
+    """int8 weights x int8 activations with a calibrated per-tensor activation scale (``torch._int_mm``).
+
+    With SmoothQuant, ``x @ W^T = (x / s) @ (W * s)^T``: the per-input-channel factor ``s`` moves
+    activation outliers into the weights; ``inv_smooth = 1 / s`` is applied to ``x`` at run time.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features))
+        self.register_buffer("inv_smooth", torch.ones(in_features))
+        self.register_buffer("act_scale", torch.ones(()))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, act_absmax: torch.Tensor, alpha: float | None,
+                   granularity: str = "per_channel") -> "Int8StaticLinear":
+        """Quantize ``linear`` given the calibrated per-input-channel absmax of its input, (K,)."""
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        w = linear.weight.detach().float()
+        act_absmax = act_absmax.float().clamp(min=1e-5)
+        if alpha is None:
+            smooth = torch.ones_like(act_absmax)
+        else:
+            smooth = (act_absmax.pow(alpha) / w.abs().amax(dim=0).clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+        q, scales = quantize_int8_weight(w * smooth, granularity)
+        m.weight.copy_(q)
+        m.scales.copy_(scales)
+        m.inv_smooth.copy_(1 / smooth)
+        m.act_scale.copy_((act_absmax / smooth).amax() / 127)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach())
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., K) -> (..., N) in ``x``'s dtype."""
+        x2 = x.reshape(-1, self.in_features).float() * self.inv_smooth  # (M, K)
+        xq = torch.round(x2 / self.act_scale).clamp(-127, 127).to(torch.int8)
+        y = torch._int_mm(xq, self.weight.t()).float() * (self.act_scale * self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].float() * self.scales[ids].unsqueeze(-1) * self.inv_smooth
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, act_scale={self.act_scale.item():.4g}"
+
+
+class TiedEmbedding(nn.Module):
+    """Input embedding that reads its rows from the quantized ``lm_head`` it is tied to (owns no tensors).
+
+    The head is held outside the module tree so the state dict and ``model_size_bytes`` count it once.
+    """
+
+    def __init__(self, head: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self._head = (head,)
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D)."""
+        return self._head[0].dequantize_rows(ids).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, tied to lm_head ({type(self._head[0]).__name__})"
+
+
+QUANTIZED_LINEARS = (Int8WeightOnlyLinear, Int4WeightOnlyLinear, Int8DynamicLinear, Int8StaticLinear)
+
+
+# ----------------------------------------------------------------------------- model swap
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _head_name(model: nn.Module) -> str | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if head is not None and module is head:
+            return name
+    return None
+
+
+def _is_tied(model: nn.Module) -> bool:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return (isinstance(head, nn.Linear) and isinstance(emb, nn.Embedding)
+            and head.weight.data_ptr() == emb.weight.data_ptr())
+
+
+def _targets(model: nn.Module, settings: _Settings) -> dict[str, str]:
+    """``{linear name: kind}`` with kind ``main`` (the method's module) or ``int8`` (weight-only head)."""
+    head = _head_name(model)
+    out: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if name == head:
+            if settings.lm_head != "float":
+                out[name] = "main" if settings.lm_head == "quantize" else "int8"
+        elif not any(fnmatch.fnmatchcase(name, p) for p in settings.skip):
+            out[name] = "main"
+    return out
+
+
+def _check_shapes(model: nn.Module, targets: dict[str, str], method: str, settings: BaseModel) -> None:
+    for name, kind in targets.items():
+        k = model.get_submodule(name).in_features
+        if kind == "main" and method == "weight_only_int4" and k % settings.group_size:
+            raise UserError(f"group_size={settings.group_size} does not divide in_features={k} of layer '{name}'; "
+                            f"valid: a divisor of every quantized layer's input size, or skip=['{name}']")
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, names: list[str], calibration: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-input-channel absmax of the inputs of the linears ``names`` over calibration text.
+
+    Args:
+        calibration: (S, T) token ids; each row is one forward pass.
+
+    Returns:
+        ``{name: (K,) float32 absmax}``.
+    """
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(_module: nn.Module, args: tuple) -> None:
+            amax = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
+            stats[name] = torch.maximum(stats[name], amax) if name in stats else amax
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    device = next(model.parameters()).device
+    try:
+        for row in calibration:
+            model(input_ids=row.reshape(1, -1).to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _build(linear: nn.Linear, kind: str, method: str, s: BaseModel, stats: dict[str, torch.Tensor] | None,
+           name: str) -> nn.Module:
+    """The quantized replacement of ``linear`` (filled from its weights)."""
+    if kind == "int8":
+        return Int8WeightOnlyLinear.from_float(linear, "per_channel", getattr(s, "compute_dtype", "bfloat16"))
+    if method == "dynamic_int8":
+        return Int8DynamicLinear.from_float(linear, s.weight_granularity, s.activation_granularity)
+    if method == "static_int8":
+        return Int8StaticLinear.from_float(linear, stats[name], s.smoothquant_alpha, s.weight_granularity)
+    if method == "weight_only_int8":
+        return Int8WeightOnlyLinear.from_float(linear, s.weight_granularity, s.compute_dtype)
+    return Int4WeightOnlyLinear.from_float(linear, s.group_size, s.compute_dtype)
+
+
+def _empty(linear: nn.Linear, kind: str, method: str, s: BaseModel) -> nn.Module:
+    """An unfilled module of the same type and shapes as :func:`_build` makes (for loading)."""
+    bias = linear.bias is not None
+    n, k = linear.out_features, linear.in_features
+    if kind == "int8":
+        return Int8WeightOnlyLinear(k, n, bias, getattr(s, "compute_dtype", "bfloat16"))
+    if method == "dynamic_int8":
+        return Int8DynamicLinear(k, n, bias, s.activation_granularity)
+    if method == "static_int8":
+        return Int8StaticLinear(k, n, bias)
+    if method == "weight_only_int8":
+        return Int8WeightOnlyLinear(k, n, bias, s.compute_dtype)
+    return Int4WeightOnlyLinear(k, n, bias, s.group_size, s.compute_dtype)
+
+
+def _swap(model: nn.Module, method: str, s: BaseModel, stats: dict[str, torch.Tensor] | None,
+          fill: bool) -> nn.Module:
+    tied = _is_tied(model)
+    targets = _targets(model, s)
+    _check_shapes(model, targets, method, s)
+    head = _head_name(model)
+    for name, kind in targets.items():
+        linear = model.get_submodule(name)
+        _set_module(model, name, _build(linear, kind, method, s, stats, name) if fill else
+                    _empty(linear, kind, method, s))
+    if tied and head in targets:
+        emb = model.get_input_embeddings()
+        model.set_input_embeddings(TiedEmbedding(model.get_submodule(head), emb.weight.dtype))
+    if tied:
+        # Stops transformers from re-tying lm_head.weight to the embedding on save/load/resize.
+        model.config.tie_word_embeddings = head not in targets
+    return model
+
+
+def check(model: nn.Module, method: str, **settings: Any) -> None:
+    """Validate ``method`` and ``settings`` against ``model``'s layers without quantizing anything.
+
+    Raises:
+        UserError: unknown method or setting, or a ``group_size`` that does not divide a layer.
+    """
+    s = parse_settings(method, settings)
+    if method != "bf16":
+        _check_shapes(model, _targets(model, s), method, s)
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, method: str, *, calibration: torch.Tensor | None = None,
+             **settings: Any) -> nn.Module:
+    """Return a quantized copy of ``model`` (the input is left unchanged).
+
+    Args:
+        model: float causal LM (Hugging Face style: ``get_input/output_embeddings``).
+        method: one of :data:`METHODS`.
+        calibration: (S, T) token ids of real text; required by ``static_int8``.
+        **settings: the method's settings (see ``SETTINGS[method]``).
+
+    Raises:
+        UserError: unknown method or setting, ``group_size`` not dividing a layer, missing calibration.
+    """
+    s = parse_settings(method, settings)
+    if method == "static_int8" and (calibration is None or calibration.numel() == 0):
+        raise UserError("static_int8 needs calibration text to set activation scales; pass calibration token ids "
+                        "(jobs: calibration.data=<corpus>, calibration.samples=N)")
+    model = copy.deepcopy(model).eval()
+    if method == "bf16":
+        # Parameters only: rotary tables stay float32, as when transformers loads with dtype=bfloat16.
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+        return model
+    stats = None
+    if method == "static_int8":
+        names = [n for n, k in _targets(model, s).items() if k == "main"]
+        stats = calibrate(model, names, calibration.reshape(-1, calibration.shape[-1]))
+    return _swap(model, method, s, stats, fill=True)
+
+
+# ----------------------------------------------------------------------------- artifact
+
+def save_quantized(model: nn.Module, directory: str | os.PathLike, method: str, settings: dict[str, Any],
+                   base_model: str, tokenizer: Any = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write a quantized model as a loadable artifact directory.
+
+    Args:
+        model: the output of :func:`quantize` for ``method`` / ``settings``.
+        directory: created if missing.
+        base_model: spec of the float model it came from (recorded; used to find a tokenizer).
+        tokenizer: saved beside the weights when given.
+        extra: more fields for ``quantization.json`` (e.g. the adapter merged in).
+    """
+    from safetensors.torch import save_file
+
+    s = parse_settings(method, settings)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if _is_tied(model):
+        # A float head tied to the embedding is stored once, under the embedding's name.
+        state.pop(f"{_head_name(model)}.weight", None)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / WEIGHTS_FILE))
+    model.config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    manifest = {
+        "kind": "quantized", "format_version": FORMAT_VERSION, "method": method,
+        "settings": s.model_dump(mode="json"), "base_model": base_model, "torch": torch.__version__,
+        "tied_embedding": bool(getattr(model.config, "tie_word_embeddings", False))
+        or isinstance(model.get_input_embeddings(), TiedEmbedding),
+        "dtype": "bfloat16" if method == "bf16" else "float32", **(extra or {}),
+    }
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return directory
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Load an artifact written by :func:`save_quantized` (``eval()`` mode).
+
+    The base architecture is built from the artifact's ``config.json`` without initializing
+    weights, the same module swap as :func:`quantize` is applied, and the state dict is loaded.
+
+    Raises:
+        UserError: a missing/corrupt artifact or a device the int kernels do not run on.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    if not (path / MANIFEST_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise UserError(f"'{path}' is not a quantized artifact (needs {MANIFEST_FILE} and {WEIGHTS_FILE})")
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    method = check_method(manifest.get("method", ""))
+    s = parse_settings(method, manifest.get("settings", {}))
+    if method != "bf16" and torch.device(device).type != "cpu":
+        raise UserError(f"{method} artifacts run on CPU kernels; valid device: cpu (got {device})")
+    config = AutoConfig.from_pretrained(path)
+    dtype = torch.bfloat16 if method == "bf16" else torch.float32
+    if method != "bf16" and manifest.get("tied_embedding") and not config.tie_word_embeddings:
+        # Rebuild the tied float skeleton first so the swap sees the same tie as at quantize time.
+        config.tie_word_embeddings = True
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if config.tie_word_embeddings:
+        # Tie explicitly: building without weight init leaves the head its own tensor.
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    if method != "bf16":
+        model = _swap(model, method, s, None, fill=False)
+    state = load_file(str(path / WEIGHTS_FILE))
+    result = model.load_state_dict(state, strict=False)
+    allowed = {f"{_head_name(model)}.weight"} if _is_tied(model) else set()
+    if result.unexpected_keys or set(result.missing_keys) - allowed:
+        raise UserError(f"artifact '{path}' does not match its config: missing {result.missing_keys[:3]}, "
+                        f"unexpected {result.unexpected_keys[:3]}")
+    return model.to(device).eval()

@@ -1,0 +1,100 @@
+"""Quantization on a tiny random Llama: every method runs, stays close to float32, and reloads exactly."""
+
+import pytest
+import torch
+
+from ops.errors import UserError
+from ops.model import load_model, load_tokenizer, resolve
+from ops.quantization import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, TiedEmbedding, pack_nibbles,
+                              quantize, quantize_int4_groupwise, save_quantized, unpack_nibbles)
+
+# The tiny model's MLP input is 144 wide, which no int4 kernel group size (32..256) divides.
+INT4 = {"skip": ["*.down_proj"]}
+# (method, settings, max |logit error| relative to the largest float32 logit)
+CASES = [
+    ("bf16", {}, 0.02),
+    ("dynamic_int8", {}, 0.03),
+    ("dynamic_int8", {"activation_granularity": "per_tensor", "weight_granularity": "per_tensor"}, 0.05),
+    ("static_int8", {}, 0.03),
+    ("static_int8", {"smoothquant_alpha": None, "skip": [], "lm_head": "quantize"}, 0.05),
+    ("weight_only_int8", {}, 0.02),
+    ("weight_only_int8", {"compute_dtype": "float32", "lm_head": "float"}, 0.02),
+    ("weight_only_int4", INT4, 0.15),
+    ("weight_only_int4", {**INT4, "compute_dtype": "float32", "lm_head": "quantize"}, 0.15),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    torch.set_grad_enabled(False)
+    model = load_model(str(tiny_model_dir))
+    tok = load_tokenizer(str(tiny_model_dir))
+    ids = tok(["The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question."] * 2,
+              return_tensors="pt")["input_ids"]
+    yield model, tok, ids
+    torch.set_grad_enabled(True)
+
+
+@pytest.mark.parametrize("method, settings, tol", CASES)
+def test_method_runs_saves_reloads(tiny, tmp_path, method, settings, tol):
+    model, tok, ids = tiny
+    ref = model(input_ids=ids).logits
+    q = quantize(model, method, calibration=ids, **settings)
+    out = q(input_ids=ids).logits
+    assert (out.float() - ref).abs().max() / ref.abs().max() < tol
+    assert model(input_ids=ids).logits.equal(ref)  # the float model is left untouched
+    save_quantized(q, tmp_path / "q", method, settings, "tiny", tok)
+    assert resolve(str(tmp_path / "q")).kind == "quantized"
+    reloaded = load_model(str(tmp_path / "q"))
+    assert reloaded(input_ids=ids).logits.equal(out)
+    assert load_tokenizer(str(tmp_path / "q")).vocab_size == tok.vocab_size
+
+
+def test_tied_head_is_stored_once(tiny, tmp_path):
+    model, tok, _ = tiny
+    q = quantize(model, "weight_only_int8")
+    assert isinstance(q.lm_head, Int8WeightOnlyLinear)
+    assert isinstance(q.model.embed_tokens, TiedEmbedding)
+    assert not [k for k in q.state_dict() if k.startswith("model.embed_tokens")]
+    # The embedding rows are the head's de-quantized rows.
+    ids = torch.tensor([[1, 5, 7]])
+    expected = q.lm_head.weight[ids].float() * q.lm_head.scales[ids].float().unsqueeze(-1)
+    assert torch.equal(q.model.embed_tokens(ids), expected)
+
+
+def test_int4_kernel_matches_reference_dequantization():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 48, bias=False)
+    m = Int4WeightOnlyLinear.from_float(linear, group_size=32, compute_dtype="float32")
+    w = m.dequantize_rows(torch.arange(48))  # (N, K) from the portable buffers
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(m(x), x @ w.t(), rtol=1e-5, atol=1e-4)
+
+
+def test_int4_reproduces_q4_1_weights_exactly():
+    """A weight already on a Q4_1 grid (w = d * q + m per 32-block, both extremes used) comes back unchanged."""
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    q[:, ::32], q[:, 1::32] = 0, 15
+    d = torch.rand(8, 2, 1) * 0.01 + 1e-3
+    mn = torch.randn(8, 2, 1) * 0.01
+    w = (q.reshape(8, 2, 32).float() * d + mn).reshape(8, 64)
+    q2, d2, m2 = quantize_int4_groupwise(w, 32)
+    torch.testing.assert_close((q2.reshape(8, 2, 32).float() * d2[..., None] + m2[..., None]).reshape(8, 64), w,
+                               rtol=0, atol=1e-6)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q2)), q2)
+
+
+@pytest.mark.parametrize("method, settings, calibration, fragment", [
+    ("int3", {}, None, "unknown quantization method 'int3'"),
+    ("weight_only_int4", {"group_size": 64}, None, "group_size=64 does not divide in_features=144"),
+    ("weight_only_int4", {"group_size": 48}, None, "group_size must be one of 32, 64, 128, 256"),
+    ("static_int8", {}, None, "static_int8 needs calibration"),
+    ("dynamic_int8", {"group_size": 32}, None, "unknown setting 'group_size' for dynamic_int8"),
+    ("static_int8", {"smoothquant_alpha": 2}, "ids", "smoothquant_alpha must be in"),
+])
+def test_bad_input_is_one_line_user_error(tiny, method, settings, calibration, fragment):
+    model, _, ids = tiny
+    with pytest.raises(UserError, match=fragment) as info:
+        quantize(model, method, calibration=ids if calibration else None, **settings)
+    assert "\n" not in str(info.value)
