@@ -4,7 +4,7 @@ Writes docs/benchmarks/decode.md and decode.json:
 - batch-1 end-to-end tokens/s on the same prompts and the same number of new tokens;
 - aggregate tokens/s and p50/p99 request latency at several concurrency levels.
 
-    python bench/decode.py [--threads 2] [--new-tokens 128] [--quant METHOD]
+    python bench/decode.py [--threads 2] [--new-tokens 128] [--quant METHOD] [--ppl-data FILE]
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads")
     p.add_argument("--new-tokens", type=int, default=128, help="new tokens per request (EOS ignored)")
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated concurrent request counts")
-    p.add_argument("--quant", default=None, help="apply ops.quantization.quantize(model, METHOD) first")
+    p.add_argument("--quant", default="weight_only_int4", help="quantized setting also measured (ops.quantization "
+                   "method with its default settings; '' to skip)")
+    p.add_argument("--ppl-data", default=None, help="text file for a float32 vs quantized perplexity check "
+                   "(e.g. ../shared/data/wikitext2_valid.txt)")
     p.add_argument("--storage", default="./artifacts", help="artifact root holding the converted embedded model")
     p.add_argument("--out", default="docs/benchmarks", help="folder for decode.md / decode.json")
     return p.parse_args()
@@ -48,8 +51,6 @@ def parse_args() -> argparse.Namespace:
 
 
 def quantize(model, method: str):
-    if importlib.util.find_spec("ops.quantization") is None:
-        raise SystemExit(f"--quant {method}: ops.quantization is not available in this checkout")
     from ops.quantization import quantize as quantize_model
 
     return quantize_model(model, method)
@@ -120,46 +121,70 @@ async def bench_concurrent(engine: Engine, prompts: list[str], n: int, new_token
     }
 
 
+def perplexity_of(model, tokenizer, path: str, tokens: int = 2048) -> float:
+    """WikiText-style sliding-window perplexity (window 1024, stride 512) on the first `tokens`."""
+    from ops.metrics import sliding_window_perplexity
+
+    ids = tokenizer(Path(path).read_text()[: tokens * 8], add_special_tokens=False,
+                    return_tensors="pt")["input_ids"][0, :tokens]
+    return sliding_window_perplexity(model, ids, 1024, 512).perplexity
+
+
 def main() -> None:
     args = parse_args()
     load_at_start = os.getloadavg()[0]  # the machine is shared: record how busy it was
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(DEFAULT_MODEL, storage=args.storage)
     model = load_model(DEFAULT_MODEL, storage=args.storage)
-    if args.quant:
-        model = quantize(model, args.quant) or model
     prompts = [
         tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
         for q in QUESTIONS
     ]
     levels = [int(c) for c in args.concurrency.split(",")]
-    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=max(levels), max_seq_len=512, num_threads=args.threads))
-    engine.generate_sync([Request(prompt=prompts[0], max_tokens=4)])  # warm-up
+    config = EngineConfig(max_batch_size=max(levels), max_seq_len=512, num_threads=args.threads)
 
     hf = bench_hf(model, tokenizer, prompts, args.new_tokens)
     print(f"transformers.generate: {hf:.1f} tok/s", flush=True)
-    eng_e2e, eng_decode = bench_engine_batch1(engine, prompts, args.new_tokens)
-    print(f"engine: {eng_e2e:.1f} tok/s (decode only {eng_decode:.1f})", flush=True)
+    with Engine(model, tokenizer, config) as engine:
+        engine.generate_sync([Request(prompt=prompts[0], max_tokens=4)])  # warm-up
+        eng_e2e, eng_decode = bench_engine_batch1(engine, prompts, args.new_tokens)
+        backend = engine.backend
+    print(f"engine fp32: {eng_e2e:.1f} tok/s (decode only {eng_decode:.1f})", flush=True)
     lcpp = bench_llama_cpp(prompts, args.new_tokens, args.threads)
     print(f"llama.cpp: {lcpp if lcpp is None else round(lcpp, 1)} tok/s", flush=True)
-    concurrent = []
-    for n in levels:
-        concurrent.append(asyncio.run(bench_concurrent(engine, prompts, n, args.new_tokens)))
-        print(concurrent[-1], flush=True)
-    engine.close()
+    ppl = {"data": args.ppl_data, "float32": None, "quantized": None}
+    if args.ppl_data:
+        ppl["float32"] = perplexity_of(model, tokenizer, args.ppl_data)
+    quant_e2e = quant_decode = None
+    if args.quant:
+        model = quantize(model, args.quant)
+        if args.ppl_data:
+            ppl["quantized"] = perplexity_of(model, tokenizer, args.ppl_data)
+    # The concurrency sweep runs on the quantized model when one is given: the setting to serve.
+    with Engine(model, tokenizer, config) as engine:
+        engine.generate_sync([Request(prompt=prompts[0], max_tokens=4)])  # warm-up
+        if args.quant:
+            quant_e2e, quant_decode = bench_engine_batch1(engine, prompts, args.new_tokens)
+            print(f"engine {args.quant}: {quant_e2e:.1f} tok/s (decode only {quant_decode:.1f})", flush=True)
+        concurrent = []
+        for n in levels:
+            concurrent.append(asyncio.run(bench_concurrent(engine, prompts, n, args.new_tokens)))
+            print(concurrent[-1], flush=True)
 
     result = {
         "model": "SmolLM2-135M-Instruct (embedded GGUF, de-quantized to float32)",
         "quant": args.quant,
-        "engine_backend": engine.backend,
+        "engine_backend": backend,
         "threads": args.threads,
         "new_tokens": args.new_tokens,
         "prompts": len(prompts),
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "load_average_at_start": load_at_start,
+        "perplexity": ppl,
         "batch1_tokens_per_s": {
-            "engine": eng_e2e, "engine_decode_only": eng_decode, "transformers_generate": hf, "llama_cpp": lcpp,
+            "engine": eng_e2e, "engine_decode_only": eng_decode, "engine_quantized": quant_e2e,
+            "engine_quantized_decode_only": quant_decode, "transformers_generate": hf, "llama_cpp": lcpp,
         },
         "concurrent": concurrent,
     }
@@ -175,24 +200,45 @@ def render_markdown(r: dict) -> str:
     lcpp = b["llama_cpp"]
     lcpp_cell = "llama.cpp not installed (pip install .[bench])" if lcpp is None else f"{lcpp:.1f}"
     ratio = lambda x: "-" if lcpp is None else f"{x / lcpp:.2f}x"  # noqa: E731
+    q = r["quant"]
+    ppl = r["perplexity"]
     lines = [
         "# Decode benchmark",
         "",
-        f"Generated by `bench/decode.py`: {r['model']}, quant={r['quant']}, {r['threads']} threads, "
+        f"Generated by `bench/decode.py`: {r['model']}, quantized setting `{q}`, {r['threads']} threads, "
         f"{r['new_tokens']} new tokens per request (EOS ignored), {r['prompts']} chat prompts, "
         f"engine backend `{r['engine_backend']}`, torch {r['torch']}, "
-        f"1-min load average at start {r['load_average_at_start']:.1f} on {os.cpu_count()} CPUs.",
+        f"1-min load average at start {r['load_average_at_start']:.1f} on {os.cpu_count()} CPUs. "
+        "All rows come from this one run.",
         "",
         "## Batch 1 (end-to-end new tokens/s, prefill included)",
         "",
         "| generator | tokens/s | vs llama.cpp |",
         "|---|---|---|",
         f"| ops.engine (fp32) | {b['engine']:.1f} | {ratio(b['engine'])} |",
-        f"| ops.engine, decode steps only | {b['engine_decode_only']:.1f} | {ratio(b['engine_decode_only'])} |",
+        f"| ops.engine (fp32), decode steps only | {b['engine_decode_only']:.1f} | {ratio(b['engine_decode_only'])} |",
+    ]
+    if q:
+        lines += [
+            f"| ops.engine ({q}) | {b['engine_quantized']:.1f} | {ratio(b['engine_quantized'])} |",
+            f"| ops.engine ({q}), decode steps only | {b['engine_quantized_decode_only']:.1f} | "
+            f"{ratio(b['engine_quantized_decode_only'])} |",
+        ]
+    lines += [
         f"| transformers.generate (fp32) | {b['transformers_generate']:.1f} | {ratio(b['transformers_generate'])} |",
         f"| llama.cpp (GGUF Q4_1) | {lcpp_cell} | {'1.00x' if lcpp else '-'} |",
         "",
-        "## Concurrent requests (ops.engine, continuous batching)",
+    ]
+    if ppl["float32"] is not None:
+        rel = f"{ppl['quantized'] / ppl['float32']:.4f}x" if ppl["quantized"] is not None else "-"
+        quant_cell = f"{ppl['quantized']:.4f}" if ppl["quantized"] is not None else "-"
+        lines += [
+            f"Perplexity on the first 2048 tokens of `{ppl['data']}` (window 1024, stride 512): "
+            f"float32 {ppl['float32']:.4f}, {q or 'no quantization'} {quant_cell} ({rel}).",
+            "",
+        ]
+    lines += [
+        f"## Concurrent requests (ops.engine{', ' + q if q else ', fp32'}, continuous batching)",
         "",
         "| concurrent | aggregate tokens/s | vs llama.cpp batch 1 | p50 latency s | p99 latency s | mean TTFT s |",
         "|---|---|---|---|---|---|",
