@@ -409,16 +409,17 @@ def plot_curves(history: list[dict], initial_ppl: float, path: Path) -> None:
 def main(cfg: TrainConfig) -> Path:
     import ray.data
     import ray.train
+    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
     storage = local_storage_root(cfg.storage)
+    if cfg.method == "lora":
+        check_lora_targets(cfg, storage)
     init_ray()
     # Per-step progress lines are the job's log; Ray Data's progress bars would drown them.
     ray.data.DataContext.get_current().enable_progress_bars = False
     use_gpu = check_resources(cfg)
     tokenizer = load_tokenizer(cfg.model, storage=storage)
-    if cfg.method == "lora":
-        check_lora_targets(cfg, storage)
     train_ds, val_ds = block_datasets(cfg, tokenizer, cfg.block_size, cfg.max_tokens or None)
     if cfg.val_blocks:
         val_ds = val_ds.limit(cfg.val_blocks)
@@ -439,7 +440,9 @@ def main(cfg: TrainConfig) -> Path:
                                                          checkpoint_score_order="min")),
         datasets={"train": train_ds.materialize(), "val": val_ds.materialize()},
         # The validation set is read whole by every worker; "stride" reads the train set whole too.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if cfg.shard == "split" else []),
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"] if cfg.shard == "split" else [],
+            execution_options=ExecutionOptions(preserve_order=True) if cfg.shard == "stride" else None),
     )
     t0 = time.perf_counter()
     result = trainer.fit()
