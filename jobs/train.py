@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -223,8 +224,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.update({k: saved[k] for k in state})
         if rank == 0:
             print(f"[train] resumed from step {state['step']}", flush=True)
-            with (run_dir / HISTORY_FILE).open("a") as fh:
-                fh.write(json.dumps({"event": "resume", "step": state["step"]}) + "\n")
+    if rank == 0:
+        # Every attempt marks where it starts, so readers of the raw log can drop rolled-back steps.
+        with (run_dir / HISTORY_FILE).open("a") as fh:
+            fh.write(json.dumps({"event": "start", "step": state["step"]}) + "\n")
     amp = autocast_dtype(cfg.precision, device)
 
     val_rows = [b["input_ids"] for b in ray.train.get_dataset_shard("val").iter_torch_batches(  # Ray: held-out
@@ -259,8 +262,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     stream = micro_batches()
     model.train()
+    # A step's time runs from the end of the previous step's compute, so the Ray report and any
+    # validation/checkpoint in between count against throughput.
+    t_prev = time.perf_counter()
     while state["step"] < cfg.max_steps:
-        t0 = time.perf_counter()
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             ids = next(stream).to(device)  # (B, T)
@@ -281,11 +286,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step = state["step"]
         _maybe_fail(step, rank, run_dir)
         loss_value = _global_mean(loss_sum, device, world)
-        elapsed = time.perf_counter() - t0
+        now = time.perf_counter()
+        elapsed, t_prev = now - t_prev, now
         state["tokens"] += tokens_per_step
         state["train_time_s"] += elapsed
         metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens_per_s": tokens_per_step / elapsed, "tokens": state["tokens"], "epoch": state["epoch"]}
+                   "tokens_per_s": tokens_per_step / elapsed, "tokens": state["tokens"], "epoch": state["epoch"],
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         evaluate = step % cfg.eval_every == 0 or step == cfg.max_steps
         if evaluate:
             metrics["val_perplexity"] = math.exp(

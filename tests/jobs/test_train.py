@@ -61,7 +61,7 @@ def dedup_by_resumption(lines: list[dict]) -> list[int]:
     """Steps of a raw metrics log after dropping what a resume rolled back."""
     steps: list[int] = []
     for row in lines:
-        if row.get("event") == "resume":
+        if row.get("event") == "start":
             steps = [s for s in steps if s <= row["step"]]
         else:
             steps.append(row["step"])
@@ -71,25 +71,29 @@ def dedup_by_resumption(lines: list[dict]) -> list[int]:
 @pytest.mark.integration
 def test_smoke_survives_lost_worker_and_resumes_by_name(tiny_model_dir, tiny_text_file, tmp_path):
     args = ("--config", "configs/train_lora_smoke.yaml", f"model={tiny_model_dir}", f"data={tiny_text_file}",
-            f"storage={tmp_path}", "name=lost", "max_tokens=0", *TINY_OVERRIDES)
-    proc = run_module("jobs.train", *args, env={"RAYLM_FAIL_AT_STEP": "3"}, timeout=300)
+            f"storage={tmp_path}", "name=lost", "max_tokens=0", *TINY_OVERRIDES, "max_steps=6")
+    # Ray Train's controller takes one report per worker per health-check interval (2 s by
+    # default); these steps are faster, so a shorter interval keeps checkpoints registered promptly.
+    env = {"RAYLM_FAIL_AT_STEP": "4", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+    proc = run_module("jobs.train", *args, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "lost"
-    assert (run / FAIL_MARKER).is_file()  # rank 1 really died at step 3
+    assert (run / FAIL_MARKER).is_file()  # rank 1 really died at step 4
     raw = [json.loads(line) for line in (run / HISTORY_FILE).read_text().splitlines()]
-    assert {"event": "resume", "step": 2} in raw  # resumed from the step-2 checkpoint
-    assert dedup_by_resumption(raw) == [1, 2, 3, 4]
+    assert [r["step"] for r in raw if "event" in r] == [0, 2]  # resumed from the step-2 checkpoint
+    assert [r["step"] for r in raw if "event" not in r] == [1, 2, 3, 3, 4, 5, 6]
+    assert dedup_by_resumption(raw) == [1, 2, 3, 4, 5, 6]
     out = tmp_path / "adapters" / "lost"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 4 and metrics["tokens"] == 4 * 2 * 2 * 16
-    assert [h["step"] for h in json.loads((out / "history.json").read_text())] == [1, 2, 3, 4]
+    assert metrics["steps"] == 6 and metrics["tokens"] == 6 * 2 * 2 * 16
+    assert [h["step"] for h in json.loads((out / "history.json").read_text())] == [1, 2, 3, 4, 5, 6]
     assert json.loads((out / "manifest.json").read_text())["kind"] == "adapter"
     assert (out / "curves.png").stat().st_size > 0 and (out / "config.yaml").is_file()
 
     again = run_module("jobs.train", *args, timeout=300)  # same name: resumes at the end, no new steps
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from step 4" in again.stdout + again.stderr
-    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+    assert "resumed from step 6" in again.stdout + again.stderr
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 6
 
 
 def _run_in_process(tiny_model_dir, tiny_text_file, storage: Path, name: str, *overrides: str) -> Path:
