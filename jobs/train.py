@@ -254,9 +254,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state["batch_in_epoch"] = i + 1
                 ids = batch["input_ids"]
                 yield ids[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] if stride else ids
-            if state["batch_in_epoch"] == 0:
-                raise UserError(f"the training shard holds no batch of {fetch} blocks; lower batch_size or "
-                                f"num_workers, or use more data")
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
 
@@ -432,6 +429,11 @@ def main(cfg: TrainConfig) -> Path:
         val_ds = val_ds.limit(cfg.val_blocks)
     if cfg.shuffle:
         train_ds = train_ds.random_shuffle(seed=cfg.seed)
+    train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+    if train_ds.count() < cfg.batch_size * cfg.num_workers:
+        raise UserError(f"{train_ds.count()} training blocks of {cfg.block_size} tokens make no global batch of "
+                        f"batch_size={cfg.batch_size} x num_workers={cfg.num_workers}; valid: a smaller batch_size, "
+                        f"num_workers or block_size, or more data (max_tokens={cfg.max_tokens})")
     run_dir = Path(storage) / "runs" / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
@@ -445,7 +447,7 @@ def main(cfg: TrainConfig) -> Path:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                          checkpoint_score_attribute="val_perplexity",
                                                          checkpoint_score_order="min")),
-        datasets={"train": train_ds.materialize(), "val": val_ds.materialize()},
+        datasets={"train": train_ds, "val": val_ds},
         # The validation set is read whole by every worker; "stride" reads the train set whole too.
         dataset_config=ray.train.DataConfig(
             datasets_to_split=["train"] if cfg.shard == "split" else [],

@@ -37,10 +37,14 @@ def test_bad_input_is_one_line(tiny_model_dir, tiny_text_file, tmp_path, overrid
 
 
 @pytest.mark.integration
-def test_more_workers_than_cpus_is_one_line(tiny_model_dir, tiny_text_file, tmp_path):
+@pytest.mark.parametrize("override, fragment", [
+    ("num_workers=64", "num_workers=64 x cpus_per_worker=1 needs 64 CPUs"),
+    ("batch_size=100000", "make no global batch of batch_size=100000 x num_workers=2"),
+])
+def test_cluster_and_data_limits_are_one_line(tiny_model_dir, tiny_text_file, tmp_path, override, fragment):
     proc = run_module("jobs.train", f"model={tiny_model_dir}", f"data={tiny_text_file}", f"storage={tmp_path}",
-                      "num_workers=64", timeout=180)
-    _single_error_line(proc, "num_workers=64 x cpus_per_worker=1 needs 64 CPUs")
+                      "block_size=16", override, timeout=180)
+    _single_error_line(proc, fragment)
 
 
 def test_warmup_then_cosine():
