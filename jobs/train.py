@@ -1,0 +1,462 @@
+"""Fine-tune a causal LM on many workers with Ray Train: full ("baseline") or LoRA.
+
+    python -m jobs.train --config configs/train_lora.yaml model=smollm2-135m-instruct \\
+        data=../shared/data/tinyshakespeare.txt num_workers=2 name=shakespeare
+
+Reads: a base model spec (embedded name, HF id or directory), a corpus (``data=``).
+Writes: ``<storage>/runs/<name>/`` (Ray Train checkpoints, ``metrics.jsonl``), then the best
+checkpoint by validation perplexity as ``<storage>/adapters/<name>/`` (LoRA, PEFT format) or
+``<storage>/models/<name>/`` (full, HF format), each with ``config.yaml``, ``manifest.json``,
+``metrics.json``, ``history.json`` and ``curves.png``; ``merge=true`` adds
+``<storage>/models/<name>-merged/``. Re-running with the same ``name=`` resumes the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from cluster.cli import run_job
+from cluster.config import BaseConfig, save_config
+from cluster.runtime import cluster_cpus, cluster_gpus, init_ray
+from cluster.storage import local_storage_root, resolve_storage, validate_name, writable_artifact
+from jobs.data import DataConfig, block_datasets
+from ops.errors import UserError
+from ops.lora import DEFAULT_TARGETS, add_lora, apply_adapter, check_target_modules, merge_adapter, trainable_parameters
+from ops.model import DEFAULT_MODEL, MANIFEST, load_model, load_tokenizer, resolve
+
+DESCRIPTION = __doc__
+FAIL_AT_STEP_ENV = "RAYLM_FAIL_AT_STEP"
+STATE_FILE = "train_state.pt"
+HISTORY_FILE = "metrics.jsonl"
+FAIL_MARKER = ".fail_injected"
+
+
+class LoraSection(BaseConfig):
+    r: int = Field(16, description="LoRA rank (>= 1)")
+    alpha: float = Field(32.0, description="LoRA scale numerator: the update is scaled by alpha / r")
+    dropout: float = Field(0.05, description="dropout on the LoRA input path, in [0, 1)")
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS),
+                                      description="names of the linear layers to adapt")
+
+
+class TrainConfig(DataConfig):
+    method: Literal["full", "lora"] = Field("lora", description="full fine-tune (baseline) or LoRA")
+    model: str = Field(DEFAULT_MODEL, description="base model spec: embedded name, HF id or local directory")
+    name: str = Field("train", description="run name: <storage>/runs/<name>/, adapters|models/<name>/")
+    storage: str = Field("./artifacts", description="artifact root: local path or URI")
+    num_workers: int = Field(2, description="Ray Train workers (DDP ranks)")
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="one GPU per worker; auto = when the cluster has GPUs")
+    block_size: int = Field(256, ge=2, description="tokens per training sequence")
+    batch_size: int = Field(8, ge=1, description="sequences per worker per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_steps: int = Field(200, ge=1, description="optimizer steps")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup steps before the cosine decay")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final learning rate as a fraction of lr")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 = no clipping)")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="autocast dtype; auto = bf16 on a GPU that supports it, fp32 on CPU")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    seed: int = Field(0, description="seed of weights init (LoRA), shuffling and dropout")
+    max_tokens: int = Field(0, ge=0, description="use only the first N tokens of the corpus (0 = all)")
+    shuffle: bool = Field(True, description="shuffle training blocks once (seeded) before training")
+    shard: Literal["split", "stride"] = Field(
+        "split", description="split: Ray Data streaming_split of the train set; stride: every worker reads the "
+        "set in order and takes its slice of each global batch (deterministic, = 1 worker with the global batch)")
+    eval_every: int = Field(50, ge=1, description="validate and checkpoint every N steps (and at the end)")
+    val_blocks: int = Field(32, ge=0, description="validate on the first N held-out blocks (0 = all)")
+    eval_batch_size: int = Field(8, ge=1, description="sequences per validation forward pass")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept: the best N by validation perplexity")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint after a failure")
+    merge: bool = Field(False, description="LoRA: also write the merged model to models/<name>-merged/")
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.lora.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.lora.r}")
+        if not 0.0 <= self.lora.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
+        if self.merge and self.method != "lora":
+            raise ValueError("merge=true needs method=lora (a full fine-tune is already a plain model)")
+        validate_name(self.name)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker: owns the loop; Ray appears only at the points marked "Ray:".
+# ---------------------------------------------------------------------------------------------
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at ``step``: linear warmup, then cosine down to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where asked or (auto) on a bf16-capable GPU; None means plain fp32.
+
+    CPU autocast to bf16 is slower than fp32 on CPUs without bf16 units, so auto keeps fp32 there.
+    """
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def build_model(cfg: TrainConfig, storage: str, device: torch.device, resume_dir: str | None) -> torch.nn.Module:
+    """Base model (or the checkpointed full model) in fp32, with LoRA added or restored."""
+    if cfg.method == "full":
+        model = load_model(resume_dir or cfg.model, storage=storage, dtype="float32", device=str(device))
+    else:
+        base = load_model(cfg.model, storage=storage, dtype="float32", device=str(device))
+        model = apply_adapter(base, resume_dir, trainable=True) if resume_dir else add_lora(
+            base, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+@torch.no_grad()
+def validation_nll(model: torch.nn.Module, blocks: torch.Tensor, rank: int, world: int, batch_size: int,
+                   amp: torch.dtype | None) -> float:
+    """Mean next-token NLL over all ``blocks`` (N, T); each rank scores rows ``rank::world``."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (nll_sum, tokens)
+    mine = blocks[rank::world]
+    for i in range(0, len(mine), batch_size):
+        ids = mine[i:i + batch_size].to(device)  # (B, T)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model(input_ids=ids).logits  # (B, T, V)
+        nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+        sums += torch.stack([nll.double(), torch.tensor(ids[:, 1:].numel(), dtype=torch.float64, device=device)])
+    if world > 1:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    return (sums[0] / sums[1]).item()
+
+
+def _global_mean(value: float, device: torch.device, world: int) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / world
+
+
+def _maybe_fail(step: int, rank: int, run_dir: Path) -> None:
+    """Test hook: with RAYLM_FAIL_AT_STEP=k, rank 1 dies at step k, once per run directory."""
+    fail_at = os.environ.get(FAIL_AT_STEP_ENV)
+    if not fail_at or int(fail_at) != step or rank != 1:
+        return
+    marker = run_dir / FAIL_MARKER
+    if marker.exists():
+        return
+    marker.write_text(f"rank 1 exited at step {step}\n")
+    print(f"[train] {FAIL_AT_STEP_ENV}={step}: rank 1 exits now", flush=True)
+    os._exit(1)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The training loop of one Ray Train worker (DDP rank).
+
+    Args:
+        config: every :class:`TrainConfig` key plus ``run_dir`` (local run directory for the metrics
+            history file) and ``storage_root`` (local artifact root holding the base model).
+    """
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.model_validate({k: v for k, v in config.items() if k in TrainConfig.model_fields})
+    run_dir = Path(config["run_dir"])
+    ctx = ray.train.get_context()  # Ray: who am I
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()  # Ray: this worker's device
+    torch.manual_seed(cfg.seed)
+
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "epoch": 0, "batch_in_epoch": 0, "train_time_s": 0.0,
+                             "history": [], "initial_val_perplexity": None}
+    checkpoint = ray.train.get_checkpoint()  # Ray: resume point after a failure or a re-run
+    with contextlib.ExitStack() as stack:
+        resume_dir = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
+        model = build_model(cfg, config["storage_root"], device, resume_dir)
+        saved = torch.load(Path(resume_dir) / STATE_FILE, map_location="cpu", weights_only=False) \
+            if resume_dir else None
+    if rank == 0:
+        trainable, total = trainable_parameters(model)
+        print(f"[train] {cfg.method}: trainable parameters {trainable:,} of {total:,} "
+              f"({100 * trainable / total:.3f}%)", flush=True)
+    raw_model = model
+    model = ray.train.torch.prepare_model(model)  # Ray: DDP (gloo on CPU, NCCL on GPU)
+    optimizer = torch.optim.AdamW([p for p in raw_model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    if saved:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        state.update({k: saved[k] for k in state})
+        if rank == 0:
+            print(f"[train] resumed from step {state['step']}", flush=True)
+    if rank == 0:
+        # Every attempt marks where it starts, so readers of the raw log can drop rolled-back steps.
+        with (run_dir / HISTORY_FILE).open("a") as fh:
+            fh.write(json.dumps({"event": "start", "step": state["step"]}) + "\n")
+    amp = autocast_dtype(cfg.precision, device)
+
+    val_rows = [b["input_ids"] for b in ray.train.get_dataset_shard("val").iter_torch_batches(  # Ray: held-out
+        batch_size=cfg.eval_batch_size, dtypes=torch.long)]
+    val_blocks = torch.cat(val_rows)  # (N_val, T)
+    if state["initial_val_perplexity"] is None:
+        state["initial_val_perplexity"] = math.exp(
+            validation_nll(raw_model, val_blocks, rank, world, cfg.eval_batch_size, amp))
+        if rank == 0:
+            print(f"[train] step 0 val_perplexity={state['initial_val_perplexity']:.4f}", flush=True)
+
+    train_shard = ray.train.get_dataset_shard("train")  # Ray: this worker's data
+    stride = cfg.shard == "stride"
+    fetch = cfg.batch_size * world if stride else cfg.batch_size
+    tokens_per_step = cfg.batch_size * world * cfg.grad_accum * cfg.block_size
+
+    def micro_batches():
+        """Endless (B, T) micro-batches, continuing the epoch where the checkpoint left it."""
+        while True:
+            batches = train_shard.iter_torch_batches(batch_size=fetch, drop_last=True, dtypes=torch.long)
+            for i, batch in enumerate(batches):
+                if i < state["batch_in_epoch"]:
+                    continue
+                state["batch_in_epoch"] = i + 1
+                ids = batch["input_ids"]
+                yield ids[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] if stride else ids
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+
+    stream = micro_batches()
+    model.train()
+    # A step's time runs from the end of the previous step's compute, so the Ray report and any
+    # validation/checkpoint in between count against throughput.
+    t_prev = time.perf_counter()
+    while state["step"] < cfg.max_steps:
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            ids = next(stream).to(device)  # (B, T)
+            # DDP all-reduces gradients only on the last micro-batch of a step.
+            sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss = model(input_ids=ids, labels=ids).loss / cfg.grad_accum
+                loss.backward()
+            loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in raw_model.parameters() if p.requires_grad], cfg.max_grad_norm or float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        step = state["step"]
+        _maybe_fail(step, rank, run_dir)
+        loss_value = _global_mean(loss_sum, device, world)
+        now = time.perf_counter()
+        elapsed, t_prev = now - t_prev, now
+        state["tokens"] += tokens_per_step
+        state["train_time_s"] += elapsed
+        metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens_per_s": tokens_per_step / elapsed, "tokens": state["tokens"], "epoch": state["epoch"],
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        evaluate = step % cfg.eval_every == 0 or step == cfg.max_steps
+        if evaluate:
+            metrics["val_perplexity"] = math.exp(
+                validation_nll(raw_model, val_blocks, rank, world, cfg.eval_batch_size, amp))
+        state["history"].append(metrics)
+        if rank == 0:
+            extra = f" val_perplexity={metrics['val_perplexity']:.4f}" if evaluate else ""
+            print(f"[train] step {step}/{cfg.max_steps} loss={loss_value:.4f} lr={lr:.2e} "
+                  f"grad_norm={metrics['grad_norm']:.3f} tokens/s={metrics['tokens_per_s']:.0f}{extra}", flush=True)
+            with (run_dir / HISTORY_FILE).open("a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+        if not evaluate:
+            ray.train.report(metrics)  # Ray: per-step metrics
+            continue
+        with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as tmp:
+            if rank == 0:
+                raw_model.save_pretrained(tmp, safe_serialization=True)
+                torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "rng": torch.get_rng_state()}, Path(tmp) / STATE_FILE)
+            ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:06d}")  # Ray: checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: validate, build the data, fit, export.
+# ---------------------------------------------------------------------------------------------
+
+def check_resources(cfg: TrainConfig) -> bool:
+    """Whether workers get GPUs; fails fast when the cluster cannot place the workers at all."""
+    cpus, gpus = cluster_cpus(), cluster_gpus()
+    need = cfg.num_workers * cfg.cpus_per_worker
+    if need > cpus:
+        raise UserError(f"num_workers={cfg.num_workers} x cpus_per_worker={cfg.cpus_per_worker} needs {need} CPUs "
+                        f"but the Ray cluster has {cpus}; valid: num_workers * cpus_per_worker <= {cpus}")
+    use_gpu = gpus > 0 if cfg.use_gpu == "auto" else cfg.use_gpu
+    if use_gpu and cfg.num_workers > gpus:
+        raise UserError(f"use_gpu needs {cfg.num_workers} GPUs (one per worker) but the cluster has {gpus}; "
+                        f"valid: num_workers <= {gpus} or use_gpu=false")
+    return bool(use_gpu)
+
+
+def check_lora_targets(cfg: TrainConfig, storage: str) -> None:
+    """Match ``lora.target_modules`` against the base model's layers without loading weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve(cfg.model, storage)
+    if source.kind != "hf":
+        raise UserError(f"model '{cfg.model}' is a {source.kind} artifact; valid: a base model (embedded name, "
+                        f"HF id or HF directory) to train from")
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source.path))
+    check_target_modules(meta, cfg.lora.target_modules)
+
+
+def export(cfg: TrainConfig, result, storage: str, wall_s: float, tokenizer) -> Path:
+    """Publish the best checkpoint with config, manifest, metrics, history and curves."""
+    best_ckpt, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1]["val_perplexity"])
+    with result.checkpoint.as_directory() as latest:
+        final = torch.load(Path(latest) / STATE_FILE, map_location="cpu", weights_only=False)
+    history = final["history"]
+    last_eval = [h for h in history if "val_perplexity" in h][-1]
+    initial = final["initial_val_perplexity"]
+    metrics = {
+        "method": cfg.method, "base_model": cfg.model, "num_workers": cfg.num_workers,
+        "initial_val_perplexity": initial, "final_val_perplexity": last_eval["val_perplexity"],
+        "best_val_perplexity": best_metrics["val_perplexity"], "best_step": best_metrics["step"],
+        "val_perplexity_reduction": 1.0 - best_metrics["val_perplexity"] / initial,
+        "steps": final["step"], "tokens": final["tokens"], "train_time_s": final["train_time_s"],
+        "wall_time_s": wall_s, "tokens_per_s": final["tokens"] / max(final["train_time_s"], 1e-9),
+    }
+    kind = "adapters" if cfg.method == "lora" else "models"
+    with writable_artifact(cfg.storage, kind, cfg.name) as out, best_ckpt.as_directory() as best:
+        for f in Path(best).iterdir():
+            if f.name != STATE_FILE and f.is_file():
+                shutil.copy2(f, out / f.name)
+        if cfg.method == "full":
+            tokenizer.save_pretrained(out)
+        save_config(cfg, out)
+        (out / MANIFEST).write_text(json.dumps({
+            "kind": "adapter" if cfg.method == "lora" else "model", "base_model": cfg.model, "method": cfg.method,
+            "name": cfg.name, "run": str(Path(storage) / "runs" / cfg.name), "step": best_metrics["step"],
+            "val_perplexity": best_metrics["val_perplexity"]}, indent=2))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "history.json").write_text(json.dumps(history))
+        plot_curves(history, initial, out / "curves.png")
+    published = Path(storage) / kind / cfg.name
+    if cfg.merge:
+        base = load_model(cfg.model, storage=storage, dtype="float32")
+        merged = merge_adapter(apply_adapter(base, published))
+        with writable_artifact(cfg.storage, "models", f"{cfg.name}-merged") as out:
+            merged.save_pretrained(out, safe_serialization=True)
+            tokenizer.save_pretrained(out)
+            (out / MANIFEST).write_text(json.dumps({"kind": "model", "base_model": cfg.model,
+                                                    "adapter": str(published), "merged": True}, indent=2))
+        print(f"[train] merged model: {Path(storage) / 'models' / (cfg.name + '-merged')}", flush=True)
+    print(f"[train] val perplexity {initial:.4f} -> best {metrics['best_val_perplexity']:.4f} at step "
+          f"{metrics['best_step']} ({100 * metrics['val_perplexity_reduction']:.1f}% lower); {metrics['steps']} steps, "
+          f"{metrics['tokens']:,} tokens, {metrics['tokens_per_s']:.0f} tokens/s", flush=True)
+    print(f"[train] exported: {published}", flush=True)
+    return published
+
+
+def plot_curves(history: list[dict], initial_ppl: float, path: Path) -> None:
+    """Training loss and validation perplexity against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot([h["step"] for h in history], [h["loss"] for h in history])
+    ax1.set(xlabel="step", ylabel="training loss", title="loss")
+    evals = [(0, initial_ppl)] + [(h["step"], h["val_perplexity"]) for h in history if "val_perplexity" in h]
+    ax2.plot(*zip(*evals), marker="o")
+    ax2.set(xlabel="step", ylabel="validation perplexity", title="held-out perplexity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(cfg: TrainConfig) -> Path:
+    import ray.data
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    storage = local_storage_root(cfg.storage)
+    if cfg.method == "lora":
+        check_lora_targets(cfg, storage)
+    init_ray()
+    # Per-step progress lines are the job's log; Ray Data's progress bars would drown them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    use_gpu = check_resources(cfg)
+    tokenizer = load_tokenizer(cfg.model, storage=storage)
+    train_ds, val_ds = block_datasets(cfg, tokenizer, cfg.block_size, cfg.max_tokens or None)
+    if cfg.val_blocks:
+        val_ds = val_ds.limit(cfg.val_blocks)
+    if cfg.shuffle:
+        train_ds = train_ds.random_shuffle(seed=cfg.seed)
+    train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+    if train_ds.count() < cfg.batch_size * cfg.num_workers:
+        raise UserError(f"{train_ds.count()} training blocks of {cfg.block_size} tokens make no global batch of "
+                        f"batch_size={cfg.batch_size} x num_workers={cfg.num_workers}; valid: a smaller batch_size, "
+                        f"num_workers or block_size, or more data (max_tokens={cfg.max_tokens})")
+    run_dir = Path(storage) / "runs" / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**cfg.model_dump(), "run_dir": str(run_dir), "storage_root": storage},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=f"{resolve_storage(cfg.storage)}/runs",
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                                         checkpoint_score_attribute="val_perplexity",
+                                                         checkpoint_score_order="min")),
+        datasets={"train": train_ds, "val": val_ds},
+        # The validation set is read whole by every worker; "stride" reads the train set whole too.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"] if cfg.shard == "split" else [],
+            execution_options=ExecutionOptions(preserve_order=True) if cfg.shard == "stride" else None),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    return export(cfg, result, storage, time.perf_counter() - t0, tokenizer)
+
+
+if __name__ == "__main__":
+    run_job(main, TrainConfig, prog="jobs.train", description=DESCRIPTION)
