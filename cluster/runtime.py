@@ -63,7 +63,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
             ray.init(
                 _node_ip_address="127.0.0.1",
                 dashboard_host="127.0.0.1",
-                include_dashboard=False,
+                # The dashboard serves the State API, which Ray Train uses to clean up after a
+                # stopped trial; without it a stopped Tune trial leaks its workers' CPUs.
+                include_dashboard=True,
                 num_cpus=num_cpus,
                 runtime_env=local_runtime_env(),
                 log_to_driver=True,

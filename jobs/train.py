@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -410,7 +410,16 @@ def plot_curves(history: list[dict], initial_ppl: float, path: Path) -> None:
     plt.close(fig)
 
 
-def main(cfg: TrainConfig) -> Path:
+def build_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> tuple[Any, Any, str]:
+    """Validate ``cfg`` against the cluster, build the datasets and the ``TorchTrainer``.
+
+    Args:
+        cfg: the training config.
+        callbacks: Ray Train run callbacks (e.g. Tune's report callback when a trial trains).
+
+    Returns:
+        ``(trainer, tokenizer, local storage root)``; ``trainer.fit()`` runs the training.
+    """
     import ray.data
     import ray.train
     from ray.data import ExecutionOptions
@@ -446,14 +455,20 @@ def main(cfg: TrainConfig) -> Path:
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                          checkpoint_score_attribute="val_perplexity",
-                                                         checkpoint_score_order="min")),
+                                                         checkpoint_score_order="min"),
+            callbacks=list(callbacks)),
         datasets={"train": train_ds, "val": val_ds},
         # The validation set is read whole by every worker; "stride" reads the train set whole too.
         dataset_config=ray.train.DataConfig(
             datasets_to_split=["train"] if cfg.shard == "split" else [],
             execution_options=ExecutionOptions(preserve_order=True) if cfg.shard == "stride" else None),
     )
+    return trainer, tokenizer, storage
+
+
+def main(cfg: TrainConfig) -> Path:
     t0 = time.perf_counter()
+    trainer, tokenizer, storage = build_trainer(cfg)
     result = trainer.fit()
     return export(cfg, result, storage, time.perf_counter() - t0, tokenizer)
 

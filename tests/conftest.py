@@ -142,13 +142,38 @@ class RayHead:
         self.num_cpus = num_cpus
 
     def start(self) -> None:
-        subprocess.run([self.ray, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                        f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
-                        f"--num-cpus={self.num_cpus}", "--disable-usage-stats", "--include-dashboard=true"],
-                       env=self.env, check=True, capture_output=True, timeout=180)
+        """``ray start --head --block`` in its own process group, so stopping it stops only this head."""
+        import signal
+        import time
+        import urllib.request
+
+        self.proc = subprocess.Popen(
+            [self.ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+             f"--port={self.port}", f"--dashboard-port={self.dashboard_port}", f"--num-cpus={self.num_cpus}",
+             "--disable-usage-stats", "--include-dashboard=true"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"ray start exited with {self.proc.returncode}")
+                time.sleep(1)
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        raise RuntimeError("the Ray head's job server did not come up within 180 s")
 
     def stop(self) -> None:
-        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def submit(self, *entrypoint: str, raw: bool = False, working_dir: Path = REPO, timeout: int = 900,
                extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:

@@ -1,0 +1,409 @@
+"""Sweep LoRA ranks and quantization settings with Ray Tune; report the Pareto front; export a winner.
+
+    ray job submit -- python -m jobs.tune --config configs/tune_lora_quant.yaml
+
+Each trial fine-tunes with the training job's worker function (a Ray Train ``TorchTrainer`` inside
+the trial, ``train.num_workers`` workers), then merges its adapter, quantizes the result with the
+trial's recipe and measures validation perplexity, decode latency and size. Validation perplexity
+during training reaches Tune, so an ASHA scheduler stops bad trials early. A trial that fails is
+recorded as failed and the sweep goes on; re-running with the same ``name=`` resumes an
+interrupted sweep (``Tuner.restore``) without redoing finished trials.
+
+Reads: a base model spec and a corpus (``train.*``).
+Writes: ``<storage>/runs/<name>/`` (Tune state, trial runs), ``<storage>/adapters/<name>-<trial>/``
+(each trial's adapter), ``<storage>/reports/<name>/`` (trials.parquet, trials.json, trials.md,
+pareto.png, summary.json, config.yaml) and the winner: ``<storage>/adapters/<name>-best/`` (the
+adapter + its quantization recipe) and ``<storage>/quantized/<name>-best/`` (merged + quantized,
+servable by ``model=quantized/<name>-best``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from cluster.cli import run_job
+from cluster.config import BaseConfig, save_config
+from cluster.runtime import cluster_cpus, init_ray
+from cluster.storage import local_storage_root, resolve_storage, validate_name, writable_artifact
+from jobs.data import read_documents, split_by_position, token_stream
+from jobs.train import TrainConfig, build_trainer, export
+from ops.errors import UserError
+from ops.model import MANIFEST, load_model, load_tokenizer, model_size_bytes
+
+DESCRIPTION = __doc__
+NO_QUANT = "none"
+# Recipes a search space can name: method + settings of ops.quantization.quantize.
+DEFAULT_RECIPES: dict[str, dict[str, Any]] = {
+    NO_QUANT: {"method": NO_QUANT},
+    "bf16": {"method": "bf16"},
+    "wo_int8": {"method": "weight_only_int8"},
+    "wo_int4_g32": {"method": "weight_only_int4", "group_size": 32},
+    "wo_int4_g64": {"method": "weight_only_int4", "group_size": 64},
+    "wo_int4_g128": {"method": "weight_only_int4", "group_size": 128},
+    "static_int8": {"method": "static_int8"},
+    "dynamic_int8": {"method": "dynamic_int8"},
+}
+
+
+class SearchSpace(BaseConfig):
+    """Values each trial draws from (grid: all combinations; random/optuna: sampled)."""
+
+    lora_r: list[int] = Field(default_factory=lambda: [4, 8, 16, 32], description="LoRA ranks")
+    lora_alpha_ratio: list[float] = Field(default_factory=lambda: [2.0],
+                                          description="LoRA alpha as a multiple of r")
+    lr: list[float] = Field(default_factory=lambda: [1e-3], description="peak learning rates")
+    target_modules: list[list[str]] = Field(
+        default_factory=lambda: [["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]],
+        description="LoRA target module sets")
+    quant: list[str] = Field(default_factory=lambda: ["none", "wo_int8", "wo_int4_g32"],
+                             description="quantization recipes (names of `recipes`)")
+
+
+class EvalSection(BaseConfig):
+    max_tokens: int = Field(2048, ge=16, description="held-out tokens for the final perplexity of each trial")
+    window: int = Field(512, ge=2, description="perplexity window")
+    stride: int = Field(256, ge=1, description="perplexity stride")
+    prompt_tokens: int = Field(64, ge=1, description="prompt length for latency")
+    new_tokens: int = Field(16, ge=1, description="decoded tokens for latency")
+    repeats: int = Field(3, ge=1, description="latency repeats (median)")
+    calibration_samples: int = Field(8, ge=1, description="static_int8: calibration sequences from the train split")
+
+
+class TuneJobConfig(BaseConfig):
+    name: str = Field("sweep", description="sweep name: runs/<name>/, reports/<name>/, <name>-best exports")
+    storage: str = Field("./artifacts", description="artifact root: local path or URI")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(num_workers=1),
+                               description="base training config of every trial")
+    space: SearchSpace = Field(default_factory=SearchSpace)
+    recipes: dict[str, dict[str, Any]] = Field(default_factory=lambda: dict(DEFAULT_RECIPES),
+                                               description="quantization recipes by name")
+    search: Literal["grid", "random", "optuna"] = Field("grid", description="search algorithm")
+    num_samples: int = Field(1, ge=1, description="grid: repeats of the grid; random/optuna: trials")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops bad trials early on val perplexity")
+    grace_steps: int = Field(0, ge=0, description="ASHA: steps before a trial may be stopped (0 = train.eval_every)")
+    max_concurrent_trials: int = Field(0, ge=0, description="0 = as many as the cluster's CPUs fit (each trial "
+                                       "reserves trial_cpus + its train workers)")
+    trial_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each trial's driver (quantize + measure)")
+    max_ppl_increase: float = Field(0.02, ge=0, description="winner: lowest latency within this of the best ppl")
+    eval: EvalSection = Field(default_factory=EvalSection)
+    fresh: bool = Field(False, description="ignore an earlier sweep of the same name instead of resuming it")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TuneJobConfig":
+        validate_name(self.name)
+        unknown = [q for q in self.space.quant if q not in self.recipes]
+        if unknown:
+            raise ValueError(f"space.quant names unknown recipes {unknown}; valid: {sorted(self.recipes)}")
+        if any(r < 1 for r in self.space.lora_r):
+            raise ValueError(f"space.lora_r must be >= 1, got {self.space.lora_r}")
+        if self.eval.stride > self.eval.window:
+            raise ValueError(f"eval.stride must be <= eval.window ({self.eval.window}), got {self.eval.stride}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial (runs in a Tune trial actor)
+# ---------------------------------------------------------------------------------------------
+
+def trial_train_config(params: dict[str, Any], trial_id: str) -> TrainConfig:
+    """The training config of one trial: the base config with the trial's sampled values."""
+    base = dict(params["train"])
+    r = int(params["lora_r"])
+    base.update(method="lora", name=f"{params['sweep']}-{trial_id}", lr=float(params["lr"]), storage=params["storage"],
+                lora={**base.get("lora", {}), "r": r, "alpha": float(params["lora_alpha_ratio"]) * r,
+                      "target_modules": list(params["target_modules"])})
+    return TrainConfig.model_validate(base)
+
+
+def measure_trial(model: torch.nn.Module, val_ids: torch.Tensor, ev: dict[str, Any]) -> dict[str, float]:
+    """Validation perplexity, batch-1 decode latency and in-memory size of a (quantized) model."""
+    from ops.metrics import measure_latency, sliding_window_perplexity
+
+    window = min(ev["window"], val_ids.numel())
+    ppl = sliding_window_perplexity(model, val_ids, window, min(ev["stride"], window))
+    lat = measure_latency(model, val_ids[: ev["prompt_tokens"]], ev["new_tokens"], ev["repeats"])
+    return {"perplexity": ppl.perplexity, "decode_ms_per_token": lat.decode_ms_per_token,
+            "prefill_ms_per_token": lat.prefill_ms_per_token, "size_mb": model_size_bytes(model) / 2**20}
+
+
+def run_trial(params: dict[str, Any], val_ids: list[int], calibration_ids: list[list[int]]) -> None:
+    """Tune function trainable: train (Ray Train), merge, quantize, measure, report.
+
+    Args:
+        params: the trial's config (sampled values + the sweep's constants).
+        val_ids: held-out tokens every trial is measured on.
+        calibration_ids: (S, block) training sequences for static_int8 calibration.
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ops.lora import merge_adapter
+    from ops.quantization import quantize
+
+    class EvalReports(TuneReportCallback):
+        """Forward only the steps that carry a validation perplexity, the metric ASHA compares."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if "val_perplexity" in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_train_config(params, trial_id)
+    recipe = dict(params["recipes"][params["quant"]])
+    method = recipe.pop("method")
+    t0 = time.perf_counter()
+    trainer, tokenizer, storage = build_trainer(cfg, callbacks=[EvalReports()])
+    result = trainer.fit()
+    adapter_dir = export(cfg, result, storage, time.perf_counter() - t0, tokenizer)
+    trained = json.loads((adapter_dir / "metrics.json").read_text())
+    model = merge_adapter(load_model(cfg.model, storage=storage, adapter=str(adapter_dir)))
+    if method != NO_QUANT:
+        calibration = torch.tensor(calibration_ids, dtype=torch.long) if method == "static_int8" else None
+        model = quantize(model, method, calibration=calibration, **recipe)
+    measured = measure_trial(model, torch.tensor(val_ids, dtype=torch.long), params["eval"])
+    ray.tune.report({
+        "step": trained["steps"], "val_perplexity": trained["best_val_perplexity"],
+        "initial_val_perplexity": trained["initial_val_perplexity"], "quant_perplexity": measured["perplexity"],
+        "decode_ms_per_token": measured["decode_ms_per_token"],
+        "prefill_ms_per_token": measured["prefill_ms_per_token"], "size_mb": measured["size_mb"],
+        "adapter": str(adapter_dir), "trial_wall_s": time.perf_counter() - t0,
+    })
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep driver
+# ---------------------------------------------------------------------------------------------
+
+def param_space(cfg: TuneJobConfig) -> dict[str, Any]:
+    from ray import tune
+
+    space = cfg.space
+    values = {"lora_r": space.lora_r, "lora_alpha_ratio": space.lora_alpha_ratio, "lr": space.lr,
+              "target_modules": space.target_modules, "quant": space.quant}
+    pick = tune.grid_search if cfg.search == "grid" else tune.choice
+    sampled = {k: pick(v) if len(v) > 1 or cfg.search != "grid" else v[0] for k, v in values.items()}
+    return {**sampled, "sweep": cfg.name, "storage": resolve_storage(cfg.storage),
+            "train": cfg.train.model_dump(mode="json"), "recipes": cfg.recipes,
+            "eval": cfg.eval.model_dump()}
+
+
+def search_algorithm(cfg: TuneJobConfig):
+    if cfg.search != "optuna":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise UserError("search=optuna needs the optuna package (pip install optuna); valid: grid, random") from None
+    return OptunaSearch(metric="quant_perplexity", mode="min", seed=cfg.train.seed)
+
+
+def held_out_ids(cfg: TuneJobConfig, storage: str) -> tuple[list[int], list[list[int]]]:
+    """Tokens every trial is measured on (start of the validation split) and calibration sequences."""
+    tokenizer = load_tokenizer(cfg.train.model, storage=storage)
+    docs = read_documents(cfg.train.data, cfg.train.data_format, cfg.train.text_field)
+    ids = token_stream(docs, tokenizer, cfg.train.max_tokens or None)
+    train_ids, val_ids = split_by_position(ids, cfg.train.val_fraction)
+    val = val_ids[: cfg.eval.max_tokens].tolist()
+    if len(val) < 16:
+        raise UserError(f"the validation split has {len(val_ids)} tokens; valid: more data or a larger "
+                        f"train.val_fraction")
+    block = cfg.train.block_size
+    calibration = [train_ids[i * block:(i + 1) * block].tolist()
+                   for i in range(min(cfg.eval.calibration_samples, len(train_ids) // block))]
+    return val, calibration
+
+
+def trial_rows(results) -> list[dict[str, Any]]:
+    """One row per trial: status, error, sampled values and final metrics."""
+    rows = []
+    for res in results:
+        m = res.metrics or {}
+        cfg = res.config or {}
+        done = "quant_perplexity" in m
+        status = "ERROR" if res.error else ("TERMINATED" if done else "STOPPED")
+        rows.append({
+            "trial_id": m.get("trial_id") or Path(res.path).name, "status": status,
+            "error": str(res.error).splitlines()[0][:300] if res.error else None,
+            "lora_r": cfg.get("lora_r"), "lora_alpha_ratio": cfg.get("lora_alpha_ratio"), "lr": cfg.get("lr"),
+            "target_modules": ",".join(cfg.get("target_modules") or []), "quant": cfg.get("quant"),
+            "steps": m.get("step"), "val_perplexity": m.get("val_perplexity"),
+            "quant_perplexity": m.get("quant_perplexity") if done else None,
+            "decode_ms_per_token": m.get("decode_ms_per_token") if done else None,
+            "prefill_ms_per_token": m.get("prefill_ms_per_token") if done else None,
+            "size_mb": m.get("size_mb") if done else None, "adapter": m.get("adapter") if done else None,
+        })
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def pareto_front(rows: list[dict[str, Any]]) -> list[str]:
+    """Trials no other finished trial beats on both perplexity and decode latency."""
+    done = [r for r in rows if r["quant_perplexity"] is not None]
+    front = []
+    for r in done:
+        dominated = any(o is not r and o["quant_perplexity"] <= r["quant_perplexity"]
+                        and o["decode_ms_per_token"] <= r["decode_ms_per_token"]
+                        and (o["quant_perplexity"] < r["quant_perplexity"]
+                             or o["decode_ms_per_token"] < r["decode_ms_per_token"]) for o in done)
+        if not dominated:
+            front.append(r["trial_id"])
+    return front
+
+
+def choose_winner(rows: list[dict[str, Any]], max_ppl_increase: float) -> dict[str, Any] | None:
+    """Lowest decode latency among trials within ``max_ppl_increase`` of the best perplexity."""
+    done = [r for r in rows if r["quant_perplexity"] is not None]
+    if not done:
+        return None
+    best = min(r["quant_perplexity"] for r in done)
+    ok = [r for r in done if r["quant_perplexity"] <= best * (1 + max_ppl_increase)]
+    return min(ok, key=lambda r: (r["decode_ms_per_token"], r["quant_perplexity"]))
+
+
+def markdown(rows: list[dict[str, Any]], front: list[str], winner: dict[str, Any] | None) -> str:
+    cols = ["trial_id", "status", "lora_r", "lr", "quant", "steps", "val_perplexity", "quant_perplexity",
+            "decode_ms_per_token", "size_mb"]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(cols + ["pareto", "winner"]) + " |", "|" + "---|" * (len(cols) + 2)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r[c]) for c in cols) + f" | {'*' if r['trial_id'] in front else ''} | "
+                     f"{'**winner**' if winner and r['trial_id'] == winner['trial_id'] else ''} |")
+    errors = [f"- `{r['trial_id']}`: {r['error']}" for r in rows if r["error"]]
+    return "\n".join(lines) + ("\n\nFailed trials:\n" + "\n".join(errors) if errors else "") + "\n"
+
+
+def plot_pareto(rows: list[dict[str, Any]], front: list[str], winner: dict[str, Any] | None, path: Path) -> None:
+    """Perplexity vs decode latency; marker area ~ model size; Pareto front highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["quant_perplexity"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    if done:
+        biggest = max(r["size_mb"] for r in done)
+        for r in done:
+            on_front = r["trial_id"] in front
+            ax.scatter(r["decode_ms_per_token"], r["quant_perplexity"], s=40 + 400 * r["size_mb"] / biggest,
+                       alpha=0.8 if on_front else 0.35, color="tab:red" if on_front else "tab:blue",
+                       edgecolors="black" if winner and r["trial_id"] == winner["trial_id"] else "none")
+            ax.annotate(f"r={r['lora_r']} {r['quant']}", (r["decode_ms_per_token"], r["quant_perplexity"]),
+                        fontsize=7, xytext=(4, 4), textcoords="offset points")
+        pts = sorted((r["decode_ms_per_token"], r["quant_perplexity"]) for r in done if r["trial_id"] in front)
+        ax.plot(*zip(*pts), color="tab:red", lw=1, label="Pareto front")
+        ax.legend()
+    ax.set(xlabel="decode latency (ms/token, batch 1)", ylabel="validation perplexity",
+           title="LoRA rank x quantization (marker size = model size)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def export_winner(cfg: TuneJobConfig, winner: dict[str, Any], storage: str, calibration: list[list[int]]) -> dict:
+    """Register the winner: its adapter + recipe under adapters/, merged + quantized under quantized/."""
+    from ops.lora import merge_adapter
+    from ops.quantization import quantize, save_quantized
+
+    recipe = dict(cfg.recipes[winner["quant"]])
+    src = Path(winner["adapter"])
+    with writable_artifact(cfg.storage, "adapters", f"{cfg.name}-best") as out:
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, out / f.name)
+        manifest = json.loads((src / MANIFEST).read_text())
+        manifest.update(sweep=cfg.name, trial_id=winner["trial_id"], quantization=recipe)
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (out / "recipe.json").write_text(json.dumps({"adapter": f"{cfg.name}-best", "quantization": recipe,
+                                                     "metrics": winner}, indent=2, default=str))
+    adapter = Path(storage) / "adapters" / f"{cfg.name}-best"
+    model = merge_adapter(load_model(cfg.train.model, storage=storage, adapter=str(adapter)))
+    method = recipe.pop("method")
+    exported = {"adapter": str(adapter)}
+    if method != NO_QUANT:
+        calib = torch.tensor(calibration, dtype=torch.long) if method == "static_int8" else None
+        model = quantize(model, method, calibration=calib, **recipe)
+        tokenizer = load_tokenizer(cfg.train.model, storage=storage)
+        with writable_artifact(cfg.storage, "quantized", f"{cfg.name}-best") as out:
+            save_quantized(model, out, method, recipe, base_model=cfg.train.model, tokenizer=tokenizer)
+        exported["quantized"] = str(Path(storage) / "quantized" / f"{cfg.name}-best")
+    return exported
+
+
+def main(cfg: TuneJobConfig) -> dict[str, Any]:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    storage = local_storage_root(cfg.storage)
+    init_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    need = cfg.trial_cpus + cfg.train.num_workers * cfg.train.cpus_per_worker
+    if need > cluster_cpus():
+        raise UserError(f"one trial needs {need:g} CPUs (trial_cpus + train.num_workers x train.cpus_per_worker) "
+                        f"but the cluster has {cluster_cpus()}; valid: lower trial_cpus or train.num_workers")
+    # Trials must not hold all CPUs with their drivers while their train workers wait for one.
+    concurrent = cfg.max_concurrent_trials or max(1, int(cluster_cpus() // need))
+    val_ids, calibration = held_out_ids(cfg, storage)
+    run_path = Path(resolve_storage(cfg.storage)) / "runs" / cfg.name
+    trainable = tune.with_resources(tune.with_parameters(run_trial, val_ids=val_ids, calibration_ids=calibration),
+                                    {"cpu": cfg.trial_cpus})
+    if run_path.exists() and tune.Tuner.can_restore(str(run_path)) and not cfg.fresh:
+        print(f"[tune] resuming sweep {cfg.name} from {run_path}", flush=True)
+        tuner = tune.Tuner.restore(str(run_path), trainable=trainable, resume_errored=False,
+                                   restart_errored=False, param_space=param_space(cfg))
+    else:
+        if run_path.exists() and cfg.fresh:
+            shutil.rmtree(run_path)
+        # stop_last_trials=False: a trial that reaches max_steps still gets quantized and measured.
+        scheduler = (ASHAScheduler(time_attr="step", metric="val_perplexity", mode="min",
+                                   max_t=cfg.train.max_steps, grace_period=cfg.grace_steps or cfg.train.eval_every,
+                                   stop_last_trials=False)
+                     if cfg.scheduler == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(cfg),
+            tune_config=tune.TuneConfig(num_samples=cfg.num_samples, scheduler=scheduler,
+                                        search_alg=search_algorithm(cfg),
+                                        max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=cfg.name, storage_path=str(run_path.parent),
+                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+        )
+    t0 = time.perf_counter()
+    results = tuner.fit()
+    wall = time.perf_counter() - t0
+    rows = trial_rows(results)
+    front = pareto_front(rows)
+    winner = choose_winner(rows, cfg.max_ppl_increase)
+    exported = export_winner(cfg, winner, storage, calibration) if winner else {}
+    summary = {"name": cfg.name, "trials": len(rows), "finished": sum(r["status"] == "TERMINATED" for r in rows),
+               "failed": sum(r["status"] == "ERROR" for r in rows),
+               "stopped_early": sum(r["status"] == "STOPPED" for r in rows), "wall_s": wall,
+               "pareto": front, "winner": winner, "exported": exported, "max_ppl_increase": cfg.max_ppl_increase}
+    import pandas as pd
+
+    with writable_artifact(cfg.storage, "reports", cfg.name) as out:
+        pd.DataFrame(rows).to_parquet(out / "trials.parquet", index=False)
+        (out / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
+        (out / "trials.md").write_text(markdown(rows, front, winner))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        plot_pareto(rows, front, winner, out / "pareto.png")
+        save_config(cfg, out)
+    print(markdown(rows, front, winner), flush=True)
+    print(f"[tune] {summary['trials']} trials ({summary['finished']} finished, {summary['stopped_early']} stopped "
+          f"early, {summary['failed']} failed) in {wall:.0f}s", flush=True)
+    if winner:
+        print(f"[tune] winner {winner['trial_id']}: r={winner['lora_r']} quant={winner['quant']} perplexity "
+              f"{winner['quant_perplexity']:.4f}, decode {winner['decode_ms_per_token']:.2f} ms/token, "
+              f"{winner['size_mb']:.1f} MB -> {exported}", flush=True)
+    print(f"[tune] report: {Path(storage) / 'reports' / cfg.name}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    run_job(main, TuneJobConfig, prog="jobs.tune", description=DESCRIPTION)
