@@ -2,7 +2,6 @@
 resume, export loading with plain PEFT, the smoke config through the entrypoint and `ray job submit`."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -143,52 +142,10 @@ def test_two_workers_match_one_worker_with_double_batch(ray_local, tiny_model_di
     assert metrics["best_val_perplexity"] <= metrics["initial_val_perplexity"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_job_agent(address: str, timeout_s: float = 120) -> None:
-    """`ray start` returns before the node's job agent accepts jobs; submit a no-op until it does."""
-    import time
-
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(address)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            job = client.submit_job(entrypoint="true")
-            break
-        except RuntimeError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        time.sleep(0.5)
-
-
-@pytest.fixture
-def ray_head():
-    """A separate Ray head on loopback with a job server; `ray stop` always runs afterwards."""
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    port, dash = _free_port(), _free_port()
-    try:
-        subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                        f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
-                        "--disable-usage-stats"], check=True, capture_output=True, text=True, timeout=120)
-        address = f"http://127.0.0.1:{dash}"
-        _wait_for_job_agent(address)
-        yield address
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
-
-
 @pytest.mark.integration
 def test_smoke_through_ray_job_submit(ray_head, tiny_model_dir, tiny_text_file, tmp_path):
-    # The job's `python` must be this virtualenv's: the head node was started from it.
-    proc = run_module("cluster.submit", "--address", ray_head, "--", sys.executable, "-m", "jobs.train",
+    # The head runs `python` from this virtualenv (tests/conftest.py RayHead puts it first on PATH).
+    proc = run_module("cluster.submit", "--address", ray_head.dashboard, "--", "python", "-m", "jobs.train",
                       "--config", "configs/train_full_smoke.yaml", f"model={tiny_model_dir}",
                       f"data={tiny_text_file}", f"storage={tmp_path}", "name=submitted", "max_tokens=0",
                       *[o for o in TINY_OVERRIDES if not o.startswith("lora.")], timeout=400)
