@@ -18,6 +18,18 @@ import time
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 
+def submit_with_retry(client, entrypoint: str, runtime_env: dict, wait_s: float = 120.0) -> str:
+    """Submit, retrying while a just-started head has no job agent registered yet."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
@@ -43,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as exc:
         print(f"error: no Ray job server at {args.address} ({exc}); start one with `make ray-up`", file=sys.stderr)
         return 2
-    job_id = client.submit_job(entrypoint=" ".join(entrypoint), runtime_env=submit_runtime_env())
+    job_id = submit_with_retry(client, " ".join(entrypoint), submit_runtime_env())
     print(f"[submit] job {job_id} submitted to {args.address}", flush=True)
     if args.no_wait:
         return 0

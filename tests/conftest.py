@@ -130,7 +130,7 @@ class RayHead:
     """A `ray start --head` cluster on loopback, as a user would start it."""
 
     def __init__(self, num_cpus: int = 2):
-        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.port, self.dashboard_port, self.agent_port = _free_port(), _free_port(), _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         bin_dir = str(Path(sys.executable).parent)
@@ -150,19 +150,32 @@ class RayHead:
         self.proc = subprocess.Popen(
             [self.ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
              f"--port={self.port}", f"--dashboard-port={self.dashboard_port}", f"--num-cpus={self.num_cpus}",
-             "--disable-usage-stats", "--include-dashboard=true"],
+             "--disable-usage-stats", "--include-dashboard=true",
+             # Not the default 52365: an in-process test cluster may hold it, and a head whose agent
+             # cannot bind its HTTP port accepts no jobs.
+             f"--dashboard-agent-listen-port={self.agent_port}"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 180
         while time.time() < deadline:
             try:
                 with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2):
-                    return
+                    break
             except OSError:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"ray start exited with {self.proc.returncode}")
                 time.sleep(1)
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        raise RuntimeError("the Ray head's job server did not come up within 180 s")
+        else:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise RuntimeError("the Ray head's job server did not come up within 180 s")
+        # The job server answers before its agent registers; a first job proves both are ready.
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        from cluster.submit import submit_with_retry
+
+        client = JobSubmissionClient(self.dashboard)
+        job = submit_with_retry(client, "true", {}, wait_s=max(1.0, deadline - time.time()))
+        while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            time.sleep(0.5)
 
     def stop(self) -> None:
         import signal
