@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ops.quantization import fuse_weight_only
+
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -121,7 +123,8 @@ class EngineConfig:
         max_seq_len: Prompt + generated tokens per request at most (KV cache length).
         num_threads: `torch.set_num_threads` for the engine; None leaves torch's setting.
         fuse_qkv: Concatenate q/k/v projections into one matmul when all three are plain
-            `nn.Linear` (a snapshot of their weights is taken at engine creation).
+            `nn.Linear` (a snapshot of their weights is taken at engine creation), and q/k/v
+            and SwiGLU gate/up when they are weight-only int4/int8 modules of one kind.
         force_hf_forward: Use the plain HF forward even for Llama-family models.
     """
 
@@ -172,12 +175,13 @@ class LlamaRunner:
         self.k_cache = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in self.layers]
         self.qkv = [self._fused_qkv(layer.self_attn) if fuse_qkv else None for layer in self.layers]
+        self.gate_up = [self._fused_gate_up(layer.mlp) if fuse_qkv else None for layer in self.layers]
 
     @staticmethod
-    def _fused_qkv(attn: nn.Module) -> nn.Linear | None:
+    def _fused_qkv(attn: nn.Module) -> nn.Module | None:
         projs = (attn.q_proj, attn.k_proj, attn.v_proj)
         if any(type(p) is not nn.Linear for p in projs):
-            return None  # quantized / LoRA modules must run their own forward
+            return fuse_weight_only(list(projs))  # None for LoRA / other modules: own forward
         weight = torch.cat([p.weight for p in projs])
         fused = nn.Linear(weight.shape[1], weight.shape[0], bias=projs[0].bias is not None)
         fused.to(weight.device, weight.dtype)
@@ -186,6 +190,26 @@ class LlamaRunner:
             if fused.bias is not None:
                 fused.bias.copy_(torch.cat([p.bias for p in projs]))
         return fused
+
+    @staticmethod
+    def _fused_gate_up(mlp: nn.Module) -> nn.Module | None:
+        """gate/up as one weight-only matmul, for an unpatched SwiGLU MLP (else the MLP's forward runs).
+
+        Plain `nn.Linear` gate/up are not fused: the float matmul dominates there and a
+        snapshot would double the MLP weights in memory.
+        """
+        act = getattr(mlp, "act_fn", None)
+        is_silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+        if not is_silu or "forward" in vars(mlp) or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            return None
+        return fuse_weight_only([mlp.gate_proj, mlp.up_proj])
+
+    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.layers[i].mlp
+        if self.gate_up[i] is None:
+            return mlp(x)
+        gate, up = self.gate_up[i](x).chunk(2, dim=-1)
+        return mlp.down_proj(F.silu(gate) * up)
 
     def _qkv(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn = self.layers[i].self_attn
@@ -209,6 +233,14 @@ class LlamaRunner:
         """
         attn = self.layers[i].self_attn
         B, T, _ = x.shape
+        cos, sin = rope
+        if self.qkv[i] is not None and not hasattr(attn, "q_norm"):
+            # rotate q and k heads together: one set of RoPE ops instead of two
+            qkv = self.qkv[i](x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 n_kv, T, hs)
+            qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
+            return q, k, v
         q, k, v = self._qkv(i, x)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
@@ -216,7 +248,6 @@ class LlamaRunner:
         if hasattr(attn, "q_norm"):  # Qwen3 normalizes each head before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        cos, sin = rope
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         return q, k, v
@@ -251,7 +282,7 @@ class LlamaRunner:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.self_attn.scaling)
             y = y.transpose(1, 2).reshape(1, T, -1)
             x = x + layer.self_attn.o_proj(y)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._mlp(i, layer.post_attention_layernorm(x))
         x = self.norm(x[:, -1:])
         return self.lm_head(x)[0, -1].float()
 
@@ -272,8 +303,12 @@ class LlamaRunner:
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, T: int) -> torch.Tensor:
         B = tokens.shape[0]
         rows = torch.arange(B, device=tokens.device)
-        # (B, 1, 1, T): row b sees cache positions 0..positions[b]
-        mask = (torch.arange(T, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        mask = None  # every row at the last position (always at batch 1): all of 0..T-1 is visible
+        if int(positions.min()) + 1 != T:
+            # (B, 1, 1, T): row b sees cache positions 0..positions[b]; additive, built once per step
+            visible = (torch.arange(T, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+            mask = torch.zeros(visible.shape, dtype=self.k_cache[0].dtype, device=tokens.device)
+            mask.masked_fill_(~visible, float("-inf"))
         x = self.embed_tokens(tokens[:, None])  # (B, 1, C)
         rope = self._rope(x, positions[:, None])
         n_rep = self.n_head // self.n_kv_head
@@ -289,7 +324,7 @@ class LlamaRunner:
                 q, k_cache[:B, :, :T], v_cache[:B, :, :T], attn_mask=mask, scale=layer.self_attn.scaling
             )
             x = x + layer.self_attn.o_proj(y.reshape(B, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._mlp(i, layer.post_attention_layernorm(x))
         return self.lm_head(self.norm(x))[:, 0].float()
 
     def move(self, src: int, dst: int, length: int) -> None:
