@@ -220,7 +220,8 @@ class LlamaRunner:
         """
         act = getattr(mlp, "act_fn", None)
         is_silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
-        if not is_silu or "forward" in vars(mlp) or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        projs = ("gate_proj", "up_proj", "down_proj")
+        if not is_silu or "forward" in vars(mlp) or not all(hasattr(mlp, n) for n in projs):
             return None
         return fuse_weight_only([mlp.gate_proj, mlp.up_proj])
 
