@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ops.quantization import fuse_weight_only
+
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -120,8 +122,13 @@ class EngineConfig:
         max_queue: Requests waiting for a free row at most; more raise `QueueFullError`.
         max_seq_len: Prompt + generated tokens per request at most (KV cache length).
         num_threads: `torch.set_num_threads` for the engine; None leaves torch's setting.
+        single_stream_threads: Intra-op threads while exactly one request decodes; None = as
+            `num_threads`. From the engine thread a one-token step is too small to pay the
+            OpenMP wake-ups: 1 thread gave 50-53 vs 37-42 tok/s with 2 on 2 shared cores
+            (SmolLM2-135M int4), while 8 concurrent requests were faster on 2.
         fuse_qkv: Concatenate q/k/v projections into one matmul when all three are plain
-            `nn.Linear` (a snapshot of their weights is taken at engine creation).
+            `nn.Linear` (a snapshot of their weights is taken at engine creation), and q/k/v
+            and SwiGLU gate/up when they are weight-only int4/int8 modules of one kind.
         force_hf_forward: Use the plain HF forward even for Llama-family models.
     """
 
@@ -129,10 +136,13 @@ class EngineConfig:
     max_queue: int = 64
     max_seq_len: int = 2048
     num_threads: int | None = None
+    single_stream_threads: int | None = None
     fuse_qkv: bool = True
     force_hf_forward: bool = False
 
     def __post_init__(self) -> None:
+        if self.single_stream_threads is not None and self.single_stream_threads < 1:
+            raise ValueError(f"single_stream_threads must be >= 1 or None, got {self.single_stream_threads}")
         for name in ("max_batch_size", "max_queue", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -144,6 +154,23 @@ class EngineConfig:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def _fast_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`F.rms_norm` (one op instead of HF's eight) for an unpatched float32 HF RMSNorm, else the module."""
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", None)
+    if (
+        not type(norm).__name__.endswith("RMSNorm")
+        or "forward" in vars(norm)  # patched: the compiled op runs
+        or not isinstance(eps, float)
+        or not isinstance(weight, torch.Tensor)
+        or weight.dim() != 1
+        or weight.dtype != torch.float32
+    ):
+        return norm
+    shape = (weight.shape[0],)
+    return lambda x: F.rms_norm(x, shape, weight, eps) if x.dtype == torch.float32 else norm(x)
 
 
 class LlamaRunner:
@@ -172,12 +199,16 @@ class LlamaRunner:
         self.k_cache = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in self.layers]
         self.qkv = [self._fused_qkv(layer.self_attn) if fuse_qkv else None for layer in self.layers]
+        self.gate_up = [self._fused_gate_up(layer.mlp) if fuse_qkv else None for layer in self.layers]
+        self.norms = [(_fast_norm(layer.input_layernorm), _fast_norm(layer.post_attention_layernorm))
+                      for layer in self.layers]
+        self.final_norm = _fast_norm(self.norm)
 
     @staticmethod
-    def _fused_qkv(attn: nn.Module) -> nn.Linear | None:
+    def _fused_qkv(attn: nn.Module) -> nn.Module | None:
         projs = (attn.q_proj, attn.k_proj, attn.v_proj)
         if any(type(p) is not nn.Linear for p in projs):
-            return None  # quantized / LoRA modules must run their own forward
+            return fuse_weight_only(list(projs))  # None for LoRA / other modules: own forward
         weight = torch.cat([p.weight for p in projs])
         fused = nn.Linear(weight.shape[1], weight.shape[0], bias=projs[0].bias is not None)
         fused.to(weight.device, weight.dtype)
@@ -186,6 +217,27 @@ class LlamaRunner:
             if fused.bias is not None:
                 fused.bias.copy_(torch.cat([p.bias for p in projs]))
         return fused
+
+    @staticmethod
+    def _fused_gate_up(mlp: nn.Module) -> nn.Module | None:
+        """gate/up as one weight-only matmul, for an unpatched SwiGLU MLP (else the MLP's forward runs).
+
+        Plain `nn.Linear` gate/up are not fused: the float matmul dominates there and a
+        snapshot would double the MLP weights in memory.
+        """
+        act = getattr(mlp, "act_fn", None)
+        is_silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+        projs = ("gate_proj", "up_proj", "down_proj")
+        if not is_silu or "forward" in vars(mlp) or not all(hasattr(mlp, n) for n in projs):
+            return None
+        return fuse_weight_only([mlp.gate_proj, mlp.up_proj])
+
+    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.layers[i].mlp
+        if self.gate_up[i] is None:
+            return mlp(x)
+        gate, up = self.gate_up[i](x).chunk(2, dim=-1)
+        return mlp.down_proj(F.silu(gate) * up)
 
     def _qkv(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn = self.layers[i].self_attn
@@ -209,6 +261,14 @@ class LlamaRunner:
         """
         attn = self.layers[i].self_attn
         B, T, _ = x.shape
+        cos, sin = rope
+        if self.qkv[i] is not None and not hasattr(attn, "q_norm"):
+            # rotate q and k heads together: one set of RoPE ops instead of two
+            qkv = self.qkv[i](x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 n_kv, T, hs)
+            qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
+            return q, k, v
         q, k, v = self._qkv(i, x)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
@@ -216,7 +276,6 @@ class LlamaRunner:
         if hasattr(attn, "q_norm"):  # Qwen3 normalizes each head before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        cos, sin = rope
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         return q, k, v
@@ -251,7 +310,7 @@ class LlamaRunner:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.self_attn.scaling)
             y = y.transpose(1, 2).reshape(1, T, -1)
             x = x + layer.self_attn.o_proj(y)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._mlp(i, layer.post_attention_layernorm(x))
         x = self.norm(x[:, -1:])
         return self.lm_head(x)[0, -1].float()
 
@@ -272,25 +331,33 @@ class LlamaRunner:
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, T: int) -> torch.Tensor:
         B = tokens.shape[0]
         rows = torch.arange(B, device=tokens.device)
-        # (B, 1, 1, T): row b sees cache positions 0..positions[b]
-        mask = (torch.arange(T, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        mask = None  # every row at the last position (always at batch 1): all of 0..T-1 is visible
+        if int(positions.min()) + 1 != T:
+            # (B, 1, 1, T): row b sees cache positions 0..positions[b]; additive, built once per step
+            visible = (torch.arange(T, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+            mask = torch.zeros(visible.shape, dtype=self.k_cache[0].dtype, device=tokens.device)
+            mask.masked_fill_(~visible, float("-inf"))
         x = self.embed_tokens(tokens[:, None])  # (B, 1, C)
         rope = self._rope(x, positions[:, None])
         n_rep = self.n_head // self.n_kv_head
         for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            q, k, v = self._heads(i, h, rope)
+            input_norm, post_attention_norm = self.norms[i]
+            q, k, v = self._heads(i, input_norm(x), rope)
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-            k_cache[rows, :, positions] = k[:, :, 0]
-            v_cache[rows, :, positions] = v[:, :, 0]
+            if mask is None:  # one position for all rows: a strided copy, no index_put
+                k_cache[:B, :, T - 1] = k[:, :, 0]
+                v_cache[:B, :, T - 1] = v[:, :, 0]
+            else:
+                k_cache[rows, :, positions] = k[:, :, 0]
+                v_cache[rows, :, positions] = v[:, :, 0]
             # GQA without repeat_kv: the n_rep query heads of a kv head act as its query length
             q = q.view(B, self.n_kv_head, n_rep, self.head_dim)  # (B, n_kv, n_rep, hs)
             y = F.scaled_dot_product_attention(
                 q, k_cache[:B, :, :T], v_cache[:B, :, :T], attn_mask=mask, scale=layer.self_attn.scaling
             )
             x = x + layer.self_attn.o_proj(y.reshape(B, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.norm(x))[:, 0].float()
+            x = x + self._mlp(i, post_attention_norm(x))
+        return self.lm_head(self.final_norm(x))[:, 0].float()
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copies the first `length` cache positions of row `src` into row `dst`."""
@@ -450,6 +517,7 @@ class Engine:
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._threads = cfg.num_threads or torch.get_num_threads()  # intra-op threads of prefill / batches
 
     @property
     def backend(self) -> str:
@@ -651,6 +719,7 @@ class Engine:
             if seq.cancelled:
                 self._finish(seq, "cancelled")
                 continue
+            _set_threads(self._threads)
             row = len(self._running)
             self._running.append(seq)
             ids = torch.tensor(seq.prompt_ids, device=self.device)
@@ -659,6 +728,8 @@ class Engine:
         self._retire()
         if not self._running:
             return
+        single = self.config.single_stream_threads
+        _set_threads(single if single is not None and len(self._running) == 1 else self._threads)
         tokens = torch.tensor([s.token_ids[-1] for s in self._running], device=self.device)
         positions = torch.tensor([s.position for s in self._running], device=self.device)
         logits = self.runner.decode_one_token(tokens, positions)  # (B, V)
@@ -727,6 +798,11 @@ class Engine:
         )
         seq.on_event(Delta(seq.text[seq.emitted :], completion))
         seq.emitted = len(seq.text)
+
+
+def _set_threads(n: int) -> None:
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:

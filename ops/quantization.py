@@ -410,6 +410,43 @@ class TiedEmbedding(nn.Module):
 QUANTIZED_LINEARS = (Int8WeightOnlyLinear, Int4WeightOnlyLinear, Int8DynamicLinear, Int8StaticLinear)
 
 
+def fuse_weight_only(linears: list[nn.Module]) -> nn.Module | None:
+    """One weight-only module whose output is the outputs of ``linears`` concatenated on the last dim.
+
+    Every output row keeps its own scales (per channel for int8, per group along the input for int4),
+    so concatenating along the output dimension reproduces each module's weights exactly; one
+    matmul replaces several small ones (q/k/v, gate/up in decode).
+
+    Returns:
+        The fused module, or None unless all are :class:`Int4WeightOnlyLinear` (same input size,
+        group size, compute dtype and bias presence) or all :class:`Int8WeightOnlyLinear` alike.
+    """
+    first = linears[0]
+    if type(first) not in (Int4WeightOnlyLinear, Int8WeightOnlyLinear):
+        return None
+    if not all(type(m) is type(first) and m.in_features == first.in_features
+               and m.compute_dtype == first.compute_dtype and (m.bias is None) == (first.bias is None)
+               for m in linears):
+        return None
+    n = sum(m.out_features for m in linears)
+    bias = first.bias is not None
+    with torch.no_grad():
+        if type(first) is Int8WeightOnlyLinear:
+            fused = Int8WeightOnlyLinear(first.in_features, n, bias, first.compute_dtype)
+            fused.weight.copy_(torch.cat([m.weight for m in linears]))
+            fused.scales.copy_(torch.cat([m.scales for m in linears]))
+        else:
+            if any(m.group_size != first.group_size for m in linears):
+                return None
+            fused = Int4WeightOnlyLinear(first.in_features, n, bias, first.group_size, first.compute_dtype)
+            fused.qweight.copy_(torch.cat([m.qweight for m in linears]))
+            fused.scales_and_zeros.copy_(torch.cat([m.scales_and_zeros for m in linears], dim=1))
+            fused.repack()
+        if bias:
+            fused.bias.copy_(torch.cat([m.bias for m in linears]))
+    return fused.to(next(first.buffers()).device)
+
+
 # ----------------------------------------------------------------------------- model swap
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

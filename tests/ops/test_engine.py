@@ -202,3 +202,26 @@ def test_greedy_matches_hf_generate_on_embedded_model(embedded_storage, tokenize
         outs = eng.generate_sync([Request(prompt=p, max_tokens=64, ignore_eos=True) for p in prompts])
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == hf_greedy(model, tokenizer, prompt, 64)
+
+
+def test_fused_weight_only_projections_match_unfused(tiny_model, tokenizer):
+    from ops.quantization import quantize
+
+    model = quantize(tiny_model, "weight_only_int4")
+    outs = {}
+    for fuse in (True, False):
+        with Engine(model, tokenizer, EngineConfig(max_batch_size=4, max_seq_len=128, fuse_qkv=fuse)) as eng:
+            assert all(f is not None for f in eng.runner.qkv + eng.runner.gate_up) == fuse
+            outs[fuse] = [c.token_ids for c in eng.generate_sync(
+                [Request(prompt=p, max_tokens=16, ignore_eos=True) for p in PROMPTS])]
+    assert outs[True] == outs[False]
+
+
+def test_single_stream_threads_keeps_greedy_output(tiny_model, tokenizer):
+    threads = torch.get_num_threads()
+    cfg = EngineConfig(max_batch_size=4, max_seq_len=128, num_threads=threads, single_stream_threads=1)
+    with Engine(tiny_model, tokenizer, cfg) as eng:
+        out = eng.generate_sync([Request(prompt=PROMPTS[0], max_tokens=16, ignore_eos=True)])[0]
+    assert out.token_ids == hf_greedy(tiny_model, tokenizer, PROMPTS[0], 16)
+    with pytest.raises(ValueError, match="single_stream_threads"):
+        EngineConfig(single_stream_threads=0)

@@ -5,8 +5,8 @@ import torch
 
 from ops.errors import UserError
 from ops.model import load_model, load_tokenizer, resolve
-from ops.quantization import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, TiedEmbedding, pack_nibbles,
-                              quantize, quantize_int4_groupwise, save_quantized, unpack_nibbles)
+from ops.quantization import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, TiedEmbedding, fuse_weight_only,
+                              pack_nibbles, quantize, quantize_int4_groupwise, save_quantized, unpack_nibbles)
 
 # The tiny model's MLP input is 144 wide, which no int4 kernel group size (32..256) divides.
 INT4 = {"skip": ["*.down_proj"]}
@@ -69,6 +69,32 @@ def test_int4_kernel_matches_reference_dequantization():
     w = m.dequantize_rows(torch.arange(48))  # (N, K) from the portable buffers
     x = torch.randn(3, 128)
     torch.testing.assert_close(m(x), x @ w.t(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("compute_dtype", ["bfloat16", "float32"])
+def test_fused_weight_only_equals_separate_modules(kind, compute_dtype):
+    torch.manual_seed(0)
+    sizes = (96, 32, 32)  # q/k/v-like: unequal output sizes
+    linears = [torch.nn.Linear(128, n, bias=True) for n in sizes]
+    if kind == "int4":
+        mods = [Int4WeightOnlyLinear.from_float(lin, group_size=32, compute_dtype=compute_dtype) for lin in linears]
+    else:
+        mods = [Int8WeightOnlyLinear.from_float(lin, compute_dtype=compute_dtype) for lin in linears]
+    fused = fuse_weight_only(mods)
+    x = torch.randn(2, 5, 128)
+    torch.testing.assert_close(fused(x), torch.cat([m(x) for m in mods], dim=-1), rtol=1e-2, atol=1e-2)
+    ids = torch.arange(sum(sizes))
+    torch.testing.assert_close(fused.dequantize_rows(ids), torch.cat([m.dequantize_rows(torch.arange(n))
+                                                                      for m, n in zip(mods, sizes)]))
+
+
+def test_fuse_weight_only_refuses_mixed_modules():
+    linear = torch.nn.Linear(64, 32)
+    assert fuse_weight_only([Int4WeightOnlyLinear.from_float(linear), Int8WeightOnlyLinear.from_float(linear)]) is None
+    assert fuse_weight_only([linear, linear]) is None
+    assert fuse_weight_only([Int4WeightOnlyLinear.from_float(linear, group_size=32),
+                             Int4WeightOnlyLinear.from_float(linear, group_size=64)]) is None
 
 
 def test_int4_reproduces_q4_1_weights_exactly():
