@@ -230,7 +230,8 @@ def trial_rows(results) -> list[dict[str, Any]]:
         status = "ERROR" if res.error else ("TERMINATED" if done else "STOPPED")
         rows.append({
             "trial_id": m.get("trial_id") or Path(res.path).name, "status": status,
-            "error": str(res.error).splitlines()[0][:300] if res.error else None,
+            # Ray wraps the trial's exception; its last line is the exception itself.
+            "error": str(res.error).strip().splitlines()[-1][:300] if res.error else None,
             "lora_r": cfg.get("lora_r"), "lora_alpha_ratio": cfg.get("lora_alpha_ratio"), "lr": cfg.get("lr"),
             "target_modules": ",".join(cfg.get("target_modules") or []), "quant": cfg.get("quant"),
             "steps": m.get("step"), "val_perplexity": m.get("val_perplexity"),
