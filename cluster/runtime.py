@@ -60,7 +60,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
                 kwargs.setdefault("runtime_env", local_runtime_env())
             ray.init(address=address, log_to_driver=True, **kwargs)
         else:
+            # address="local": always a new cluster of this process's own, never an existing one
+            # another program on this machine started (`ray start`, a test, a benchmark).
             ray.init(
+                address="local",
                 _node_ip_address="127.0.0.1",
                 dashboard_host="127.0.0.1",
                 # The dashboard serves the State API, which Ray Train uses to clean up after a

@@ -172,10 +172,14 @@ class RayHead:
 
         from cluster.submit import submit_with_retry
 
-        client = JobSubmissionClient(self.dashboard)
-        job = submit_with_retry(client, "true", {}, wait_s=max(1.0, deadline - time.time()))
-        while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            time.sleep(0.5)
+        try:
+            client = JobSubmissionClient(self.dashboard)
+            job = submit_with_retry(client, "true", {}, wait_s=max(1.0, deadline - time.time()))
+            while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                time.sleep(0.5)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         import signal
