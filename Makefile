@@ -7,6 +7,9 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 RAY_ADDRESS_HTTP := http://127.0.0.1:8265
 export HF_HUB_OFFLINE ?= 1
+# The make-managed cluster listens on 127.0.0.1 only; head, jobs and clients agree on no token auth
+# (Ray >= 2.59 turns tokens on for local clusters; set RAY_AUTH_MODE=token to keep them).
+export RAY_AUTH_MODE ?= disabled
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup demo test test-fast ray-up stop help
