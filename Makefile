@@ -15,7 +15,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 .PHONY: setup demo test test-fast ray-up stop help
 
 help:
-	@echo "make demo   - set up .venv, start a loopback Ray cluster, run the main job on the embedded model"
+	@echo "make demo   - set up .venv, start a loopback Ray cluster, run the pipeline (jobs.pipeline) on the embedded model; ARGS=\"key=value ...\" passes options"
 	@echo "make test   - set up .venv and run the whole test suite (unit + integration)"
 	@echo "make setup  - only create/refresh .venv (idempotent)"
 	@echo "make ray-up - start a loopback Ray head (127.0.0.1); make stop - stop Serve and Ray"
@@ -40,7 +40,7 @@ ray-up: setup
 	  echo "ray: loopback cluster at 127.0.0.1:6379, jobs at $(RAY_ADDRESS_HTTP)"
 
 demo: ray-up
-	$(PY) -m cluster.submit --address $(RAY_ADDRESS_HTTP) -- python -m jobs.evaluate model=smollm2-135m-instruct data=stdlib name=demo
+	$(PY) -m cluster.submit --address $(RAY_ADDRESS_HTTP) -- python -m jobs.pipeline $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q

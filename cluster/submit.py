@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import sys
 import time
 
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as exc:
         print(f"error: no Ray job server at {args.address} ({exc}); start one with `make ray-up`", file=sys.stderr)
         return 2
-    job_id = submit_with_retry(client, " ".join(entrypoint), submit_runtime_env())
+    # Quoted so an argument with spaces (a question, a path) reaches the job as one argument.
+    job_id = submit_with_retry(client, shlex.join(entrypoint), submit_runtime_env())
     print(f"[submit] job {job_id} submitted to {args.address}", flush=True)
     if args.no_wait:
         return 0

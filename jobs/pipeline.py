@@ -1,0 +1,477 @@
+"""The whole system on one command: fine-tune, evaluate, quantize, index, serve, ask.
+
+    python -m cluster.submit -- python -m jobs.pipeline          # what `make demo` runs
+    python -m jobs.pipeline name=demo rebuild=all                  # in-process, everything rebuilt
+
+Steps, each a library call of the job that owns it:
+
+1. **train**: LoRA fine-tune with Ray Train on ``train.num_workers`` workers (``jobs.train``);
+2. **evaluate**: held-out perplexity (the corpus tail the training never saw), batch-1 decode
+   latency and size of the base model and of base + adapter;
+3. **quantize**: merge the adapter, quantize with the first of ``quantize.methods`` whose
+   held-out perplexity stays within ``quantize.max_ppl_increase`` of the fine-tuned float model
+   (``ops.quantization``); none passing means the float model is served, and the summary says so;
+4. **index**: chunk and embed the corpus into a FAISS index (``jobs.index``);
+5. **serve**: deploy the RAG app (``serve.app``) with the fine-tuned, quantized generator on
+   ``http://<serve.host>:<serve.port>``, ask ``questions`` through HTTP and print each answer with
+   its sources, then a summary table. The endpoint stays up (``make stop`` ends it).
+
+A second run reuses the adapter, quantized model and index when their recorded config matches
+(``rebuild=all`` or ``rebuild=[train,index]`` forces steps); evaluation and the questions always
+run. Reads: the base model and corpus. Writes: ``<storage>/adapters/<name>/``,
+``<storage>/quantized/<name>-<method>/``, ``<storage>/indexes/<index.name>/``,
+``<storage>/reports/<name>/summary.{json,md}`` and ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import Field, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+from cluster.cli import run_job
+from cluster.config import BaseConfig, save_config
+from cluster.runtime import init_ray
+from cluster.storage import local_storage_root, validate_name, writable_artifact
+from jobs.data import DEFAULT_CORPUS, read_documents, split_by_position, token_stream
+from jobs.index import IndexConfig
+from jobs.train import TrainConfig
+from ops.errors import UserError
+from ops.metrics import check_window, measure_latency, sliding_window_perplexity
+from ops.model import DEFAULT_MODEL, load_model, load_tokenizer, model_size_bytes
+from ops.quantization import METHODS, check_method
+
+DESCRIPTION = __doc__
+STEPS = ("train", "quantize", "index")
+APP_NAME = "rag"
+
+# Keys the pipeline sets once for every step it runs.
+OWNED = ("model", "data", "name", "storage")
+# Sized for the embedded default on 2 CPU cores: the whole pipeline well inside 10 minutes.
+DEFAULT_TRAIN: dict[str, Any] = {
+    "num_workers": 2, "block_size": 128, "batch_size": 4, "max_steps": 24, "lr": 2e-3,
+    "warmup_steps": 3, "eval_every": 12, "val_blocks": 16, "eval_batch_size": 8, "max_tokens": 200_000,
+}
+DEFAULT_INDEX: dict[str, Any] = {"name": "stdlib", "workers": 2}
+
+
+def section_of(job_config: type[BaseConfig], drop: tuple[str, ...], defaults: dict[str, Any], title: str):
+    """A config section with ``job_config``'s keys (minus ``drop``) and the pipeline's defaults.
+
+    The job's own validators run when :meth:`PipelineConfig.train_config` / ``index_config``
+    assemble the full job config, so every check of the job applies here too.
+    """
+    fields = {}
+    for key, info in job_config.model_fields.items():
+        if key in drop:
+            continue
+        if key in defaults:
+            info = FieldInfo.merge_field_infos(info, default=defaults[key])
+        fields[key] = (info.annotation, info)
+    return create_model(title, __base__=BaseConfig, **fields)
+
+
+TrainSection = section_of(TrainConfig, OWNED + ("method", "merge"), DEFAULT_TRAIN, "TrainSection")
+IndexSection = section_of(IndexConfig, ("data", "data_format", "text_field", "storage"), DEFAULT_INDEX,
+                          "IndexSection")
+
+
+class Question(BaseConfig):
+    question: str = Field(..., min_length=1, description="asked through POST /v1/rag")
+    expect: list[str] = Field(default_factory=list, description="document id prefixes that count as a retrieval "
+                              "hit (e.g. 'json' matches json.dumps); empty = not scored")
+
+
+DEFAULT_QUESTIONS = [
+    {"question": "How do I convert a Python object to a JSON formatted string?", "expect": ["json"]},
+    {"question": "How can I create a temporary directory that is removed automatically?", "expect": ["tempfile"]},
+    {"question": "How do I parse command-line arguments in a script?", "expect": ["argparse"]},
+]
+
+
+class EvalSection(BaseConfig):
+    tokens: int = Field(4096, ge=2, description="held-out tokens scored for perplexity (from the corpus tail)")
+    window: int = Field(512, ge=2, description="tokens per forward pass for perplexity")
+    stride: int = Field(256, ge=1, description="step between windows (<= window)")
+    latency_prompt_tokens: int = Field(64, ge=1, description="prompt length for the decode-latency timing")
+    latency_new_tokens: int = Field(16, ge=1, description="greedy tokens decoded per timing run")
+    latency_repeats: int = Field(3, ge=1, description="timed runs; the median is reported")
+    threads: int = Field(0, ge=0, description="torch threads for evaluation and quantization (0 = every core "
+                         "of the node the pipeline's driver runs on)")
+
+    @model_validator(mode="after")
+    def _window(self) -> "EvalSection":
+        check_window(self.window, self.stride)
+        return self
+
+
+class QuantizeSection(BaseConfig):
+    methods: list[str] = Field(["weight_only_int4", "weight_only_int8"], description="candidates, best first: the "
+                               "first within max_ppl_increase of the fine-tuned float model is served")
+    max_ppl_increase: float = Field(0.02, ge=0, description="quality bar, relative to the fine-tuned float model")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"give at least one method; valid: {', '.join(METHODS)}")
+        for m in v:
+            check_method(m)
+        return v
+
+
+class ServeSection(BaseConfig):
+    host: str = Field("127.0.0.1", description="HTTP host of the Serve proxy")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy")
+    top_k: int = Field(4, ge=1, le=50, description="passages retrieved per question")
+    max_tokens: int = Field(96, ge=1, le=1024, description="answer tokens at most (greedy)")
+    request_timeout_s: float = Field(120.0, gt=0, description="per question")
+    app: dict[str, Any] = Field(default_factory=dict, description="extra serve.app args (e.g. max_batch_size)")
+
+
+class PipelineConfig(BaseConfig):
+    model: str = Field(DEFAULT_MODEL, description="base model: embedded name, HF id or local directory")
+    data: str = Field(DEFAULT_CORPUS, description="corpus for training, evaluation and the index")
+    name: str = Field("pipeline", description="run name: adapters/<name>/, quantized/<name>-<method>/, "
+                      "reports/<name>/")
+    storage: str = Field("./artifacts", description="artifact root: local path or URI")
+    rebuild: list[str] = Field(default_factory=list, description="steps to redo even when their artifact "
+                               f"matches: 'all' or a list of {', '.join(STEPS)}")
+    train: TrainSection = Field(default_factory=TrainSection)
+    index: IndexSection = Field(default_factory=IndexSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    quantize: QuantizeSection = Field(default_factory=QuantizeSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
+    questions: list[Question] = Field(default_factory=lambda: [dict(q) for q in DEFAULT_QUESTIONS],
+                                      validate_default=True, description="asked through the endpoint at the end "
+                                      "(list of {question, expect}; empty = none)")
+
+    @field_validator("rebuild", mode="before")
+    @classmethod
+    def _rebuild(cls, v: Any) -> list[str]:
+        if v in ("all", True, "true"):
+            return list(STEPS)
+        chosen = [v] if isinstance(v, str) else list(v or [])
+        bad = [s for s in chosen if s not in STEPS]
+        if bad:
+            raise ValueError(f"unknown step {bad[0]!r}; valid: all or a list of {', '.join(STEPS)}")
+        return chosen
+
+    @model_validator(mode="after")
+    def _check(self) -> "PipelineConfig":
+        validate_name(self.name)
+        self.train_config()  # errors in the train/index sections surface at parse time, one line each
+        self.index_config()
+        return self
+
+    def train_config(self) -> TrainConfig:
+        """The LoRA training job this pipeline runs."""
+        return _validated(TrainConfig, {**self.train.model_dump(), "method": "lora", "model": self.model,
+                                        "data": self.data, "name": self.name, "storage": self.storage}, "train")
+
+    def index_config(self) -> IndexConfig:
+        """The index job this pipeline runs (same corpus as the training)."""
+        return _validated(IndexConfig, {**self.index.model_dump(), "data": self.data,
+                                        "data_format": self.train.data_format, "text_field": self.train.text_field,
+                                        "storage": self.storage}, "index")
+
+
+def _validated(model: type[BaseConfig], values: dict[str, Any], section: str):
+    """``model(values)``; a failing check becomes one line naming the section."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise ValueError(f"{section}{'.' + where if where else ''}: {message}") from None
+
+
+def log(msg: str) -> None:
+    print(f"[pipeline] {msg}", flush=True)
+
+
+def _recorded_config(directory: Path) -> dict | None:
+    path = directory / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def _same(recorded: dict | None, cfg: BaseConfig) -> bool:
+    return recorded is not None and recorded == json.loads(cfg.model_dump_json())
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+
+def step_train(cfg: PipelineConfig, storage: str) -> tuple[Path, dict, bool]:
+    """The adapter: reused when ``adapters/<name>/config.yaml`` matches, else trained (2 workers)."""
+    from jobs import train
+
+    tcfg = cfg.train_config()
+    adapter = Path(storage) / "adapters" / cfg.name
+    run_dir = Path(storage) / "runs" / cfg.name
+    wanted = json.loads(tcfg.model_dump_json())
+    if "train" not in cfg.rebuild and _same(_recorded_config(adapter), tcfg) and (adapter / "metrics.json").is_file():
+        log(f"train: reusing {adapter} (same config; rebuild=train to redo)")
+        return adapter, json.loads((adapter / "metrics.json").read_text()), False
+    # A run directory left by another config would be resumed by Ray Train: start it afresh.
+    run_config = run_dir / "pipeline-train.json"
+    if run_dir.exists() and ("train" in cfg.rebuild or not run_config.is_file()
+                             or json.loads(run_config.read_text()) != wanted):
+        log(f"train: clearing {run_dir} (other config or rebuild)")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_config.write_text(json.dumps(wanted))
+    log(f"train: LoRA r={tcfg.lora.r} on {tcfg.num_workers} Ray Train workers, {tcfg.max_steps} steps of "
+        f"{tcfg.num_workers}x{tcfg.batch_size}x{tcfg.block_size} tokens")
+    adapter = train.main(tcfg)
+    return adapter, json.loads((adapter / "metrics.json").read_text()), True
+
+
+def held_out_ids(cfg: PipelineConfig, tokenizer: Any) -> torch.Tensor:
+    """The first ``eval.tokens`` of the validation split the training held out."""
+    tcfg = cfg.train_config()
+    ids = token_stream(read_documents(cfg.data, tcfg.data_format, tcfg.text_field), tokenizer,
+                       tcfg.max_tokens or None)
+    _, val = split_by_position(ids, tcfg.val_fraction)
+    if len(val) < 2:
+        raise UserError(f"the held-out split of '{cfg.data}' has {len(val)} tokens; use more data")
+    return torch.from_numpy(val[: cfg.eval.tokens].copy())
+
+
+def measure(model: torch.nn.Module, ids: torch.Tensor, cfg: PipelineConfig, label: str) -> dict[str, Any]:
+    """Held-out perplexity, batch-1 decode latency and in-memory size of ``model``."""
+    window = min(cfg.eval.window, ids.numel())
+    ppl = sliding_window_perplexity(model, ids, window, min(cfg.eval.stride, window))
+    lat = measure_latency(model, ids[: cfg.eval.latency_prompt_tokens], cfg.eval.latency_new_tokens,
+                          cfg.eval.latency_repeats)
+    row = {"model": label, "perplexity": ppl.perplexity, "tokens": ppl.tokens,
+           "decode_ms_per_token": lat.decode_ms_per_token, "prefill_ms_per_token": lat.prefill_ms_per_token,
+           "size_mb": model_size_bytes(model) / 2**20}
+    log(f"evaluate: {label}: perplexity {row['perplexity']:.4f} on {row['tokens']} held-out tokens, decode "
+        f"{row['decode_ms_per_token']:.1f} ms/token, {row['size_mb']:.1f} MB")
+    return row
+
+
+def step_quantize(cfg: PipelineConfig, storage: str, tuned: torch.nn.Module, tuned_row: dict, ids: torch.Tensor,
+                  adapter: Path, retrained: bool, tokenizer: Any) -> tuple[str | None, list[dict], bool]:
+    """Quantize the merged model with the first candidate method that keeps quality.
+
+    Returns:
+        ``(served model dir or None for the float adapter, rows of the methods tried, whether any
+        artifact was built rather than reused)``.
+    """
+    from ops.quantization import load_quantized, quantize, save_quantized
+
+    rows, built = [], False
+    bar = tuned_row["perplexity"] * (1 + cfg.quantize.max_ppl_increase)
+    for method in cfg.quantize.methods:
+        out_dir = Path(storage) / "quantized" / f"{cfg.name}-{method}"
+        source = {"adapter": str(adapter), "adapter_step": json.loads((adapter / "manifest.json").read_text())["step"],
+                  "base_model": cfg.model}
+        recorded = out_dir / "pipeline-source.json"
+        reuse = ("quantize" not in cfg.rebuild and not retrained and recorded.is_file()
+                 and json.loads(recorded.read_text()) == source)
+        if reuse:
+            log(f"quantize: reusing {out_dir}")
+            qmodel = load_quantized(out_dir)
+        else:
+            t0 = time.perf_counter()
+            built = True
+            qmodel = quantize(tuned, method)
+            with writable_artifact(cfg.storage, "quantized", f"{cfg.name}-{method}") as out:
+                save_quantized(qmodel, out, method, {}, cfg.model, tokenizer,
+                               extra={"adapter": str(adapter), "base_description": f"{cfg.model} + adapter {cfg.name}"})
+                (out / "pipeline-source.json").write_text(json.dumps(source))
+            log(f"quantize: {method} in {time.perf_counter() - t0:.1f}s -> {out_dir}")
+        row = measure(qmodel, ids, cfg, f"fine-tuned + {method}")
+        row.update(method=method, artifact=str(out_dir), size_mb=sum(
+            p.stat().st_size for p in out_dir.glob("*.safetensors")) / 2**20,
+            passes=row["perplexity"] <= bar)
+        rows.append(row)
+        del qmodel
+        if row["passes"]:
+            log(f"quantize: {method} keeps perplexity within {100 * cfg.quantize.max_ppl_increase:.1f}% "
+                f"({row['perplexity']:.4f} <= {bar:.4f}): serving it")
+            return str(out_dir), rows, built
+        log(f"quantize: {method} misses the quality bar ({row['perplexity']:.4f} > {bar:.4f})")
+    log("quantize: no method kept quality; serving the float base + adapter")
+    return None, rows, built
+
+
+def step_index(cfg: PipelineConfig, storage: str) -> tuple[str, dict, bool]:
+    from jobs import index
+
+    icfg = cfg.index_config()
+    out = Path(storage) / "indexes" / icfg.name
+    if "index" not in cfg.rebuild and _same(_recorded_config(out), icfg) and (out / "manifest.json").is_file():
+        log(f"index: reusing {out}")
+        built = False
+    else:
+        index.main(icfg)
+        built = True
+    return icfg.name, json.loads((out / "manifest.json").read_text()), built
+
+
+def deploy(cfg: PipelineConfig, storage: str, model: str, index_name: str) -> str:
+    from ray import serve
+
+    from serve.app import build_app
+
+    args = {**cfg.serve.app, "storage": storage, "model": model, "model_id": cfg.name, "index": index_name}
+    app = build_app(args)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    t0 = time.perf_counter()
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    log(f"serve: app '{APP_NAME}' running at {url} in {time.perf_counter() - t0:.1f}s (model {model})")
+    return url
+
+
+def ask(url: str, question: Question, cfg: PipelineConfig) -> dict[str, Any]:
+    body = json.dumps({"question": question.question, "top_k": cfg.serve.top_k,
+                       "max_tokens": cfg.serve.max_tokens, "temperature": 0.0}).encode()
+    request = urllib.request.Request(f"{url}/v1/rag", data=body, headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=cfg.serve.request_timeout_s) as resp:
+            answer = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"POST {url}/v1/rag answered {exc.code}: {exc.read().decode()[:500]}") from None
+    answer["client_s"] = time.perf_counter() - t0
+    answer["hit"] = retrieval_hit([s["doc_id"] for s in answer["sources"]], question.expect)
+    return answer
+
+
+def retrieval_hit(doc_ids: list[str], expect: list[str]) -> bool | None:
+    """Whether a retrieved document id is, or lies under, an expected one (``json`` covers
+    ``json.dumps`` but not ``jsonschema``); None when nothing is expected."""
+    if not expect:
+        return None
+    return any(d == p or d.startswith(p + ".") for d in doc_ids for p in expect)
+
+
+def summary_markdown(s: dict[str, Any]) -> str:
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    base, tuned, served = s["base"], s["tuned"], s["served"]
+    lines = [f"# Pipeline `{s['name']}`: {s['model']} on `{s['data']}`", "",
+             f"Held-out perplexity on {base['tokens']} tokens the training never saw; decode latency at batch 1 "
+             f"(HF forward + KV cache, {s['threads']} threads); size of the weights.", "",
+             "| model | held-out perplexity | ppl x base | decode ms/token | size MB |", "|---|---|---|---|---|"]
+    for row in [base, tuned] + s["quantized"]:
+        lines.append(f"| {row['model']} | {row['perplexity']:.4f} | {row['perplexity'] / base['perplexity']:.3f} "
+                     f"| {row['decode_ms_per_token']:.1f} | {row['size_mb']:.1f} |")
+    t = s["train"]
+    lines += ["", f"Training: {t['steps']} steps, {t['tokens']:,} tokens, {t['tokens_per_s']:.0f} tokens/s on "
+              f"{t['num_workers']} workers; its own validation perplexity {t['initial_val_perplexity']:.3f} -> "
+              f"{t['best_val_perplexity']:.3f}. Served: `{served['model']}`.", "",
+              "| question | retrieval hit | top source | answer tokens | latency s | time to first token s |",
+              "|---|---|---|---|---|---|"]
+    for a in s["answers"]:
+        top = a["sources"][0]["doc_id"] if a["sources"] else "-"
+        hit = "-" if a["hit"] is None else ("yes" if a["hit"] else "no")
+        lines.append(f"| {a['question']} | {hit} | {top} | {a['usage']['completion_tokens']} | {a['client_s']:.2f} "
+                     f"| {f(a['timings'].get('time_to_first_token_s'), '.2f')} |")
+    lines += ["", f"Retrieval hits: {s['retrieval_hits']}; steps built this run: {', '.join(s['built']) or 'none'}; "
+              f"wall time {s['wall_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def main(cfg: PipelineConfig) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    storage = local_storage_root(cfg.storage)
+    init_ray()
+    from ray import serve
+
+    # Training, the embedding pool and Ray Data tokenizing all need CPUs a running app holds (on a
+    # small cluster, every one): the app goes down now and is redeployed at the end.
+    try:
+        if APP_NAME in serve.status().applications:
+            log(f"serve: deleting the running app '{APP_NAME}' to free its CPUs; it is redeployed at the end")
+            serve.delete(APP_NAME)
+    except Exception as exc:  # noqa: BLE001 - no Serve instance yet is the usual case
+        log(f"serve: no running app to stop ({type(exc).__name__})")
+    built = []
+
+    log("step 1/5 train")
+    adapter, train_metrics, retrained = step_train(cfg, storage)
+    built += ["train"] if retrained else []
+
+    log("step 2/5 evaluate before/after")
+    # A job's driver inherits OMP_NUM_THREADS=1 from Ray; measuring uses the node's cores (nothing
+    # else runs now: training has finished and the app is deployed only at the end).
+    torch.set_num_threads(cfg.eval.threads or os.cpu_count() or 1)
+    tokenizer = load_tokenizer(cfg.model, storage=storage)
+    ids = held_out_ids(cfg, tokenizer)
+    base_model = load_model(cfg.model, storage=storage)
+    base_row = measure(base_model, ids, cfg, "base (float32)")
+    del base_model
+    from ops.lora import merge_adapter
+
+    tuned = merge_adapter(load_model(cfg.model, storage=storage, adapter=str(adapter)))
+    tuned_row = measure(tuned, ids, cfg, "fine-tuned (float32)")
+
+    log("step 3/5 quantize")
+    served_model, qrows, quantized = step_quantize(cfg, storage, tuned, tuned_row, ids, adapter, retrained,
+                                                   tokenizer)
+    built += ["quantize"] if quantized else []
+    del tuned
+
+    log("step 4/5 index")
+    index_name, index_manifest, indexed = step_index(cfg, storage)
+    built += ["index"] if indexed else []
+
+    log("step 5/5 serve and ask")
+    model_spec = served_model or str(adapter)
+    url = deploy(cfg, storage, model_spec, index_name)
+    answers = []
+    for i, q in enumerate(cfg.questions, 1):
+        a = ask(url, q, cfg)
+        answers.append({"question": q.question, **a})
+        print(f"\n[{i}] Q: {q.question}\n    A: {a['answer'].strip()}", flush=True)
+        for src in a["sources"]:
+            print(f"       source {src['doc_id']} (score {src['score']:.2f})", flush=True)
+        print(f"    {a['usage']['completion_tokens']} tokens in {a['client_s']:.2f}s"
+              + (f"; retrieval {'hit' if a['hit'] else 'MISS'} (expected {', '.join(q.expect)})"
+                 if a["hit"] is not None else ""), flush=True)
+    scored = [a for a in answers if a["hit"] is not None]
+    summary = {
+        "name": cfg.name, "model": cfg.model, "data": cfg.data, "threads": torch.get_num_threads(),
+        "train": {k: train_metrics[k] for k in ("steps", "tokens", "tokens_per_s", "num_workers",
+                                                 "initial_val_perplexity", "best_val_perplexity", "wall_time_s")},
+        "base": base_row, "tuned": tuned_row, "quantized": qrows,
+        "served": {"model": model_spec, "url": url, "index": index_name,
+                   "index_chunks": index_manifest.get("num_chunks")},
+        "answers": answers, "retrieval_hits": f"{sum(a['hit'] for a in scored)}/{len(scored)}",
+        "built": built, "wall_s": time.perf_counter() - t_start,
+    }
+    table = summary_markdown(summary)
+    with writable_artifact(cfg.storage, "reports", cfg.name) as out:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (out / "summary.md").write_text(table)
+        save_config(cfg, out)
+    print("\n" + table, flush=True)
+    example = json.dumps({"question": "How do I read a CSV file?", "max_tokens": 64})
+    print(f"The endpoint stays up. Try:\n  curl -s {url}/v1/rag -H 'Content-Type: application/json' "
+          f"-d '{example}'\nStop Serve and Ray with: make stop   (or: serve shutdown -y && ray stop)", flush=True)
+    log(f"summary: {Path(storage) / 'reports' / cfg.name / 'summary.md'}; wall time {summary['wall_s']:.0f}s")
+    return summary
+
+
+if __name__ == "__main__":
+    run_job(main, PipelineConfig, prog="jobs.pipeline", description=DESCRIPTION)
