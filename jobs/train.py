@@ -4,9 +4,9 @@
         data=../shared/data/tinyshakespeare.txt num_workers=2 name=shakespeare
 
 Reads: a base model spec (embedded name, HF id or directory), a corpus (``data=``).
-Writes: ``<storage>/runs/<name>/`` (Ray Train checkpoints, ``metrics.jsonl``), then the best
-checkpoint by validation perplexity as ``<storage>/adapters/<name>/`` (LoRA, PEFT format) or
-``<storage>/models/<name>/`` (full, HF format), each with ``config.yaml``, ``manifest.json``,
+Writes: ``<storage>/runs/<name>/`` (Ray Train checkpoints, ``metrics.jsonl``, ``workers.jsonl``),
+then the best checkpoint by validation perplexity as ``<storage>/adapters/<name>/`` (LoRA, PEFT
+format) or ``<storage>/models/<name>/`` (full, HF format), each with ``config.yaml``, ``manifest.json``,
 ``metrics.json``, ``history.json`` and ``curves.png``; ``merge=true`` adds
 ``<storage>/models/<name>-merged/``. Re-running with the same ``name=`` resumes the run.
 """
@@ -19,6 +19,7 @@ import math
 import os
 import resource
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ DESCRIPTION = __doc__
 FAIL_AT_STEP_ENV = "RAYLM_FAIL_AT_STEP"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "metrics.jsonl"
+WORKERS_FILE = "workers.jsonl"
 FAIL_MARKER = ".fail_injected"
 
 
@@ -189,6 +191,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config: every :class:`TrainConfig` key plus ``run_dir`` (local run directory for the metrics
             history file) and ``storage_root`` (local artifact root holding the base model).
     """
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -224,6 +227,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.update({k: saved[k] for k in state})
         if rank == 0:
             print(f"[train] resumed from step {state['step']}", flush=True)
+    # Where every rank of every attempt ran: one line each, appended (a single small write, so
+    # concurrent ranks on a shared filesystem do not interleave).
+    placement = {"event": "worker", "rank": rank, "world": world,
+                 "node_id": ray.get_runtime_context().get_node_id(),  # Ray: this worker's node
+                 "hostname": socket.gethostname(), "pid": os.getpid(), "step": state["step"]}
+    with (run_dir / WORKERS_FILE).open("a") as fh:
+        fh.write(json.dumps(placement) + "\n")
     if rank == 0:
         # Every attempt marks where it starts, so readers of the raw log can drop rolled-back steps.
         with (run_dir / HISTORY_FILE).open("a") as fh:
