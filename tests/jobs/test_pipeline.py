@@ -1,11 +1,17 @@
-"""jobs.pipeline: config checks and the summary, in-process."""
+"""jobs.pipeline: config checks and the summary in-process; the whole pipeline through `ray job submit`."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+from pathlib import Path
+
+import httpx
 import pytest
 
 from cluster.config import ConfigError, parse_args
 from jobs.pipeline import PipelineConfig, retrieval_hit, summary_markdown
+from tests.conftest import _free_port
 
 
 def parse(*argv: str) -> PipelineConfig:
@@ -66,3 +72,50 @@ def test_summary_markdown_has_one_row_per_model_and_question():
     assert "| fine-tuned (float32) | 9.0000 | 0.900 |" in text
     assert "| q? | yes | json | 3 | 0.50 | 0.10 |" in text
     assert "Retrieval hits: 1/1" in text
+
+
+@pytest.mark.integration
+def test_pipeline_via_job_submit_serves_its_model_and_reuses_artifacts_on_rerun(ray_head, tmp_path, tiny_model_dir,
+                                                                                tiny_text_file):
+    port = _free_port()
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("questions:\n  - question: Who jumps over the lazy dog?\n"
+                      "  - question: What is Python?\n    expect: [tiny]\n")
+    args = ["python", "-m", "jobs.pipeline", "--config", str(config), f"model={tiny_model_dir}", f"data={tiny_text_file}", "name=pipe",
+            f"storage={tmp_path}", f"serve.port={port}", "serve.max_tokens=8",
+            "train.max_steps=2", "train.eval_every=1", "train.block_size=32", "train.batch_size=2",
+            "train.val_blocks=2", "train.max_tokens=0", "train.val_fraction=0.2",
+            "index.name=tiny", "index.workers=1", "index.chunk.size=200", "index.chunk.overlap=20",
+            "eval.tokens=256", "eval.window=64", "eval.stride=32", "eval.latency_new_tokens=2",
+            "eval.latency_repeats=1", "quantize.methods=[weight_only_int8]"]
+    try:
+        first = ray_head.submit(*args, timeout=900)
+        assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+        summary = json.loads((tmp_path / "reports" / "pipe" / "summary.json").read_text())
+        assert summary["built"] == ["train", "quantize", "index"]
+        assert summary["train"]["steps"] == 2 and summary["train"]["num_workers"] == 2
+        assert (tmp_path / "adapters" / "pipe" / "adapter_model.safetensors").is_file()
+        [qrow] = summary["quantized"]
+        expected_model = qrow["artifact"] if qrow["passes"] else str(tmp_path / "adapters" / "pipe")
+        assert summary["served"]["model"] == expected_model
+        assert len(summary["answers"]) == 2 and all(a["sources"] for a in summary["answers"])
+        assert "| fine-tuned + weight_only_int8 |" in (tmp_path / "reports" / "pipe" / "summary.md").read_text()
+        assert f"curl -s http://127.0.0.1:{port}/v1/rag" in first.stdout and "make stop" in first.stdout
+
+        # The endpoint outlives the job that deployed it.
+        health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30)
+        assert health.status_code == 200 and health.json()["model"] == "pipe"
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/rag", json={"question": "What is Python?",
+                                                                      "max_tokens": 4}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["sources"]
+
+        # A second run reuses the adapter, the quantized model and the index.
+        second = ray_head.submit(*args, timeout=900)
+        assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
+        again = json.loads((tmp_path / "reports" / "pipe" / "summary.json").read_text())
+        assert again["built"] == []
+        assert "train: reusing" in second.stdout and "index: reusing" in second.stdout
+        assert again["tuned"]["perplexity"] == pytest.approx(summary["tuned"]["perplexity"], rel=1e-6)
+    finally:
+        subprocess.run([str(Path(ray_head.ray).with_name("serve")), "shutdown", "--address", ray_head.dashboard,
+                        "-y"], env=ray_head.env, capture_output=True, timeout=120)
