@@ -90,6 +90,19 @@ def format_help(model: type[BaseModel], prog: str, description: str) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(model: type[BaseModel]) -> str:
+    """The config-key table of a docs page (``docs/<job>.md``): key, type, default, meaning."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, annotation, default, desc in iter_fields(model):
+        shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix("\n...")
+        rows.append(f"| `{key}` | {cell(_type_name(annotation))} | `{shown}` | {cell(desc)} |")
+    return "\n".join(rows)
+
+
 def _set_dotted(tree: dict, key: str, value: Any, model: type[BaseModel]) -> None:
     parts = key.split(".")
     current_model: Any = model
