@@ -32,6 +32,21 @@ def in_ray_working_dir_copy(cwd: str | None = None) -> bool:
     return _RAY_WORKING_DIR_MARK in (cwd or os.getcwd())
 
 
+def launch_path(path: str) -> str:
+    """A relative input path (``data=``) as the user meant it: against the launch directory.
+
+    Under ``python -m cluster.submit`` the job runs in a copy of the working_dir, where
+    ``../shared/data/x.txt`` does not exist; it does relative to ``RAYLM_LAUNCH_DIR``. Paths that
+    exist where the job runs, absolute paths, URIs and names without a launch directory are kept.
+    """
+    launch_dir = os.environ.get(LAUNCH_DIR_ENV)
+    candidate = Path(path).expanduser()
+    if not launch_dir or is_uri(path) or candidate.is_absolute() or candidate.exists():
+        return path
+    moved = Path(launch_dir) / candidate
+    return str(moved) if moved.exists() else path
+
+
 def resolve_storage(storage: str) -> str:
     """Absolute local path or URI of the artifact root.
 

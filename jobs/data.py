@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from cluster.config import BaseConfig
+from cluster.storage import launch_path
 from ops.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,23 @@ CHUNK_CHARS = 64_000
 Format = Literal["auto", "text", "jsonl", "parquet", "squad", "stdlib"]
 
 
-class DataConfig(BaseConfig):
-    """Where text comes from and how it is split (shared by every job that reads a corpus)."""
+class CorpusConfig(BaseConfig):
+    """Where text comes from (shared by every job that reads a corpus)."""
 
     data: str = Field(DEFAULT_CORPUS, description="corpus: 'stdlib' (embedded stdlib docstrings), a text file or "
                       "directory, .jsonl, .parquet or SQuAD .json")
     data_format: Format = Field("auto", description="how to read `data`; auto = by suffix")
     text_field: str = Field("text", description="JSONL field / Parquet column holding the text")
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: str) -> str:
+        return v if v == DEFAULT_CORPUS else launch_path(v)
+
+
+class DataConfig(CorpusConfig):
+    """Where text comes from and how it is split for training and evaluation."""
+
     val_fraction: float = Field(0.1, description="last fraction of the token stream held out for validation")
 
     @field_validator("val_fraction")

@@ -22,7 +22,7 @@ from cluster.cli import run_job
 from cluster.config import BaseConfig, save_config
 from cluster.runtime import init_ray
 from cluster.storage import local_storage_root, validate_name, writable_artifact
-from jobs.data import DEFAULT_CORPUS, Format, read_documents
+from jobs.data import CorpusConfig, read_documents
 from ops.retrieval import (DEFAULT_EMBEDDER, RetrievalStore, chunk_documents, embed, embedding_dimension, load_embedder,
                            resolve_embedder)
 
@@ -42,11 +42,7 @@ class IndexTypeConfig(BaseConfig):
     ivf_nlist: int = Field(0, ge=0, description="IVF clusters (0 = about sqrt(number of chunks))")
 
 
-class IndexConfig(BaseConfig):
-    data: str = Field(DEFAULT_CORPUS, description="corpus: 'stdlib' (embedded stdlib docstrings), a text file or "
-                      "directory, .jsonl, .parquet or SQuAD .json")
-    data_format: Format = Field("auto", description="how to read `data`; auto = by suffix")
-    text_field: str = Field("text", description="JSONL field / Parquet column holding the text")
+class IndexConfig(CorpusConfig):
     max_docs: int = Field(0, ge=0, description="index the first N documents only (0 = all)")
     name: str = Field("stdlib", description="index name: writes <storage>/indexes/<name>/")
     storage: str = Field("./artifacts", description="artifact root: local path or URI")

@@ -42,7 +42,7 @@ from pydantic.fields import FieldInfo
 from cluster.cli import run_job
 from cluster.config import BaseConfig, save_config
 from cluster.runtime import init_ray
-from cluster.storage import local_storage_root, validate_name, writable_artifact
+from cluster.storage import launch_path, local_storage_root, validate_name, writable_artifact
 from jobs.data import DEFAULT_CORPUS, read_documents, split_by_position, token_stream
 from jobs.index import IndexConfig
 from jobs.train import TrainConfig
@@ -155,6 +155,11 @@ class PipelineConfig(BaseConfig):
     questions: list[Question] = Field(default_factory=lambda: [dict(q) for q in DEFAULT_QUESTIONS],
                                       validate_default=True, description="asked through the endpoint at the end "
                                       "(list of {question, expect}; empty = none)")
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: str) -> str:
+        return v if v == DEFAULT_CORPUS else launch_path(v)
 
     @field_validator("rebuild", mode="before")
     @classmethod

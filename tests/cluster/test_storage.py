@@ -51,3 +51,28 @@ def test_writable_artifact_is_atomic(tmp_path):
             raise RuntimeError("crash mid-write")
     assert (tmp_path / "reports" / "r" / "a.json").read_text() == "1"
     assert [p.name for p in (tmp_path / "reports").iterdir()] == ["r"]
+
+
+def test_a_relative_input_path_resolves_against_the_launch_directory(tmp_path, monkeypatch):
+    from cluster.storage import LAUNCH_DIR_ENV, launch_path
+
+    launch, job_copy = tmp_path / "launch", tmp_path / "copy"
+    (launch / "data").mkdir(parents=True)
+    (launch / "data" / "notes.txt").write_text("x")
+    job_copy.mkdir()
+    (job_copy / "here.txt").write_text("y")
+    monkeypatch.chdir(job_copy)
+    monkeypatch.delenv(LAUNCH_DIR_ENV, raising=False)
+    assert launch_path("data/notes.txt") == "data/notes.txt"  # no launch directory: kept
+    monkeypatch.setenv(LAUNCH_DIR_ENV, str(launch))
+    assert launch_path("data/notes.txt") == str(launch / "data" / "notes.txt")
+    assert launch_path("here.txt") == "here.txt"  # exists where the job runs
+    assert launch_path("missing.txt") == "missing.txt"  # the job's own error names what the user typed
+    assert launch_path("s3://bucket/x.txt") == "s3://bucket/x.txt"
+
+    from jobs.data import DataConfig
+    from jobs.index import IndexConfig
+
+    assert DataConfig(data="data/notes.txt").data == str(launch / "data" / "notes.txt")
+    assert IndexConfig(data="data/notes.txt").data == str(launch / "data" / "notes.txt")
+    assert DataConfig(data="stdlib").data == "stdlib"
