@@ -18,12 +18,16 @@ WORKING_DIR_EXCLUDES = [".venv/", "artifacts/", ".git/", "**/__pycache__/", "*.s
 # Variables a job's workers need to see the same way as the driver.
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAYLM_OPS", "RAYLM_CACHE", LAUNCH_DIR_ENV,
                   "RAYLM_FAIL_AT_STEP", "OMP_NUM_THREADS")
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
 
 def worker_env() -> dict[str, str]:
     """Environment variables forwarded to Ray workers started by this driver."""
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     env.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "1"))
+    # Ray Train V2 routes a worker's print() to its logger *and* tees it to the worker's stdout
+    # (Ray wraps sys.stdout), so every progress line reached the job log twice. Plain prints once.
+    env.setdefault(PRINT_PATCH_ENV, os.environ.get(PRINT_PATCH_ENV, "0"))
     return env
 
 
