@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ops.errors import UserError
-from ops.model import load_model, load_tokenizer, resolve
+from ops.model import load_model, load_tokenizer, model_size_bytes, resolve
 from ops.quantization import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, TiedEmbedding, fuse_weight_only,
                               pack_nibbles, quantize, quantize_int4_groupwise, save_quantized, unpack_nibbles)
 
@@ -48,6 +48,9 @@ def test_method_runs_saves_reloads(tiny, tmp_path, method, settings, tol):
     reloaded = load_model(str(tmp_path / "q"))
     assert reloaded(input_ids=ids).logits.equal(out)
     assert load_tokenizer(str(tmp_path / "q")).vocab_size == tok.vocab_size
+    # The reported size is what ships (runtime-only buffers such as the int4 CPU packing excluded).
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors"))
+    assert abs(model_size_bytes(q) - on_disk) < 0.02 * on_disk + 16384  # + safetensors JSON headers
 
 
 def test_tied_head_is_stored_once(tiny, tmp_path):
