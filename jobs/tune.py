@@ -58,7 +58,7 @@ class SearchSpace(BaseConfig):
     lora_r: list[int] = Field(default_factory=lambda: [4, 8, 16, 32], description="LoRA ranks")
     lora_alpha_ratio: list[float] = Field(default_factory=lambda: [2.0],
                                           description="LoRA alpha as a multiple of r")
-    lr: list[float] = Field(default_factory=lambda: [1e-3], description="peak learning rates")
+    lr: list[float] = Field(default_factory=list, description="peak learning rates (empty = train.lr only)")
     target_modules: list[list[str]] = Field(
         default_factory=lambda: [["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]],
         description="LoRA target module sets")
@@ -185,7 +185,7 @@ def param_space(cfg: TuneJobConfig) -> dict[str, Any]:
     from ray import tune
 
     space = cfg.space
-    values = {"lora_r": space.lora_r, "lora_alpha_ratio": space.lora_alpha_ratio, "lr": space.lr,
+    values = {"lora_r": space.lora_r, "lora_alpha_ratio": space.lora_alpha_ratio, "lr": space.lr or [cfg.train.lr],
               "target_modules": space.target_modules, "quant": space.quant}
     pick = tune.grid_search if cfg.search == "grid" else tune.choice
     sampled = {k: pick(v) if len(v) > 1 or cfg.search != "grid" else v[0] for k, v in values.items()}

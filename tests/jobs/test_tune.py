@@ -131,3 +131,12 @@ def test_interrupted_sweep_restores_and_finishes_only_the_rest(tmp_path, tiny_mo
 def test_bad_sweep_configs(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         load_config(TuneJobConfig, overrides=override)
+
+
+def test_the_training_learning_rate_applies_unless_the_space_sweeps_it():
+    from cluster.config import load_config
+    from jobs.tune import TuneJobConfig, param_space
+
+    assert param_space(load_config(TuneJobConfig, None, ["train.lr=2e-3"]))["lr"] == 2e-3
+    swept = param_space(load_config(TuneJobConfig, None, ["train.lr=2e-3", "space.lr=[1e-3,3e-3]"]))["lr"]
+    assert swept == {"grid_search": [1e-3, 3e-3]}
