@@ -89,7 +89,7 @@ def make_api(ingress: Ingress) -> FastAPI:
         """The base model and every registered LoRA adapter (pass one as `model`)."""
         data = [{"id": args.model_id, "created": ingress.created, "owned_by": "raylm"}]
         data += [{"id": name, "created": ingress.created, "owned_by": "raylm", "parent": args.model_id}
-                 for name in registered_adapters(args.storage)]
+                 for name in registered_adapters(args.storage, args.model)]
         return {"object": "list", "data": data}
 
     @app.post("/v1/rag", response_model=schemas.RagResponse, responses=responses)

@@ -103,28 +103,56 @@ class ApiError(Exception):
         return cls(d["status"], d["message"], d.get("param"), d.get("retry_after"))
 
 
-def registered_adapters(storage: str) -> list[str]:
-    """Names of the adapters under ``<storage>/adapters/`` (directories with adapter_config.json)."""
+def adapter_base(path: Path) -> str | None:
+    """The base model an adapter was trained on: its manifest's ``base_model`` (this project's
+    training and Tune write it), else PEFT's ``base_model_name_or_path``."""
+    for name, key in (("manifest.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        try:
+            value = json.loads((path / name).read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if value:
+            return str(value)
+    return None
+
+
+def _same_model(a: str | None, b: str) -> bool:
+    if a is None:
+        return False
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
+
+
+def registered_adapters(storage: str, base: str | None = None) -> list[str]:
+    """Names of the adapters under ``<storage>/adapters/`` (directories with adapter_config.json);
+    with ``base``, only those trained on that base model: an adapter stacked on another model
+    (a quantized artifact that already holds a merged adapter, a different base) would be wrong."""
     root = Path(storage) / "adapters"
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").is_file() and not p.name.startswith("."))
+    return sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").is_file() and not p.name.startswith(".")
+                  and (base is None or _same_model(adapter_base(p), base)))
 
 
-def adapter_dir(storage: str, name: str) -> Path:
-    """The directory of registered adapter ``name``.
+def adapter_dir(storage: str, name: str, base: str | None = None) -> Path:
+    """The directory of registered adapter ``name`` (trained on ``base`` when given).
 
     Raises:
         ApiError: 422 for a name that is not a plain artifact name (paths never are), 404 for one
-            that is not registered.
+            that is not registered, 422 for one trained on another base model.
     """
     if not re.match(schemas.NAME_PATTERN, name) or ".." in name:
         raise ApiError(422, f"adapter name {name[:80]!r} is not a registry name (letters, digits, '.', '-', '_')",
                        "adapter")
     path = Path(storage) / "adapters" / name
     if not (path / "adapter_config.json").is_file():
-        raise ApiError(404, f"adapter '{name}' is not registered; registered: {registered_adapters(storage)}",
+        raise ApiError(404, f"adapter '{name}' is not registered; registered: {registered_adapters(storage, base)}",
                        "adapter")
+    if base is not None and not _same_model(adapter_base(path), base):
+        raise ApiError(422, f"adapter '{name}' was trained on '{adapter_base(path)}', not on the served model "
+                       f"'{base}'; serve that base model to use it", "adapter")
     return path
 
 
@@ -202,7 +230,7 @@ class Generator:
 
     @serve.multiplexed(max_num_models_per_replica=MAX_ADAPTERS_PER_REPLICA)
     async def adapter_engine(self, name: str) -> _AdapterEngine:
-        path = adapter_dir(self.args.storage, name)
+        path = adapter_dir(self.args.storage, name, self.args.model)
         return _AdapterEngine(name, await asyncio.to_thread(self._engine, path))
 
     async def _engine_for_request(self):
@@ -322,7 +350,7 @@ class Ingress:
         """The adapter a request's ``model`` names ('' = the base model)."""
         if not model or model == self.args.model_id:
             return ""
-        adapter_dir(self.args.storage, model)
+        adapter_dir(self.args.storage, model, self.args.model)
         return model
 
     async def _call(self, make_call: Callable[[], Any], deadline: float, cancel: Callable[[], Any] | None = None) -> Any:

@@ -88,3 +88,25 @@ def test_full_engine_queue_is_503_with_retry_after(tiny_model_dir, tmp_path):
     refused = [r["error"] for r in results if "error" in r]
     assert refused and all(e["status"] == 503 and e["retry_after"] == 1 for e in refused)
     assert any("completion" in r for r in results)
+
+
+def test_adapters_are_registered_only_for_the_base_model_they_were_trained_on(tmp_path):
+    import json
+
+    from serve.app import registered_adapters
+
+    for name, base in [("on-base", "base-model"), ("on-other", "other-model"), ("plain-peft", None)]:
+        (tmp_path / "adapters" / name).mkdir(parents=True)
+        (tmp_path / "adapters" / name / "adapter_config.json").write_text(
+            json.dumps({"base_model_name_or_path": "base-model" if base is None else "ignored"}))
+        if base:
+            (tmp_path / "adapters" / name / "manifest.json").write_text(json.dumps({"base_model": base}))
+    storage = str(tmp_path)
+    assert registered_adapters(storage) == ["on-base", "on-other", "plain-peft"]
+    assert registered_adapters(storage, "base-model") == ["on-base", "plain-peft"]
+    # A quantized artifact already holds its merged adapter: nothing is stacked on it.
+    assert registered_adapters(storage, "quantized/sweep-best") == []
+    assert adapter_dir(storage, "on-base", "base-model").name == "on-base"
+    with pytest.raises(ApiError, match="trained on 'other-model', not on the served model 'base-model'") as err:
+        adapter_dir(storage, "on-other", "base-model")
+    assert err.value.status == 422
