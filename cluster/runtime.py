@@ -19,6 +19,7 @@ WORKING_DIR_EXCLUDES = [".venv/", "artifacts/", ".git/", "**/__pycache__/", "*.s
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAYLM_OPS", "RAYLM_CACHE", LAUNCH_DIR_ENV,
                   "RAYLM_FAIL_AT_STEP", "OMP_NUM_THREADS")
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def worker_env() -> dict[str, str]:
@@ -28,6 +29,11 @@ def worker_env() -> dict[str, str]:
     # Ray Train V2 routes a worker's print() to its logger *and* tees it to the worker's stdout
     # (Ray wraps sys.stdout), so every progress line reached the job log twice. Plain prints once.
     env.setdefault(PRINT_PATCH_ENV, os.environ.get(PRINT_PATCH_ENV, "0"))
+    # Ray Train V2's controller takes one report per worker per poll, polls at most every 2 s by
+    # default, and a worker's next report blocks until the last was taken: per-step reports
+    # capped training at 0.5 steps/s (bench/train_throughput.py: 0.80x a plain loop). Poll faster;
+    # jobs.train also never reports more often than this interval (see report_interval_s).
+    env.setdefault(HEALTH_CHECK_ENV, os.environ.get(HEALTH_CHECK_ENV, "0.2"))
     return env
 
 
@@ -96,3 +102,12 @@ def cluster_gpus() -> int:
     import ray
 
     return int(ray.cluster_resources().get("GPU", 0))
+
+
+def report_interval_s() -> float:
+    """Seconds between two Ray Train reports of one worker that never block it: the interval at
+    which the controller collects them (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's default 2 s)."""
+    try:
+        return max(0.0, float(os.environ.get(HEALTH_CHECK_ENV, "2.0")))
+    except ValueError:
+        return 2.0

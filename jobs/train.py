@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 
 from cluster.cli import run_job
 from cluster.config import BaseConfig, save_config
-from cluster.runtime import cluster_cpus, cluster_gpus, init_ray
+from cluster.runtime import cluster_cpus, cluster_gpus, init_ray, report_interval_s
 from cluster.storage import local_storage_root, resolve_storage, validate_name, writable_artifact
 from jobs.data import DataConfig, block_datasets
 from ops.errors import UserError
@@ -163,12 +163,13 @@ def validation_nll(model: torch.nn.Module, blocks: torch.Tensor, rank: int, worl
     return (sums[0] / sums[1]).item()
 
 
-def _global_mean(value: float, device: torch.device, world: int) -> float:
+def _global_mean(value: float, device: torch.device, world: int, flag: bool = False) -> tuple[float, bool]:
+    """The mean of ``value`` over ranks, and whether rank 0 raised ``flag`` (one all-reduce)."""
     if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+        return value, flag
+    t = torch.tensor([value, float(flag)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.item() / world
+    return t[0].item() / world, t[1].item() > 0
 
 
 def _maybe_fail(step: int, rank: int, run_dir: Path) -> None:
@@ -272,6 +273,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # A step's time runs from the end of the previous step's compute, so the Ray report and any
     # validation/checkpoint in between count against throughput.
     t_prev = time.perf_counter()
+    # Every step is printed and logged to metrics.jsonl; Ray Train gets a step's metrics unless the
+    # last report is younger than the controller's poll interval (a report then would block the
+    # step until the controller collects the previous one). Validation steps are always reported.
+    gap_s, t_reported = report_interval_s(), -math.inf
     while state["step"] < cfg.max_steps:
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
@@ -292,7 +297,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["step"] += 1
         step = state["step"]
         _maybe_fail(step, rank, run_dir)
-        loss_value = _global_mean(loss_sum, device, world)
+        # Rank 0 decides whether this step goes to Ray Train, so that all ranks report together.
+        loss_value, report_now = _global_mean(loss_sum, device, world,
+                                              rank == 0 and time.perf_counter() - t_reported >= gap_s)
         now = time.perf_counter()
         elapsed, t_prev = now - t_prev, now
         state["tokens"] += tokens_per_step
@@ -312,8 +319,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with (run_dir / HISTORY_FILE).open("a") as fh:
                 fh.write(json.dumps(metrics) + "\n")
         if not evaluate:
-            ray.train.report(metrics)  # Ray: per-step metrics
+            if report_now:
+                ray.train.report(metrics)  # Ray: per-step metrics
+                t_reported = time.perf_counter()
             continue
+        # The next step reports regardless: its report waits until the controller has taken this
+        # checkpoint, so a worker lost right after it still resumes from it.
+        t_reported = -math.inf
         with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as tmp:
             if rank == 0:
                 raw_model.save_pretrained(tmp, safe_serialization=True)
