@@ -20,6 +20,7 @@ servable by ``model=quantized/<name>-best``).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -93,7 +94,8 @@ class TuneJobConfig(BaseConfig):
     trial_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each trial's driver (quantize + measure)")
     max_ppl_increase: float = Field(0.02, ge=0, description="winner: lowest latency within this of the best ppl")
     eval: EvalSection = Field(default_factory=EvalSection)
-    fresh: bool = Field(False, description="ignore an earlier sweep of the same name instead of resuming it")
+    fresh: bool = Field(False, description="start over instead of resuming an earlier sweep of the same name "
+                        "(its Tune run and its trials' runs/ and adapters/ directories are deleted)")
 
     @model_validator(mode="after")
     def _check(self) -> "TuneJobConfig":
@@ -180,6 +182,21 @@ def run_trial(params: dict[str, Any], val_ids: list[int], calibration_ids: list[
 # ---------------------------------------------------------------------------------------------
 # The sweep driver
 # ---------------------------------------------------------------------------------------------
+
+def clear_trial_artifacts(storage: str, sweep: str) -> int:
+    """Delete ``runs/`` and ``adapters/`` directories of earlier trials of ``sweep`` (named
+    ``<sweep>-<tune trial id>``, e.g. ``demo-702f4_00003``); the ``<sweep>-best`` export and any
+    other name are kept. Returns how many were removed."""
+    pattern = re.compile(rf"{re.escape(sweep)}-[0-9a-f]{{5}}_\d{{5}}")
+    removed = 0
+    for kind in ("runs", "adapters"):
+        root = Path(storage) / kind
+        for path in sorted(root.iterdir()) if root.is_dir() else []:
+            if path.is_dir() and pattern.fullmatch(path.name):
+                shutil.rmtree(path)
+                removed += 1
+    return removed
+
 
 def param_space(cfg: TuneJobConfig) -> dict[str, Any]:
     from ray import tune
@@ -362,6 +379,9 @@ def main(cfg: TuneJobConfig) -> dict[str, Any]:
     else:
         if run_path.exists() and cfg.fresh:
             shutil.rmtree(run_path)
+            removed = clear_trial_artifacts(resolve_storage(cfg.storage), cfg.name)
+            print(f"[tune] fresh: removed the earlier sweep and its {removed} trial run/adapter directories",
+                  flush=True)
         # stop_last_trials=False: a trial that reaches max_steps still gets quantized and measured.
         scheduler = (ASHAScheduler(time_attr="step", metric="val_perplexity", mode="min",
                                    max_t=cfg.train.max_steps, grace_period=cfg.grace_steps or cfg.train.eval_every,

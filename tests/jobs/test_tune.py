@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -84,6 +85,16 @@ def test_sweep_reports_failed_trials_and_exports_a_servable_winner(tmp_path, tin
     assert "resuming sweep sweep" in again.stdout
     assert all(os.path.getmtime(r["adapter"]) == mtimes[r["trial_id"]] for r in finished)
 
+    # fresh=true starts over and leaves no trial directories of the earlier sweep behind.
+    fresh = _run(config, tmp_path, "fresh=true")
+    assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
+    assert "fresh: removed the earlier sweep" in fresh.stdout
+    new_rows = json.loads((report / "trials.json").read_text())
+    assert not {r["trial_id"] for r in new_rows} & {r["trial_id"] for r in rows}
+    assert not any(Path(r["adapter"]).exists() for r in finished)
+    left = {p.name for p in (tmp_path / "adapters").glob("sweep-*")} - {"sweep-best"}
+    assert left and all(name.removeprefix("sweep-") in {r["trial_id"] for r in new_rows} for name in left)
+
 
 def test_interrupted_sweep_restores_and_finishes_only_the_rest(tmp_path, tiny_model_dir, tiny_text_file):
     config = _config(tmp_path, tiny_model_dir, tiny_text_file, "cut")
@@ -140,3 +151,16 @@ def test_the_training_learning_rate_applies_unless_the_space_sweeps_it():
     assert param_space(load_config(TuneJobConfig, None, ["train.lr=2e-3"]))["lr"] == 2e-3
     swept = param_space(load_config(TuneJobConfig, None, ["train.lr=2e-3", "space.lr=[1e-3,3e-3]"]))["lr"]
     assert swept == {"grid_search": [1e-3, 3e-3]}
+
+
+def test_a_fresh_sweep_clears_only_the_earlier_trials_artifacts(tmp_path):
+    from jobs.tune import clear_trial_artifacts
+
+    names = ["demo-702f4_00003", "demo-best", "demo", "demo-extra-702f4_00001", "other-702f4_00003"]
+    for kind in ("runs", "adapters"):
+        for name in names:
+            (tmp_path / kind / name).mkdir(parents=True)
+    assert clear_trial_artifacts(str(tmp_path), "demo") == 2
+    for kind in ("runs", "adapters"):
+        assert sorted(p.name for p in (tmp_path / kind).iterdir()) == sorted(names[1:])
+    assert clear_trial_artifacts(str(tmp_path / "empty"), "demo") == 0
