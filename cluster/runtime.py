@@ -31,7 +31,7 @@ def worker_env() -> dict[str, str]:
     env.setdefault(PRINT_PATCH_ENV, os.environ.get(PRINT_PATCH_ENV, "0"))
     # Ray Train V2's controller takes one report per worker per poll, polls at most every 2 s by
     # default, and a worker's next report blocks until the last was taken: per-step reports
-    # capped training at 0.5 steps/s (bench/train_throughput.py: 0.80x a plain loop). Poll faster;
+    # throttle any step shorter than the poll (2 s by default). Poll faster;
     # jobs.train also never reports more often than this interval (see report_interval_s).
     env.setdefault(HEALTH_CHECK_ENV, os.environ.get(HEALTH_CHECK_ENV, "0.2"))
     return env

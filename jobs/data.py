@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from cluster.config import BaseConfig
 from cluster.storage import launch_path
@@ -36,18 +36,17 @@ CHUNK_CHARS = 64_000
 Format = Literal["auto", "text", "jsonl", "parquet", "squad", "stdlib"]
 
 
+# A corpus given on the command line: relative paths resolve against the launch directory.
+CorpusSpec = Annotated[str, AfterValidator(lambda v: v if v == DEFAULT_CORPUS else launch_path(v))]
+
+
 class CorpusConfig(BaseConfig):
     """Where text comes from (shared by every job that reads a corpus)."""
 
-    data: str = Field(DEFAULT_CORPUS, description="corpus: 'stdlib' (embedded stdlib docstrings), a text file or "
+    data: CorpusSpec = Field(DEFAULT_CORPUS, description="corpus: 'stdlib' (embedded stdlib docstrings), a text file or "
                       "directory, .jsonl, .parquet or SQuAD .json")
     data_format: Format = Field("auto", description="how to read `data`; auto = by suffix")
     text_field: str = Field("text", description="JSONL field / Parquet column holding the text")
-
-    @field_validator("data")
-    @classmethod
-    def _data(cls, v: str) -> str:
-        return v if v == DEFAULT_CORPUS else launch_path(v)
 
 
 class DataConfig(CorpusConfig):

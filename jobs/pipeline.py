@@ -42,8 +42,8 @@ from pydantic.fields import FieldInfo
 from cluster.cli import run_job
 from cluster.config import BaseConfig, save_config
 from cluster.runtime import init_ray
-from cluster.storage import launch_path, local_storage_root, validate_name, writable_artifact
-from jobs.data import DEFAULT_CORPUS, read_documents, split_by_position, token_stream
+from cluster.storage import local_storage_root, validate_name, writable_artifact
+from jobs.data import DEFAULT_CORPUS, CorpusSpec, read_documents, split_by_position, token_stream
 from jobs.index import IndexConfig
 from jobs.train import TrainConfig
 from ops.errors import UserError
@@ -141,7 +141,7 @@ class ServeSection(BaseConfig):
 
 class PipelineConfig(BaseConfig):
     model: str = Field(DEFAULT_MODEL, description="base model: embedded name, HF id or local directory")
-    data: str = Field(DEFAULT_CORPUS, description="corpus for training, evaluation and the index")
+    data: CorpusSpec = Field(DEFAULT_CORPUS, description="corpus for training, evaluation and the index")
     name: str = Field("pipeline", description="run name: adapters/<name>/, quantized/<name>-<method>/, "
                       "reports/<name>/")
     storage: str = Field("./artifacts", description="artifact root: local path or URI")
@@ -155,11 +155,6 @@ class PipelineConfig(BaseConfig):
     questions: list[Question] = Field(default_factory=lambda: [dict(q) for q in DEFAULT_QUESTIONS],
                                       validate_default=True, description="asked through the endpoint at the end "
                                       "(list of {question, expect}; empty = none)")
-
-    @field_validator("data")
-    @classmethod
-    def _data(cls, v: str) -> str:
-        return v if v == DEFAULT_CORPUS else launch_path(v)
 
     @field_validator("rebuild", mode="before")
     @classmethod
