@@ -2,20 +2,23 @@
 
 Writes docs/benchmarks/decode.md and decode.json:
 - batch-1 end-to-end tokens/s on the same prompts and the same number of new tokens;
-- aggregate tokens/s and p50/p99 request latency at several concurrency levels.
+- aggregate tokens/s and p50/p99 request latency at several concurrency levels;
+- with --ppl-data, perplexity through the HF forward and through the engine's decode steps.
 
-    python bench/decode.py [--threads 2] [--new-tokens 128] [--quant METHOD] [--ppl-data FILE]
+    python bench/decode.py [--threads 2] [--new-tokens 128] [--quant METHOD] [--ppl-data FILE] [--no-compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,8 +44,10 @@ QUESTIONS = [
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads")
-    p.add_argument("--single-stream-threads", type=int, default=1, help="engine intra-op threads while one "
+    p.add_argument("--single-stream-threads", type=int, default=0, help="engine intra-op threads while one "
                    "request decodes (EngineConfig.single_stream_threads; 0 = same as --threads)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the quantized engine with EngineConfig(compile=True)")
     p.add_argument("--new-tokens", type=int, default=128, help="new tokens per request (EOS ignored)")
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated concurrent request counts")
     p.add_argument("--quant", default="weight_only_int4", help="quantized setting also measured (ops.quantization "
@@ -77,10 +82,29 @@ def bench_hf(model, tokenizer, prompts: list[str], new_tokens: int) -> float:
     return total / elapsed
 
 
-def bench_llama_cpp(prompts: list[str], new_tokens: int, threads: int) -> float | None:
-    """Returns end-to-end new tokens/s of llama.cpp on the GGUF at batch 1, None if absent."""
+def bench_llama_cpp(prompts: list[str], new_tokens: int, threads: int) -> tuple[float | None, str]:
+    """End-to-end new tokens/s of llama.cpp on the GGUF at batch 1, in a child process.
+
+    The child keeps llama.cpp's own thread pool out of the engine's process, and a crash of a
+    llama.cpp build (a native extension) costs this row, not the run.
+
+    Returns:
+        (tokens/s, "") or (None, why there is no figure).
+    """
     if importlib.util.find_spec("llama_cpp") is None:
-        return None
+        return None, "llama.cpp not installed (pip install .[bench])"
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import decode; "
+            "print(json.dumps(decode.llama_cpp_rate(json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))")
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), json.dumps(prompts),
+                           str(new_tokens), str(threads)], capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
+        return None, f"llama.cpp failed (exit {proc.returncode}) {tail}".strip()
+    return float(proc.stdout.strip().splitlines()[-1]), ""
+
+
+def llama_cpp_rate(prompts: list[str], new_tokens: int, threads: int) -> float:
+    """New tokens/s of llama.cpp (greedy, EOS ignored) over `prompts`, this process."""
     from llama_cpp import Llama
 
     llm = Llama(
@@ -136,6 +160,53 @@ def perplexity_of(model, tokenizer, path: str, tokens: int = 2048) -> float:
     return sliding_window_perplexity(model, ids, 1024, 512).perplexity
 
 
+def engine_perplexity(engine: Engine, tokenizer, path: str, chunks: int = 2, length: int = 512) -> float:
+    """Teacher-forced perplexity through the engine's own prefill + decode steps (compiled or not).
+
+    Each chunk of `length` tokens of `path` is fed one token per decode step into cache row 0,
+    so the numbers cover exactly the code path that serves requests.
+    """
+    import math
+
+    runner = engine.runner
+    ids = tokenizer(Path(path).read_text()[: chunks * length * 8], add_special_tokens=False)["input_ids"]
+    nll, count = 0.0, 0
+    for c in range(chunks):
+        chunk = torch.tensor(ids[c * length:(c + 1) * length])
+        logits = runner.prefill(0, chunk[:1])
+        for t in range(1, length):
+            nll -= torch.log_softmax(logits.float(), -1)[chunk[t]].item()
+            count += 1
+            logits = runner.decode_one_token(chunk[t:t + 1], torch.tensor([t]))[0]
+    return math.exp(nll / count)
+
+
+def run_engine(model, tokenizer, prompts, config: EngineConfig, args, levels: list[int] | None,
+               label: str) -> dict:
+    """Batch-1 rate, optional concurrency sweep and engine-path perplexity of one engine setting."""
+    out: dict = {"label": label, "compile": config.compile}
+    with Engine(model, tokenizer, config) as engine:
+        t0 = time.perf_counter()
+        engine.warmup()
+        out["warmup_s"] = time.perf_counter() - t0
+        if config.compile and not engine.compiled:
+            raise SystemExit(f"compiling the decode step failed: {engine.warmup_error}")
+        engine.generate_sync([Request(prompt=prompts[0], max_tokens=4)])  # first-call allocations
+        out["batch1"], out["batch1_decode_only"] = bench_engine_batch1(engine, prompts, args.new_tokens)
+        print(f"engine {label}: {out['batch1']:.1f} tok/s (decode only {out['batch1_decode_only']:.1f}), "
+              f"warm-up {out['warmup_s']:.1f} s", flush=True)
+        out["concurrent"] = []
+        for n in levels or []:
+            out["concurrent"].append(asyncio.run(bench_concurrent(engine, prompts, n, args.new_tokens)))
+            print(label, out["concurrent"][-1], flush=True)
+        out["engine_perplexity"] = None
+        if args.ppl_data:
+            out["engine_perplexity"] = engine_perplexity(engine, tokenizer, args.ppl_data)
+            print(f"engine {label} perplexity (decode path): {out['engine_perplexity']:.4f}", flush=True)
+        out["backend"] = engine.backend
+    return out
+
+
 def main() -> None:
     args = parse_args()
     load_at_start = os.getloadavg()[0]  # the machine is shared: record how busy it was
@@ -152,36 +223,27 @@ def main() -> None:
 
     hf = bench_hf(model, tokenizer, prompts, args.new_tokens)
     print(f"transformers.generate: {hf:.1f} tok/s", flush=True)
-    with Engine(model, tokenizer, config) as engine:
-        engine.generate_sync([Request(prompt=prompts[0], max_tokens=4)])  # warm-up
-        eng_e2e, eng_decode = bench_engine_batch1(engine, prompts, args.new_tokens)
-        backend = engine.backend
-    print(f"engine fp32: {eng_e2e:.1f} tok/s (decode only {eng_decode:.1f})", flush=True)
-    lcpp = bench_llama_cpp(prompts, args.new_tokens, args.threads)
-    print(f"llama.cpp: {lcpp if lcpp is None else round(lcpp, 1)} tok/s", flush=True)
+    engines = [run_engine(model, tokenizer, prompts, config, args, None, "fp32")]
+    lcpp, lcpp_missing = bench_llama_cpp(prompts, args.new_tokens, args.threads)
+    print(f"llama.cpp: {lcpp_missing or round(lcpp, 1)} tok/s", flush=True)
     ppl = {"data": args.ppl_data, "float32": None, "quantized": None}
     if args.ppl_data:
         ppl["float32"] = perplexity_of(model, tokenizer, args.ppl_data)
-    quant_e2e = quant_decode = None
     if args.quant:
         model = quantize(model, args.quant)
         if args.ppl_data:
             ppl["quantized"] = perplexity_of(model, tokenizer, args.ppl_data)
-    # The concurrency sweep runs on the quantized model when one is given: the setting to serve.
-    with Engine(model, tokenizer, config) as engine:
-        engine.generate_sync([Request(prompt=prompts[0], max_tokens=4)])  # warm-up
-        if args.quant:
-            quant_e2e, quant_decode = bench_engine_batch1(engine, prompts, args.new_tokens)
-            print(f"engine {args.quant}: {quant_e2e:.1f} tok/s (decode only {quant_decode:.1f})", flush=True)
-        concurrent = []
-        for n in levels:
-            concurrent.append(asyncio.run(bench_concurrent(engine, prompts, n, args.new_tokens)))
-            print(concurrent[-1], flush=True)
+    # The concurrency sweeps run on the quantized model when one is given: the setting to serve.
+    name = args.quant or "fp32"
+    engines.append(run_engine(model, tokenizer, prompts, config, args, levels, name))
+    if args.compile:
+        compiled = dataclasses.replace(config, compile=True)
+        engines.append(run_engine(model, tokenizer, prompts, compiled, args, levels, f"{name}, compiled"))
 
     result = {
         "model": "SmolLM2-135M-Instruct (embedded GGUF, de-quantized to float32)",
         "quant": args.quant,
-        "engine_backend": backend,
+        "engine_backend": engines[0]["backend"],
         "threads": args.threads,
         "single_stream_threads": args.single_stream_threads or args.threads,
         "new_tokens": args.new_tokens,
@@ -190,11 +252,10 @@ def main() -> None:
         "torch": torch.__version__,
         "load_average_at_start": load_at_start,
         "perplexity": ppl,
-        "batch1_tokens_per_s": {
-            "engine": eng_e2e, "engine_decode_only": eng_decode, "engine_quantized": quant_e2e,
-            "engine_quantized_decode_only": quant_decode, "transformers_generate": hf, "llama_cpp": lcpp,
-        },
-        "concurrent": concurrent,
+        "transformers_generate_tokens_per_s": hf,
+        "llama_cpp_tokens_per_s": lcpp,
+        "llama_cpp_missing": lcpp_missing,
+        "engines": engines,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,9 +265,8 @@ def main() -> None:
 
 
 def render_markdown(r: dict) -> str:
-    b = r["batch1_tokens_per_s"]
-    lcpp = b["llama_cpp"]
-    lcpp_cell = "llama.cpp not installed (pip install .[bench])" if lcpp is None else f"{lcpp:.1f}"
+    lcpp = r["llama_cpp_tokens_per_s"]
+    lcpp_cell = r["llama_cpp_missing"] if lcpp is None else f"{lcpp:.1f}"
     ratio = lambda x: "-" if lcpp is None else f"{x / lcpp:.2f}x"  # noqa: E731
     q = r["quant"]
     ppl = r["perplexity"]
@@ -218,46 +278,58 @@ def render_markdown(r: dict) -> str:
         f"{r['new_tokens']} new tokens per request (EOS ignored), {r['prompts']} chat prompts, "
         f"engine backend `{r['engine_backend']}`, torch {r['torch']}, "
         f"1-min load average at start {r['load_average_at_start']:.1f} on {os.cpu_count()} CPUs. "
-        "All rows come from this one run.",
+        "All rows come from this one run. \"compiled\" = `EngineConfig(compile=True)`: the decode step "
+        "through `torch.compile` (Inductor, C++ wrapper); its warm-up is the time to compile both graphs.",
         "",
         "## Batch 1 (end-to-end new tokens/s, prefill included)",
         "",
-        "| generator | tokens/s | vs llama.cpp |",
-        "|---|---|---|",
-        f"| ops.engine (fp32) | {b['engine']:.1f} | {ratio(b['engine'])} |",
-        f"| ops.engine (fp32), decode steps only | {b['engine_decode_only']:.1f} | {ratio(b['engine_decode_only'])} |",
+        "| generator | tokens/s | vs llama.cpp | engine warm-up s |",
+        "|---|---|---|---|",
     ]
-    if q:
+    for e in r["engines"]:
         lines += [
-            f"| ops.engine ({q}) | {b['engine_quantized']:.1f} | {ratio(b['engine_quantized'])} |",
-            f"| ops.engine ({q}), decode steps only | {b['engine_quantized_decode_only']:.1f} | "
-            f"{ratio(b['engine_quantized_decode_only'])} |",
+            f"| ops.engine ({e['label']}) | {e['batch1']:.1f} | {ratio(e['batch1'])} | {e['warmup_s']:.1f} |",
+            f"| ops.engine ({e['label']}), decode steps only | {e['batch1_decode_only']:.1f} | "
+            f"{ratio(e['batch1_decode_only'])} | |",
         ]
+    hf = r["transformers_generate_tokens_per_s"]
     lines += [
-        f"| transformers.generate (fp32) | {b['transformers_generate']:.1f} | {ratio(b['transformers_generate'])} |",
-        f"| llama.cpp (GGUF Q4_1) | {lcpp_cell} | {'1.00x' if lcpp else '-'} |",
+        f"| transformers.generate (fp32) | {hf:.1f} | {ratio(hf)} | |",
+        f"| llama.cpp (GGUF Q4_1) | {lcpp_cell} | {'1.00x' if lcpp else '-'} | |",
         "",
     ]
     if ppl["float32"] is not None:
         rel = f"{ppl['quantized'] / ppl['float32']:.4f}x" if ppl["quantized"] is not None else "-"
         quant_cell = f"{ppl['quantized']:.4f}" if ppl["quantized"] is not None else "-"
         lines += [
-            f"Perplexity on the first 2048 tokens of `{ppl['data']}` (window 1024, stride 512): "
+            f"Perplexity on the first 2048 tokens of `{ppl['data']}` (HF forward, window 1024, stride 512): "
             f"float32 {ppl['float32']:.4f}, {q or 'no quantization'} {quant_cell} ({rel}).",
             "",
         ]
-    lines += [
-        f"## Concurrent requests (ops.engine{', ' + q if q else ', fp32'}, continuous batching)",
-        "",
-        "| concurrent | aggregate tokens/s | vs llama.cpp batch 1 | p50 latency s | p99 latency s | mean TTFT s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in r["concurrent"]:
-        lines.append(
-            f"| {c['concurrency']} | {c['aggregate_tokens_per_s']:.1f} | {ratio(c['aggregate_tokens_per_s'])} | "
-            f"{c['p50_latency_s']:.2f} | {c['p99_latency_s']:.2f} | {c['mean_ttft_s']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+        through = [e for e in r["engines"] if e.get("engine_perplexity") is not None]
+        if through:
+            lines += [
+                "Through the engine's own prefill + decode steps (teacher-forced, 2 chunks of 512 tokens of "
+                "the same file): " + ", ".join(f"{e['label']} {e['engine_perplexity']:.4f}" for e in through)
+                + ".",
+                "",
+            ]
+    for e in r["engines"]:
+        if not e["concurrent"]:
+            continue
+        lines += [
+            f"## Concurrent requests (ops.engine, {e['label']}, continuous batching)",
+            "",
+            "| concurrent | aggregate tokens/s | vs llama.cpp batch 1 | p50 latency s | p99 latency s | mean TTFT s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in e["concurrent"]:
+            lines.append(
+                f"| {c['concurrency']} | {c['aggregate_tokens_per_s']:.1f} | {ratio(c['aggregate_tokens_per_s'])} | "
+                f"{c['p50_latency_s']:.2f} | {c['p99_latency_s']:.2f} | {c['mean_ttft_s']:.2f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ other architecture falls back to the plain HF forward with one `DynamicCache` pe
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import inspect
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -28,6 +30,8 @@ from torch import nn
 from ops.quantization import fuse_weight_only
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+log = logging.getLogger(__name__)
 
 
 class QueueFullError(RuntimeError):
@@ -123,13 +127,17 @@ class EngineConfig:
         max_seq_len: Prompt + generated tokens per request at most (KV cache length).
         num_threads: `torch.set_num_threads` for the engine; None leaves torch's setting.
         single_stream_threads: Intra-op threads while exactly one request decodes; None = as
-            `num_threads`. From the engine thread a one-token step is too small to pay the
-            OpenMP wake-ups: 1 thread gave 50-53 vs 37-42 tok/s with 2 on 2 shared cores
-            (SmolLM2-135M int4), while 8 concurrent requests were faster on 2.
+            `num_threads`. (With the OpenMP workers of the loading thread released, see
+            `release_openmp_workers`, 2 threads beat 1 on 2 CPUs at batch 1 as well.)
         fuse_qkv: Concatenate q/k/v projections into one matmul when all three are plain
             `nn.Linear` (a snapshot of their weights is taken at engine creation), and q/k/v
             and SwiGLU gate/up when they are weight-only int4/int8 modules of one kind.
         force_hf_forward: Use the plain HF forward even for Llama-family models.
+        compile: `torch.compile` the decode step of the Llama-family forward (Inductor; on CPU
+            with its C++ wrapper), so the per-layer Python and the small ops between the
+            matmuls become one generated graph. Two graphs are compiled at engine start (one
+            request / several), which takes tens of seconds per graph on a small CPU the first
+            time (Inductor caches them on disk). Ignored, with a warning, by the HF fallback.
     """
 
     max_batch_size: int = 8
@@ -139,6 +147,7 @@ class EngineConfig:
     single_stream_threads: int | None = None
     fuse_qkv: bool = True
     force_hf_forward: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.single_stream_threads is not None and self.single_stream_threads < 1:
@@ -180,7 +189,8 @@ class LlamaRunner:
     scheduler compacts them with `move`), so decode works on contiguous views.
     """
 
-    def __init__(self, model: nn.Module, max_batch_size: int, max_seq_len: int, fuse_qkv: bool):
+    def __init__(self, model: nn.Module, max_batch_size: int, max_seq_len: int, fuse_qkv: bool,
+                 compile: bool = False):
         self.model = model
         inner = model.model
         cfg = model.config
@@ -203,6 +213,12 @@ class LlamaRunner:
         self.norms = [(_fast_norm(layer.input_layernorm), _fast_norm(layer.post_attention_layernorm))
                       for layer in self.layers]
         self.final_norm = _fast_norm(self.norm)
+        self.compiled = compile
+        self._step = self._decode
+        if compile:
+            # dynamic: the attended length T (and the batch size above 1) are symbols, not one graph each
+            options = {"cpp_wrapper": True} if param.device.type == "cpu" else {}
+            self._step = torch.compile(self._decode, dynamic=True, fullgraph=True, options=options)
 
     @staticmethod
     def _fused_qkv(attn: nn.Module) -> nn.Module | None:
@@ -325,14 +341,38 @@ class LlamaRunner:
         Returns:
             (B, V) next-token logits.
         """
-        # attend only over the filled part of the cache
-        return self._decode(tokens, positions, int(positions.max()) + 1)
+        T = int(positions.max()) + 1  # attend only over the filled part of the cache
+        # every row at the last position (always at batch 1): no mask. Compiled, several rows always
+        # take the masked path, so that two graphs (1 row / several) cover every step.
+        uniform = tokens.shape[0] == 1 or (not self.compiled and int(positions.min()) + 1 == T)
+        return self._step(tokens, positions, T, uniform)
 
-    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, T: int) -> torch.Tensor:
+    def warmup(self, set_threads: Callable[[int], None] = lambda batch: None) -> None:
+        """Compiles the decode graphs now (the first step of each would otherwise take that long).
+
+        Args:
+            set_threads: Called with the batch size before each graph, so that it is compiled
+                under the intra-op threads it will run with.
+
+        Writes only cache positions 1..2 of rows 0..1, which a request's prefill overwrites.
+        """
+        if not self.compiled:
+            return
+        device = self.k_cache[0].device
+        max_batch, max_len = self.k_cache[0].shape[0], self.k_cache[0].shape[2]
+        for B in (1, 2) if max_batch > 1 and max_len > 2 else (1,):
+            set_threads(B)
+            started = time.perf_counter()
+            positions = torch.arange(1, B + 1, device=device)
+            self.decode_one_token(torch.zeros(B, dtype=torch.long, device=device), positions)
+            log.info("compiled the decode step for %s in %.1f s", "1 request" if B == 1 else "batches",
+                     time.perf_counter() - started)
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, T: int, uniform: bool) -> torch.Tensor:
         B = tokens.shape[0]
         rows = torch.arange(B, device=tokens.device)
-        mask = None  # every row at the last position (always at batch 1): all of 0..T-1 is visible
-        if int(positions.min()) + 1 != T:
+        mask = None
+        if not uniform:
             # (B, 1, 1, T): row b sees cache positions 0..positions[b]; additive, built once per step
             visible = (torch.arange(T, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
             mask = torch.zeros(visible.shape, dtype=self.k_cache[0].dtype, device=tokens.device)
@@ -344,9 +384,9 @@ class LlamaRunner:
             input_norm, post_attention_norm = self.norms[i]
             q, k, v = self._heads(i, input_norm(x), rope)
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-            if mask is None:  # one position for all rows: a strided copy, no index_put
-                k_cache[:B, :, T - 1] = k[:, :, 0]
-                v_cache[:B, :, T - 1] = v[:, :, 0]
+            if mask is None:  # one position for all rows: no index_put
+                k_cache[:B].index_copy_(2, positions[:1], k)
+                v_cache[:B].index_copy_(2, positions[:1], v)
             else:
                 k_cache[rows, :, positions] = k[:, :, 0]
                 v_cache[rows, :, positions] = v[:, :, 0]
@@ -505,9 +545,12 @@ class Engine:
         self.config = cfg
         if not cfg.force_hf_forward and _is_llama_family(model, cfg.max_seq_len):
             self.runner: LlamaRunner | HFRunner = LlamaRunner(
-                model, cfg.max_batch_size, cfg.max_seq_len, cfg.fuse_qkv
+                model, cfg.max_batch_size, cfg.max_seq_len, cfg.fuse_qkv, cfg.compile
             )
         else:
+            if cfg.compile:
+                log.warning("EngineConfig.compile ignored: %s runs through the plain HF forward",
+                            type(model).__name__)
             self.runner = HFRunner(model, cfg.max_batch_size, cfg.max_seq_len)
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         self.device = next(model.parameters()).device
@@ -515,9 +558,12 @@ class Engine:
         self._running: list[_Sequence] = []  # index == KV cache row
         self._by_id: dict[int, _Sequence] = {}  # unfinished requests, for cancel() from any thread
         self._wakeup = threading.Condition()
+        self._ready = threading.Event()  # set by the engine thread once warm (decode graphs compiled)
+        self.warmup_error: BaseException | None = None  # why compiling failed
         self._thread: threading.Thread | None = None
         self._closed = False
         self._threads = cfg.num_threads or torch.get_num_threads()  # intra-op threads of prefill / batches
+        release_openmp_workers()  # this thread loaded the model: its idle OpenMP team would slow decode
 
     @property
     def backend(self) -> str:
@@ -663,6 +709,25 @@ class Engine:
                 self._thread = threading.Thread(target=self._loop, name="engine-decode", daemon=True)
                 self._thread.start()
 
+    def warmup(self, timeout: float | None = None) -> None:
+        """Starts the engine and waits until it is warm: with `compile`, its decode graphs are built.
+
+        Without it, this only starts the thread. Requests submitted earlier simply wait. If
+        compiling fails, the error is logged, kept in `warmup_error`, and the engine decodes with
+        the eager forward (`compiled` is then False).
+
+        Raises:
+            EngineError: The engine was not warm within `timeout` seconds.
+        """
+        self.start()
+        if not self._ready.wait(timeout):
+            raise EngineError(f"engine not warm after {timeout} s")
+
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps run through the compiled graph."""
+        return isinstance(self.runner, LlamaRunner) and self.runner.compiled
+
     def close(self) -> None:
         """Stops the decode thread; running and waiting requests end as cancelled."""
         with self._wakeup:
@@ -679,9 +744,26 @@ class Engine:
 
     # ----------------------------------------------------------------- engine thread
 
+    def _decode_threads(self, batch: int) -> int:
+        single = self.config.single_stream_threads
+        return single if single is not None and batch == 1 else self._threads
+
+    def _warm(self) -> None:
+        try:
+            if isinstance(self.runner, LlamaRunner):
+                self.runner.warmup(lambda batch: _set_threads(self._decode_threads(batch)))
+        except Exception as exc:  # noqa: BLE001 - serve eagerly rather than not at all
+            log.exception("compiling the decode step failed; decoding eagerly")
+            self.warmup_error = exc
+            self.runner._step = self.runner._decode
+            self.runner.compiled = False
+        finally:
+            self._ready.set()
+
     def _loop(self) -> None:
         if self.config.num_threads is not None:
             torch.set_num_threads(self.config.num_threads)
+        self._warm()
         while True:
             with self._wakeup:
                 while not self._closed and not self._waiting and not self._running:
@@ -728,8 +810,7 @@ class Engine:
         self._retire()
         if not self._running:
             return
-        single = self.config.single_stream_threads
-        _set_threads(single if single is not None and len(self._running) == 1 else self._threads)
+        _set_threads(self._decode_threads(len(self._running)))
         tokens = torch.tensor([s.token_ids[-1] for s in self._running], device=self.device)
         positions = torch.tensor([s.position for s in self._running], device=self.device)
         logits = self.runner.decode_one_token(tokens, positions)  # (B, V)
@@ -798,6 +879,37 @@ class Engine:
         )
         seq.on_event(Delta(seq.text[seq.emitted :], completion))
         seq.emitted = len(seq.text)
+
+
+def release_openmp_workers() -> bool:
+    """Frees the calling thread's idle OpenMP worker threads (libgomp's `omp_pause_resource_all`).
+
+    libgomp spins only ~100 iterations instead of ~300,000 before sleeping whenever it manages
+    more threads than there are CPUs, and every thread that ever ran a multi-threaded torch op
+    keeps a team of workers. A model loaded or evaluated on the main thread therefore made each
+    parallel region of the engine's decode thread wake sleeping workers: a 2-thread int4 decode
+    step took 34 ms instead of 20 on 2 CPUs. Freeing the loading thread's team (it is rebuilt if
+    that thread runs parallel ops again) leaves the decode thread's team the only one.
+
+    Returns:
+        Whether a libgomp was found and its resources released (False elsewhere: a no-op).
+    """
+    global _libgomp
+    if _libgomp is None:
+        _libgomp = False
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = {line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]}
+            if len(paths) == 1:
+                _libgomp = ctypes.CDLL(paths.pop())
+        except OSError:
+            pass
+    if not _libgomp or not hasattr(_libgomp, "omp_pause_resource_all"):
+        return False
+    return _libgomp.omp_pause_resource_all(1) == 0  # omp_pause_soft
+
+
+_libgomp: Any = None
 
 
 def _set_threads(n: int) -> None:

@@ -61,6 +61,8 @@ class AppArgs(BaseConfig):
     max_queue: int = Field(32, ge=1, description="requests waiting per engine; more get 503 + Retry-After")
     max_seq_len: int = Field(2048, ge=16, description="prompt + generated tokens per request")
     num_threads: int | None = Field(None, ge=1, description="torch threads per generator replica")
+    compile: bool = Field(False, description="torch.compile the engine's decode step (faster decode; each engine "
+                          "compiles before it serves, tens of seconds on a small CPU)")
     default_max_tokens: int = Field(128, ge=1, le=schemas.MAX_TOKENS_LIMIT, description="when a request omits it")
     request_timeout_s: float = Field(60.0, gt=0, description="end-to-end limit per request; then 504")
     max_body_bytes: int = Field(65_536, ge=1024, description="larger request bodies get 413")
@@ -223,9 +225,12 @@ class Generator:
                            attn_implementation=self.attention.name, adapter=str(adapter) if adapter else None)
         self.op_path = op_path(model)
         config = EngineConfig(max_batch_size=self.args.max_batch_size, max_queue=self.args.max_queue,
-                              max_seq_len=self.args.max_seq_len, num_threads=self.args.num_threads)
+                              max_seq_len=self.args.max_seq_len, num_threads=self.args.num_threads,
+                              compile=self.args.compile)
         engine = Engine(model, self.tokenizer, config)
-        engine.start()
+        engine.warmup()  # with `compile`, the replica (or adapter) is ready once its decode graphs are built
+        if self.args.compile and not engine.compiled:
+            log.warning("serving %s with the eager decode step: %s", self.args.model, engine.warmup_error)
         return engine
 
     @serve.multiplexed(max_num_models_per_replica=MAX_ADAPTERS_PER_REPLICA)
@@ -291,7 +296,8 @@ class Generator:
         wrapper = getattr(self, "__serve_multiplex_wrapper", None)
         loaded = list(getattr(wrapper, "models", {}) or {}) if wrapper is not None else []
         return {"model": self.args.model, "attention": self.attention.name, "attention_reason": self.attention.reason,
-                "op_path": self.op_path, "engine_backend": self.engine.backend, "adapters_loaded": loaded,
+                "op_path": self.op_path, "engine_backend": self.engine.backend,
+                "engine_compiled": self.engine.compiled, "adapters_loaded": loaded,
                 "pid": os.getpid()}
 
 
@@ -413,7 +419,8 @@ class Ingress:
         index = await self._call(lambda: self.retriever.info.remote(), deadline) if self.retriever else None
         return {"status": "ok", "model": self.args.model_id, "attention": info["attention"],
                 "attention_reason": info["attention_reason"], "op_path": info["op_path"],
-                "engine_backend": info["engine_backend"], "index": index["index"] if index else None,
+                "engine_backend": info["engine_backend"], "engine_compiled": info["engine_compiled"],
+                "index": index["index"] if index else None,
                 "index_chunks": index["chunks"] if index else None, "adapters_loaded": info["adapters_loaded"],
                 "generator_pid": info["pid"]}
 
