@@ -86,10 +86,13 @@ def bench_llama_cpp(prompts: list[str], new_tokens: int, threads: int) -> tuple[
     """End-to-end new tokens/s of llama.cpp on the GGUF at batch 1, in a child process.
 
     The child keeps llama.cpp's own thread pool out of the engine's process, and a crash of a
-    llama.cpp build (a native extension) costs this row, not the run.
+    llama.cpp build (a native extension) costs this row, not the run. (A native build on a CPU
+    with AMX that the VM does not enable dies with SIGSEGV in libggml-cpu; build it with
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
+    -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" pip install llama-cpp-python.)
 
     Returns:
-        (tokens/s, "") or (None, why there is no figure).
+        (tokens/s, build features) or (None, why there is no figure).
     """
     if importlib.util.find_spec("llama_cpp") is None:
         return None, "llama.cpp not installed (pip install .[bench])"
@@ -100,12 +103,13 @@ def bench_llama_cpp(prompts: list[str], new_tokens: int, threads: int) -> tuple[
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
         return None, f"llama.cpp failed (exit {proc.returncode}) {tail}".strip()
-    return float(proc.stdout.strip().splitlines()[-1]), ""
+    rate, features = json.loads(proc.stdout.strip().splitlines()[-1])
+    return rate, features
 
 
-def llama_cpp_rate(prompts: list[str], new_tokens: int, threads: int) -> float:
-    """New tokens/s of llama.cpp (greedy, EOS ignored) over `prompts`, this process."""
-    from llama_cpp import Llama
+def llama_cpp_rate(prompts: list[str], new_tokens: int, threads: int) -> tuple[float, str]:
+    """(new tokens/s of llama.cpp, greedy, EOS ignored, over `prompts`; its build features), this process."""
+    from llama_cpp import Llama, llama_print_system_info
 
     llm = Llama(
         model_path=str(embedded_gguf(DEFAULT_MODEL)), n_ctx=512, n_threads=threads,
@@ -121,7 +125,8 @@ def llama_cpp_rate(prompts: list[str], new_tokens: int, threads: int) -> float:
                 break
         elapsed += time.perf_counter() - t0
         total += new_tokens
-    return total / elapsed
+    features = [f.split("=")[0].strip() for f in llama_print_system_info().decode().split("|") if f.strip().endswith("= 1")]
+    return total / elapsed, " ".join(f.removeprefix("CPU : ") for f in features)
 
 
 def bench_engine_batch1(engine: Engine, prompts: list[str], new_tokens: int) -> tuple[float, float]:
@@ -224,8 +229,8 @@ def main() -> None:
     hf = bench_hf(model, tokenizer, prompts, args.new_tokens)
     print(f"transformers.generate: {hf:.1f} tok/s", flush=True)
     engines = [run_engine(model, tokenizer, prompts, config, args, None, "fp32")]
-    lcpp, lcpp_missing = bench_llama_cpp(prompts, args.new_tokens, args.threads)
-    print(f"llama.cpp: {lcpp_missing or round(lcpp, 1)} tok/s", flush=True)
+    lcpp, lcpp_info = bench_llama_cpp(prompts, args.new_tokens, args.threads)
+    print(f"llama.cpp: {lcpp if lcpp is None else round(lcpp, 1)} tok/s ({lcpp_info})", flush=True)
     ppl = {"data": args.ppl_data, "float32": None, "quantized": None}
     if args.ppl_data:
         ppl["float32"] = perplexity_of(model, tokenizer, args.ppl_data)
@@ -254,7 +259,7 @@ def main() -> None:
         "perplexity": ppl,
         "transformers_generate_tokens_per_s": hf,
         "llama_cpp_tokens_per_s": lcpp,
-        "llama_cpp_missing": lcpp_missing,
+        "llama_cpp_info": lcpp_info,
         "engines": engines,
     }
     out = Path(args.out)
@@ -266,7 +271,7 @@ def main() -> None:
 
 def render_markdown(r: dict) -> str:
     lcpp = r["llama_cpp_tokens_per_s"]
-    lcpp_cell = r["llama_cpp_missing"] if lcpp is None else f"{lcpp:.1f}"
+    lcpp_cell = r["llama_cpp_info"] if lcpp is None else f"{lcpp:.1f}"
     ratio = lambda x: "-" if lcpp is None else f"{x / lcpp:.2f}x"  # noqa: E731
     q = r["quant"]
     ppl = r["perplexity"]
@@ -295,7 +300,8 @@ def render_markdown(r: dict) -> str:
     hf = r["transformers_generate_tokens_per_s"]
     lines += [
         f"| transformers.generate (fp32) | {hf:.1f} | {ratio(hf)} | |",
-        f"| llama.cpp (GGUF Q4_1) | {lcpp_cell} | {'1.00x' if lcpp else '-'} | |",
+        f"| llama.cpp (GGUF Q4_1{'; built with ' + r['llama_cpp_info'] if lcpp else ''}) | {lcpp_cell} | "
+        f"{'1.00x' if lcpp else '-'} | |",
         "",
     ]
     if ppl["float32"] is not None:

@@ -888,28 +888,36 @@ def release_openmp_workers() -> bool:
     more threads than there are CPUs, and every thread that ever ran a multi-threaded torch op
     keeps a team of workers. A model loaded or evaluated on the main thread therefore made each
     parallel region of the engine's decode thread wake sleeping workers: a 2-thread int4 decode
-    step took 34 ms instead of 20 on 2 CPUs. Freeing the loading thread's team (it is rebuilt if
-    that thread runs parallel ops again) leaves the decode thread's team the only one.
+    step took 1.5x as long as on the main thread (bench/engine_threads.py). Freeing the loading
+    thread's team (it is rebuilt if that thread runs parallel ops again) leaves the decode
+    thread's team the only one.
+
+    Every libgomp loaded in the process is asked (wheels such as faiss bundle their own copy,
+    each with its own teams).
 
     Returns:
-        Whether a libgomp was found and its resources released (False elsewhere: a no-op).
+        Whether a libgomp was found and released this thread's resources (False elsewhere, e.g.
+        on macOS: a no-op).
     """
-    global _libgomp
-    if _libgomp is None:
-        _libgomp = False
-        try:
-            with open("/proc/self/maps") as maps:
-                paths = {line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]}
-            if len(paths) == 1:
-                _libgomp = ctypes.CDLL(paths.pop())
-        except OSError:
-            pass
-    if not _libgomp or not hasattr(_libgomp, "omp_pause_resource_all"):
+    try:
+        with open("/proc/self/maps") as maps:  # libraries loaded now (some load late, e.g. with faiss)
+            paths = sorted({line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]})
+    except OSError:
         return False
-    return _libgomp.omp_pause_resource_all(1) == 0  # omp_pause_soft
+    released = False
+    for path in paths:
+        if path not in _libgomps:
+            try:
+                _libgomps[path] = ctypes.CDLL(path)
+            except OSError:
+                _libgomps[path] = None
+        lib = _libgomps[path]
+        if lib is not None and hasattr(lib, "omp_pause_resource_all"):
+            released |= lib.omp_pause_resource_all(1) == 0  # omp_pause_soft
+    return released
 
 
-_libgomp: Any = None
+_libgomps: dict[str, Any] = {}  # path -> loaded handle (None: could not be opened)
 
 
 def _set_threads(n: int) -> None:

@@ -177,6 +177,7 @@ class Health(BaseModel):
     attention_reason: str
     op_path: str
     engine_backend: str
+    engine_compiled: bool
     index: str | None
     index_chunks: int | None
     adapters_loaded: list[str]
