@@ -7,16 +7,19 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 RAY_ADDRESS_HTTP := http://127.0.0.1:8265
 export HF_HUB_OFFLINE ?= 1
-# The make-managed cluster listens on 127.0.0.1 only; head, jobs and clients agree on no token auth
-# (Ray >= 2.59 turns tokens on for local clusters; set RAY_AUTH_MODE=token to keep them).
-export RAY_AUTH_MODE ?= disabled
+# Ray token auth on for the head, its jobs and every client (CLI, cluster.submit, Serve deploy):
+# they read the token from RAY_AUTH_TOKEN or ~/.ray/auth_token, which `make ray-up` creates once.
+export RAY_AUTH_MODE := token
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test test-fast ray-up stop help
+.PHONY: setup demo test test-quick ray-up stop help
+# The quick tier: unit tests only (no Ray cluster, no child process per case, no real model).
+QUICK := not integration and not subprocess and not slow and not gpu
 
 help:
 	@echo "make demo   - set up .venv, start a loopback Ray cluster, run the pipeline (jobs.pipeline) on the embedded model; ARGS=\"key=value ...\" passes options"
 	@echo "make test   - set up .venv and run the whole test suite (unit + integration)"
+	@echo "make test-quick - set up .venv and run the unit tests only (a few minutes; no Ray cluster)"
 	@echo "make setup  - only create/refresh .venv (idempotent)"
 	@echo "make ray-up - start a loopback Ray head (127.0.0.1); make stop - stop Serve and Ray"
 
@@ -34,6 +37,8 @@ $(STAMP):
 	@echo "setup: $(VENV) is ready"
 
 ray-up: setup
+	@test -n "$$RAY_AUTH_TOKEN" || test -s "$${RAY_AUTH_TOKEN_PATH:-$$HOME/.ray/auth_token}" || \
+	  $(VENV)/bin/ray get-auth-token --generate >/dev/null
 	@$(VENV)/bin/ray status --address 127.0.0.1:6379 >/dev/null 2>&1 || \
 	  $(VENV)/bin/ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 \
 	    --port=6379 --dashboard-port=8265 --disable-usage-stats >/dev/null && \
@@ -43,10 +48,10 @@ demo: ray-up
 	$(PY) -m cluster.submit --address $(RAY_ADDRESS_HTTP) -- python -m jobs.pipeline $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
-test-fast: setup
-	$(PY) -m pytest -q -m "not integration"
+test-quick: setup
+	$(PY) -m pytest -q --durations=10 -m "$(QUICK)"
 
 stop:
 	-@$(VENV)/bin/serve shutdown --address $(RAY_ADDRESS_HTTP) -y >/dev/null 2>&1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ops.native_build import active_backend, backend, backend_reason
+from ops.native_build import active_backend, backend, backend_reason, on_load
 
 __all__ = [
     "active_backend",
@@ -326,5 +326,4 @@ def _register_meta() -> None:
     torch.library.register_autograd("raylm::clamped_relu", _clamped_relu_backward, setup_context=_clamped_relu_setup)
 
 
-if backend().devices:
-    _register_meta()
+on_load(_register_meta)

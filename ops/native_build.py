@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,26 @@ class Backend:
 
 
 _backend: Backend | None = None
+# Run once the library is loaded (the fakes `torch.compile` needs are registered there), so that
+# importing `ops` never builds anything: the build happens on first use.
+_on_load: list[Callable[[], None]] = []
+_hooks_ran = False
+
+
+def on_load(hook: Callable[[], None]) -> None:
+    """Calls ``hook()`` once the native library is loaded (now, if it already is)."""
+    _on_load.append(hook)
+    if _backend is not None and _backend.devices:
+        _run_hooks()
+
+
+def _run_hooks() -> None:
+    global _hooks_ran
+    if _hooks_ran:
+        return
+    _hooks_ran = True
+    for hook in _on_load:
+        hook()
 
 
 def _cpu_isa_flags() -> str:
@@ -148,6 +169,7 @@ def backend() -> Backend:
     name = "native-cuda" if "cuda" in devices else "native-cpu"
     _backend = Backend(name, f"compiled ops loaded for {', '.join(sorted(devices))}", devices)
     log.info("raylm ops: %s", name)
+    _run_hooks()
     return _backend
 
 

@@ -1,23 +1,75 @@
-"""Shared fixtures: a tiny random Llama + tokenizer (unit tests), the embedded model's storage
-(integration), and a loopback Ray cluster that is always shut down."""
+"""Shared fixtures and the test tiers.
+
+Fixtures: a tiny random Llama + tokenizer (unit tests), the embedded model's storage, the
+native ops (built once per session, required wherever a C++ compiler exists), and the Ray
+clusters: one in-process cluster and one `ray start --head`, each started on first use with its
+own temp dir and ports and stopped as soon as the last test that needs it has run.
+
+Tiers (markers, see pyproject.toml): a test that starts Ray or Serve is `integration`, one that
+runs a real entrypoint in a child process is `subprocess`, one that loads the real embedded model
+or compiles is `slow`, one that needs CUDA is `gpu`. Markers that follow from a fixture are added
+here; `make test-quick` runs what has none of them.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Tests start their own clusters: never attach to one a user has running.
+os.environ.pop("RAY_ADDRESS", None)
+# Token auth on, as in production, with a token of this test session's own (children inherit it).
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
-# Converting the embedded GGUF takes ~20 s; tests share one converted copy across runs.
-TEST_STORAGE = Path(os.environ.get("RAYLM_TEST_STORAGE", REPO / ".cache" / "test-artifacts"))
+# Converting the embedded GGUF takes ~20 s; tests share one converted copy across runs. Only
+# models/ lives there: everything a test writes goes to a storage of the session's own.
+MODEL_CACHE = Path(os.environ.get("RAYLM_TEST_STORAGE", REPO / ".cache" / "test-artifacts"))
+# Ray's session dirs (logs, sockets) stay short: AF_UNIX socket paths are limited to 107 bytes.
+RAY_TEMP_ROOT = Path(tempfile.mkdtemp(prefix="raylm-t-", dir="/tmp"))
+# Clusters that entrypoints start in child processes keep their sessions here too, not in the
+# machine-wide /tmp/ray that `ray start` / `ray status` of a user read.
+os.environ["RAY_TMPDIR"] = str(RAY_TEMP_ROOT)
+
+# Fixtures that start Ray, and the marker each implies.
+_FIXTURE_MARKERS = {
+    "ray_local": "integration",
+    "ray_head": "integration",
+    "rag_app": "integration",
+    "embedded_storage": "slow",
+}
+# Run order of the tiers: unit tests first, then each cluster's users together, so a cluster
+# starts once and stops before the next group (see pytest_runtest_teardown).
+_GROUPS = ("ray_local", "ray_head")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, marker in _FIXTURE_MARKERS.items():
+            if fixture in item.fixturenames and marker not in item.keywords:
+                item.add_marker(marker)
+
+    def group(item: pytest.Item) -> int:
+        for i, fixture in enumerate(_GROUPS):
+            if fixture in item.fixturenames:
+                return i + 2
+        if item.get_closest_marker("integration"):
+            return len(_GROUPS) + 2
+        return 1 if item.get_closest_marker("subprocess") or item.get_closest_marker("slow") else 0
+
+    items.sort(key=group)  # stable: file order within a group
 
 
 def shared_file(name: str) -> Path:
@@ -87,27 +139,112 @@ def tiny_text_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def embedded_storage() -> Path:
-    """Storage holding the embedded model converted to safetensors (converted once, then reused)."""
+def embedded_storage(tmp_path_factory) -> Path:
+    """A storage of this session whose models/ holds the embedded model as safetensors.
+
+    The conversion is cached across runs in MODEL_CACHE; only models/ is shared with it, so what
+    tests write (reports, quantized models) goes to the session's temp dir and nothing piles up.
+    """
     from ops.model import DEFAULT_MODEL, ensure_embedded
 
-    TEST_STORAGE.mkdir(parents=True, exist_ok=True)
-    ensure_embedded(DEFAULT_MODEL, TEST_STORAGE)
-    return TEST_STORAGE
+    ensure_embedded(DEFAULT_MODEL, MODEL_CACHE)
+    storage = tmp_path_factory.mktemp("embedded-storage")
+    (storage / "models").symlink_to(MODEL_CACHE / "models", target_is_directory=True)
+    return storage
+
+
+def _compiler_available() -> bool:
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+@pytest.fixture(scope="session")
+def native_ops():
+    """The compiled raylm ops, built (or loaded from the build cache) once per session.
+
+    Wherever a C++ compiler exists, and always under CI, the native backend is required: a build
+    failure fails the tests that use the ops instead of turning them into skips. Where neither
+    holds the tests skip, naming why.
+    """
+    from ops import native_build
+
+    backend = native_build.backend()
+    if "cpu" in backend.devices:
+        return backend
+    required = os.environ.get("CI", "").lower() in ("1", "true", "yes") or _compiler_available()
+    if required and os.environ.get("RAYLM_OPS", "auto") != "reference":
+        pytest.fail(f"the native ops are required here (a C++ compiler exists or CI is set) but are not active: "
+                    f"{backend.reason}", pytrace=False)
+    pytest.skip(f"native ops not built here: {backend.reason}")
+
+
+class _LocalRay:
+    """One in-process Ray cluster on loopback, with its own temp dir; started on first use."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def get(self):
+        import ray
+
+        from cluster.runtime import init_ray
+
+        if not self.started:
+            if ray.is_initialized():  # a test connected on its own: not ours to reuse
+                ray.shutdown()
+            # Ports of its own (the dashboard's default 8265 may be a user's `make ray-up` cluster).
+            init_ray(num_cpus=2, _temp_dir=str(RAY_TEMP_ROOT / "local"), dashboard_port=_free_port())
+            self.started = True
+        return ray
+
+    def stop(self) -> None:
+        import ray
+
+        if self.started:
+            try:
+                from ray import serve
+
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+                self.started = False
+
+
+_LOCAL_RAY = _LocalRay()
 
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A loopback Ray instance for tests that need Ray Data / Train in-process; always shut down."""
-    import ray
+    """The shared in-process Ray cluster (Ray Data / Train / Serve in this process).
 
-    from cluster.runtime import init_ray
+    Its users run together (see pytest_collection_modifyitems) and it stops after the last one.
+    """
+    return _LOCAL_RAY.get()
 
-    init_ray(num_cpus=2)
+
+def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``python -m module args...`` in this process (as ``__main__``, argv and all) and return
+    its exit code and output: the entrypoint's own argument parsing and error path, without the
+    seconds a child process spends importing torch. For options and errors; jobs that do work run
+    through `run_module` (marker `subprocess`)."""
+    import contextlib
+    import io
+    import runpy
+    import warnings
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    argv = sys.argv
+    sys.argv = [module, *args]
     try:
-        yield ray
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            # runpy warns that the job module is already imported (tests import it): expected here.
+            warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
-        ray.shutdown()
+        sys.argv = argv
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
 def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 600,
@@ -153,7 +290,7 @@ class RayHead:
              "--disable-usage-stats", "--include-dashboard=true",
              # Not the default 52365: an in-process test cluster may hold it, and a head whose agent
              # cannot bind its HTTP port accepts no jobs.
-             f"--dashboard-agent-listen-port={self.agent_port}"],
+             f"--dashboard-agent-listen-port={self.agent_port}", f"--temp-dir={RAY_TEMP_ROOT / 'head'}"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -203,12 +340,48 @@ class RayHead:
         return subprocess.run(cmd, cwd=working_dir, env=self.env, capture_output=True, text=True, timeout=timeout)
 
 
+class _SharedHead:
+    """The `ray start --head` cluster that job-submission tests share; started on first use."""
+
+    def __init__(self) -> None:
+        self.head: RayHead | None = None
+
+    def get(self) -> RayHead:
+        if self.head is None:
+            head = RayHead()
+            head.start()
+            self.head = head
+        return self.head
+
+    def stop(self) -> None:
+        if self.head is not None:
+            head, self.head = self.head, None
+            head.stop()
+
+
+_HEAD = _SharedHead()
+
+
 @pytest.fixture(scope="session")
-def ray_head():
-    """A loopback Ray head for `ray job submit` tests; always stopped, also on failure."""
-    head = RayHead()
-    head.start()
-    try:
-        yield head
-    finally:
-        head.stop()
+def ray_head() -> RayHead:
+    """The shared loopback Ray head for `ray job submit` tests; stops after the last one."""
+    return _HEAD.get()
+
+
+_CLUSTERS = {"ray_local": _LOCAL_RAY, "ray_head": _HEAD}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """Stops a shared cluster right after the last test that needs it (module fixtures that use
+    it, such as a Serve app, have been torn down by then), also when that test failed."""
+    yield
+    for fixture, cluster in _CLUSTERS.items():
+        if fixture in item.fixturenames and (nextitem is None or fixture not in nextitem.fixturenames):
+            cluster.stop()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for cluster in _CLUSTERS.values():
+        cluster.stop()
+    shutil.rmtree(RAY_TEMP_ROOT, ignore_errors=True)

@@ -36,11 +36,9 @@ def cluster():
     # Cluster() writes its address to <ray temp dir>/ray_current_cluster, which `ray.init("auto")`
     # and `ray status` of anyone on this machine read: keep it, and the session, in a private dir.
     ray_tmp = tempfile.mkdtemp(prefix="raylm-mn-", dir="/tmp")  # short: Ray's socket paths are limited
-    # An earlier test module may have left this process connected (the session `ray_local`
-    # fixture): step off it for this module and reconnect a fresh local instance afterwards.
-    was_connected = ray.is_initialized()
-    if was_connected:
-        ray.shutdown()
+    # The shared in-process cluster's users run before this module and stop it after the last
+    # (tests/conftest.py); this cluster must not be joined to it.
+    assert not ray.is_initialized(), "an earlier test left this process connected to Ray"
     dashboard_port = _free_port()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_TMPDIR", ray_tmp)
@@ -66,10 +64,6 @@ def cluster():
             ray.shutdown()
             c.shutdown()
             shutil.rmtree(ray_tmp, ignore_errors=True)
-    if was_connected:
-        from cluster.runtime import init_ray
-
-        init_ray(num_cpus=2)
 
 
 def test_train_workers_on_two_nodes_share_checkpoints(cluster, tiny_model_dir, tiny_text_file, tmp_path):

@@ -27,6 +27,14 @@ def test_gpu_workers_and_project_install(config):
     assert "--dashboard-port=8265" in start
 
 
+def test_every_node_starts_with_token_auth(config):
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        start = [c for c in commands if "ray start" in c]
+        assert start and all("RAY_AUTH_MODE=token" in c for c in start), start
+    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "echo 'export RAY_AUTH_MODE=token' >> ~/.bashrc" in config["setup_commands"]
+
+
 def test_schema_rejects_a_typo(config):
     bad = copy.deepcopy(config)
     bad["max_wrokers"] = 3

@@ -7,9 +7,10 @@ import torch
 
 from ops import kernels as K
 
-pytestmark = pytest.mark.skipif(
-    "cpu" not in K.backend().devices, reason=f"native ops not built here: {K.backend_reason()}"
-)
+
+@pytest.fixture(autouse=True)
+def _native(native_ops) -> None:
+    """Every test here runs the compiled ops (built once per session; required where buildable)."""
 
 SHAPES = [(1, 576), (3, 577), (2, 5, 4097), (512, 64)]
 DTYPES = [torch.float32, torch.bfloat16]

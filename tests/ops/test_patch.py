@@ -12,9 +12,7 @@ from ops import kernels as K
 from ops import native_build
 from ops.patch import PatchReport, patch_model
 
-needs_native = pytest.mark.skipif(
-    "cpu" not in native_build.backend().devices, reason=f"native ops not built here: {native_build.backend_reason()}"
-)
+needs_native = pytest.mark.usefixtures("native_ops")
 
 
 def _tiny_llama(hidden: int, intermediate: int, heads: int) -> LlamaForCausalLM:

@@ -72,16 +72,14 @@ def wait_ready(base_url: str, deadline_s: float = 180.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def rag_app(serve_storage, tiny_model_dir):
-    """The app with the tiny generator and an API key; yields its base URL. Always shut down."""
-    import ray
+def rag_app(ray_local, serve_storage, tiny_model_dir):
+    """The app with the tiny generator and an API key on the shared in-process cluster; yields its
+    base URL. Serve is always shut down (the cluster stays for the next Ray test)."""
     from ray import serve
 
-    from cluster.runtime import init_ray
     from serve.app import build_app
 
     port = free_port()
-    init_ray(num_cpus=2)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app({"storage": str(serve_storage), "model": str(tiny_model_dir), "model_id": "tiny",
@@ -93,4 +91,3 @@ def rag_app(serve_storage, tiny_model_dir):
         yield base_url
     finally:
         serve.shutdown()
-        ray.shutdown()
