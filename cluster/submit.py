@@ -53,11 +53,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         client = JobSubmissionClient(args.address)
+        # Quoted so an argument with spaces (a question, a path) reaches the job as one argument.
+        job_id = submit_with_retry(client, shlex.join(entrypoint), submit_runtime_env())
     except ConnectionError as exc:
         print(f"error: no Ray job server at {args.address} ({exc}); start one with `make ray-up`", file=sys.stderr)
         return 2
-    # Quoted so an argument with spaces (a question, a path) reaches the job as one argument.
-    job_id = submit_with_retry(client, shlex.join(entrypoint), submit_runtime_env())
+    except Exception as exc:
+        if not _is_auth_error(exc):
+            raise
+        print(f"error: the job server at {args.address} refused this client's Ray auth token "
+              f"({_first_line(exc)}); export RAY_AUTH_MODE=token and the cluster's token as RAY_AUTH_TOKEN "
+              "or in ~/.ray/auth_token (`ray get-auth-token` on the head)", file=sys.stderr)
+        return 2
     print(f"[submit] job {job_id} submitted to {args.address}", flush=True)
     if args.no_wait:
         return 0
@@ -77,6 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         status = client.get_job_status(job_id)
     print(f"[submit] job {job_id} {status.value}", flush=True)
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    from ray.exceptions import AuthenticationError
+
+    text = str(exc)
+    return isinstance(exc, AuthenticationError) or "Authentication" in text or "authentication token" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 if __name__ == "__main__":

@@ -184,6 +184,8 @@ def backend_reason() -> str:
 
 
 def _last_line(e: BaseException) -> str:
-    """The last non-empty line of an exception message (where compilers put the reason)."""
+    """The line of an exception message that says why: the compiler's first ``error:`` line when
+    there is one (ninja's own last line only says that a subcommand failed), else the last line."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
+    errors = [line for line in lines if "error:" in line]
+    return (errors[0] if errors else lines[-1] if lines else "")[:300]
