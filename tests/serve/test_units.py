@@ -22,7 +22,7 @@ def test_app_args_unknown_key_and_bad_value_are_one_line_errors(tmp_path):
 def test_api_key_from_env_and_model_id_default(monkeypatch, tmp_path):
     monkeypatch.setenv("RAYLM_API_KEY", "secret")
     args = parse_app_args({"storage": str(tmp_path), "model": "/some/dir/my-model/"})
-    assert args.api_key == "secret" and args.model_id == "my-model"
+    assert args.api_key.get_secret_value() == "secret" and args.model_id == "my-model"
 
 
 @pytest.mark.parametrize("name, status", [("../../etc/passwd", 422), ("/etc", 422), (".hidden", 422),
