@@ -43,7 +43,7 @@ async def rag(ingress: Ingress, body: schemas.RagRequest) -> dict | StreamingRes
     args = ingress.args
     t0 = time.monotonic()
     deadline = t0 + args.request_timeout_s
-    adapter = ingress.resolve_model(body.adapter)
+    adapter = ingress.resolve_model(body.adapter, param="adapter")
     sources = await ingress.retrieve(body.question, body.top_k, deadline)
     retrieve_s = time.monotonic() - t0
     payload = {"rag": {"question": body.question, "sources": sources}, "max_tokens": body.max_tokens,

@@ -215,3 +215,10 @@ def test_rag_extension_without_an_index_is_400():
 
     with pytest.raises(openai.BadRequestError, match="serves no index"):
         client_for(NoIndex()).chat.completions.create(model="tiny", messages=USER, extra_body={"rag": {"top_k": 2}})
+
+
+def test_rag_names_the_adapter_field_of_an_unknown_adapter():
+    http = TestClient(make_api(FakeIngress()))  # type: ignore[arg-type]
+    r = http.post("/v1/rag", json={"question": "q", "adapter": "nope"}, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "adapter"
+    assert r.json()["error"]["code"] == "model_not_found"
