@@ -92,12 +92,16 @@ def holders(resource: str) -> list[str]:
     """Who holds ``resource`` now: live actors outside placement groups (grouped by class; Serve
     replicas by app and deployment) and placement groups (Ray Train / Tune reserve theirs so)."""
     try:
+        import ray
         from ray.util.state import list_actors, list_placement_groups
 
-        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, timeout=10,
-                             raise_on_missing_output=False)
-        groups = list_placement_groups(filters=[("state", "=", "CREATED")], detail=True, limit=10_000, timeout=10,
-                                       raise_on_missing_output=False)
+        # The cluster this driver is connected to: with no address the State API looks for one and
+        # refuses when this machine runs several (other users', tests').
+        address = ray.get_runtime_context().gcs_address
+        actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True, limit=10_000,
+                             timeout=10, raise_on_missing_output=False)
+        groups = list_placement_groups(address=address, filters=[("state", "=", "CREATED")], detail=True,
+                                       limit=10_000, timeout=10, raise_on_missing_output=False)
     except Exception as exc:  # noqa: BLE001 - the refusal must still come out, without the list
         return [f"(could not list actors: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"]
     return describe_holders(resource, [_as_dict(a) for a in actors], [_as_dict(g) for g in groups])
@@ -129,7 +133,7 @@ def _actor_label(class_name: str) -> str:
     if class_name.startswith("ServeReplica:"):
         _, app, deployment = (class_name.split(":", 2) + ["", ""])[:3]
         return f"Serve app '{app}' {deployment}"
-    return class_name
+    return class_name.rsplit(".", 1)[-1]  # a class defined in a function is "f.<locals>.Name"
 
 
 def _as_dict(row: Any) -> dict[str, Any]:

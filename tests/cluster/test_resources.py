@@ -35,6 +35,7 @@ def cluster(monkeypatch):
 
     monkeypatch.setattr(ray, "available_resources", available)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "memory": 1e9})
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: type("Ctx", (), {"gcs_address": "127.0.0.1:6379"})())
     monkeypatch.setattr(ray.util.state, "list_actors", lambda **kw: SERVE_ACTORS)
     monkeypatch.setattr(ray.util.state, "list_placement_groups", lambda **kw: GROUPS)
     monkeypatch.setattr(resources, "_POLL_S", 0.01)
