@@ -224,9 +224,28 @@ def parse_args(model: type[C], argv: typing.Sequence[str] | None, prog: str, des
     return load_config(model, config_file, rest)
 
 
+# Config keys whose values never reach a printed or saved config (e.g. the pipeline's serve.app.api_key).
+SECRET_KEYS = ("api_key", "password", "secret", "token")
+REDACTED = "<redacted>"
+
+
+def redact(tree: Any) -> Any:
+    """``tree`` with the value of every key named like a secret (:data:`SECRET_KEYS`, or ending in
+    ``_<one of them>``) replaced by ``<redacted>``, at any depth."""
+    if isinstance(tree, dict):
+        return {k: REDACTED if _is_secret(k) and v is not None else redact(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact(v) for v in tree]
+    return tree
+
+
+def _is_secret(key: Any) -> bool:
+    return isinstance(key, str) and any(key == s or key.endswith("_" + s) for s in SECRET_KEYS)
+
+
 def dump_config(cfg: BaseModel) -> str:
-    """The resolved config as YAML (what is printed at start and saved beside artifacts)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML (what is printed at start and saved beside artifacts), secrets redacted."""
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
 
 
 def save_config(cfg: BaseModel, directory: str | Path, filename: str = "config.yaml") -> Path:

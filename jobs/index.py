@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 
 from cluster.cli import run_job
 from cluster.config import BaseConfig, save_config
+from cluster.resources import free_units
 from cluster.runtime import init_ray
 from cluster.storage import local_storage_root, validate_name, writable_artifact
 from jobs.data import CorpusConfig, read_documents
@@ -100,8 +101,13 @@ def main(cfg: IndexConfig) -> RetrievalStore:
     print(f"[index] {len(docs)} documents -> {len(chunks)} chunks (size={cfg.chunk.size}, "
           f"overlap={cfg.chunk.overlap} characters)", flush=True)
     init_ray()
+    # A Ray Data actor that finds no free CPU waits forever: embed with the actors that fit now (the
+    # vectors do not depend on how many there are), or stop naming what holds the CPUs.
+    workers = free_units({"CPU": 1}, cfg.workers, "jobs.index", f"embedding actors, workers={cfg.workers} x 1 CPU")
+    if workers < cfg.workers:
+        print(f"[index] {workers} CPU(s) free: embedding with {workers} of workers={cfg.workers} actors", flush=True)
     t0 = time.perf_counter()
-    vectors = embed_chunks([c["text"] for c in chunks], cfg.embedder, cfg.batch_size, cfg.workers)
+    vectors = embed_chunks([c["text"] for c in chunks], cfg.embedder, cfg.batch_size, workers)
     embed_s = time.perf_counter() - t0
     if vectors.shape != (len(chunks), dimension):
         raise RuntimeError(f"embedding actors returned {vectors.shape}, expected {(len(chunks), dimension)}")

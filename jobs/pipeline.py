@@ -50,6 +50,7 @@ from ops.errors import UserError
 from ops.metrics import check_window, measure_latency, sliding_window_perplexity
 from ops.model import DEFAULT_MODEL, load_model, load_tokenizer, model_size_bytes
 from ops.quantization import METHODS, check_method
+from serve.security import API_KEY_ENV, require_key_off_loopback
 
 DESCRIPTION = __doc__
 STEPS = ("train", "quantize", "index")
@@ -131,12 +132,18 @@ class QuantizeSection(BaseConfig):
 
 
 class ServeSection(BaseConfig):
-    host: str = Field("127.0.0.1", description="HTTP host of the Serve proxy")
+    host: str = Field("127.0.0.1", description="HTTP host of the Serve proxy; any other than loopback needs an "
+                      f"API key (serve.app.api_key or env {API_KEY_ENV})")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy")
     top_k: int = Field(4, ge=1, le=50, description="passages retrieved per question")
     max_tokens: int = Field(96, ge=1, le=1024, description="answer tokens at most (greedy)")
     request_timeout_s: float = Field(120.0, gt=0, description="per question")
-    app: dict[str, Any] = Field(default_factory=dict, description="extra serve.app args (e.g. max_batch_size)")
+    app: dict[str, Any] = Field(default_factory=dict, description="extra serve.app args (e.g. max_batch_size, "
+                                "api_key; an api_key is never printed or saved)")
+
+    def api_key(self) -> str | None:
+        """The key the app will require: ``app.api_key``, else the environment's."""
+        return str(self.app["api_key"]) if self.app.get("api_key") else os.environ.get(API_KEY_ENV) or None
 
 
 class PipelineConfig(BaseConfig):
@@ -332,8 +339,9 @@ def deploy(cfg: PipelineConfig, storage: str, model: str, index_name: str) -> st
     from serve.app import build_app
 
     args = {**cfg.serve.app, "storage": storage, "model": model, "model_id": cfg.name, "index": index_name}
-    app = build_app(args)
+    # Serve first, so build_app checks the host its proxy really binds (an earlier instance's, if any).
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    app = build_app(args)
     t0 = time.perf_counter()
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
@@ -344,7 +352,10 @@ def deploy(cfg: PipelineConfig, storage: str, model: str, index_name: str) -> st
 def ask(url: str, question: Question, cfg: PipelineConfig) -> dict[str, Any]:
     body = json.dumps({"question": question.question, "top_k": cfg.serve.top_k,
                        "max_tokens": cfg.serve.max_tokens, "temperature": 0.0}).encode()
-    request = urllib.request.Request(f"{url}/v1/rag", data=body, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if cfg.serve.api_key():
+        headers["Authorization"] = f"Bearer {cfg.serve.api_key()}"
+    request = urllib.request.Request(f"{url}/v1/rag", data=body, headers=headers)
     t0 = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=cfg.serve.request_timeout_s) as resp:
@@ -394,6 +405,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
 
 def main(cfg: PipelineConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
+    # Before any step: an endpoint that would open to the network without a key fails now, not after training.
+    require_key_off_loopback(cfg.serve.host, cfg.serve.api_key(), "serve.host")
     storage = local_storage_root(cfg.storage)
     init_ray()
     from ray import serve
@@ -467,7 +480,8 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         save_config(cfg, out)
     print("\n" + table, flush=True)
     example = json.dumps({"question": "How do I read a CSV file?", "max_tokens": 64})
-    print(f"The endpoint stays up. Try:\n  curl -s {url}/v1/rag -H 'Content-Type: application/json' "
+    auth = f" -H \"Authorization: Bearer ${API_KEY_ENV}\"" if cfg.serve.api_key() else ""  # the key is never printed
+    print(f"The endpoint stays up. Try:\n  curl -s {url}/v1/rag -H 'Content-Type: application/json'{auth} "
           f"-d '{example}'\nStop Serve and Ray with: make stop   (or: serve shutdown -y && ray stop)", flush=True)
     log(f"summary: {Path(storage) / 'reports' / cfg.name / 'summary.md'}; wall time {summary['wall_s']:.0f}s")
     return summary

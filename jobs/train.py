@@ -32,6 +32,7 @@ from pydantic import Field, model_validator
 
 from cluster.cli import run_job
 from cluster.config import BaseConfig, save_config
+from cluster.resources import require_free
 from cluster.runtime import cluster_cpus, cluster_gpus, init_ray, report_interval_s
 from cluster.storage import local_storage_root, resolve_storage, validate_name, writable_artifact
 from jobs.data import DataConfig, block_datasets
@@ -490,6 +491,13 @@ def build_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> tuple[Any,
 
 def main(cfg: TrainConfig) -> Path:
     t0 = time.perf_counter()
+    init_ray()
+    # Ray Train waits without end for workers it cannot place: fail now if they do not fit what is free.
+    # (Not in build_trainer: a Tune trial shares the cluster with the other trials Tune schedules.)
+    gpus = cfg.num_workers if check_resources(cfg) else 0
+    require_free({"CPU": cfg.num_workers * cfg.cpus_per_worker, "GPU": gpus}, "jobs.train",
+                 f"num_workers={cfg.num_workers} x cpus_per_worker={cfg.cpus_per_worker}"
+                 + (" + 1 GPU each" if gpus else ""))
     trainer, tokenizer, storage = build_trainer(cfg)
     result = trainer.fit()
     return export(cfg, result, storage, time.perf_counter() - t0, tokenizer)

@@ -31,6 +31,7 @@ from pydantic import Field, model_validator
 
 from cluster.cli import run_job
 from cluster.config import BaseConfig, save_config
+from cluster.resources import require_free
 from cluster.runtime import cluster_cpus, init_ray
 from cluster.storage import local_storage_root, resolve_storage, validate_name, writable_artifact
 from jobs.data import read_documents, split_by_position, token_stream
@@ -366,8 +367,10 @@ def main(cfg: TuneJobConfig) -> dict[str, Any]:
     if need > cluster_cpus():
         raise UserError(f"one trial needs {need:g} CPUs (trial_cpus + train.num_workers x train.cpus_per_worker) "
                         f"but the cluster has {cluster_cpus()}; valid: lower trial_cpus or train.num_workers")
-    # Trials must not hold all CPUs with their drivers while their train workers wait for one.
-    concurrent = cfg.max_concurrent_trials or max(1, int(cluster_cpus() // need))
+    # Trials must not hold all CPUs with their drivers while their train workers wait for one; and
+    # with no room for one trial now, Tune would wait without end: run as many as the free CPUs fit.
+    require_free({"CPU": need}, "jobs.tune", "one trial: trial_cpus + train.num_workers x train.cpus_per_worker")
+    concurrent = cfg.max_concurrent_trials or max(1, int(ray.available_resources().get("CPU", 0) // need))
     val_ids, calibration = held_out_ids(cfg, storage)
     run_path = Path(resolve_storage(cfg.storage)) / "runs" / cfg.name
     trainable = tune.with_resources(tune.with_parameters(run_trial, val_ids=val_ids, calibration_ids=calibration),

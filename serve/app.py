@@ -11,8 +11,8 @@
   backend from ``ops.attention``, compiled ops from ``ops.patch``, LoRA adapters
   from ``<storage>/adapters/<name>/`` loaded per request with ``@serve.multiplexed``;
 * ``Ingress``: ``/v1/rag``, OpenAI-compatible ``/v1/chat/completions`` and ``/v1/completions``,
-  ``/v1/models``, ``/healthz``; API key, body limits, 503 + Retry-After on full queues, 504 on
-  timeout.
+  ``/v1/models``, ``/healthz``; API key (required off loopback), body limits, 503 + Retry-After on
+  full queues, 504 on timeout; ``raylm_*`` metrics (:mod:`serve.metrics`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ import json
 import logging
 import os
 import re
+import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -35,12 +37,16 @@ from cluster.config import BaseConfig, ConfigError, _format_validation_error
 from cluster.storage import local_storage_root, validate_name
 from ops.model import DEFAULT_MODEL
 from serve import schemas
+from serve.errors import ApiError
+from serve.metrics import GeneratorMetrics, IngressMetrics
+from serve.security import API_KEY_ENV, require_key_off_loopback, serve_proxy_host
 
 log = logging.getLogger("ray.serve")
 
-API_KEY_ENV = "RAYLM_API_KEY"
 # Adapter engines kept per Generator replica; each holds a copy of the model, so this bounds memory.
 MAX_ADAPTERS_PER_REPLICA = 2
+# Seconds between two readings of the engines' queue depth and batch size into their gauges.
+GAUGE_PERIOD_S = 1.0
 DEFAULT_SYSTEM_PROMPT = ("Answer the question using only the numbered context passages. "
                          "Be brief; say you do not know when the context does not contain the answer.")
 
@@ -54,7 +60,8 @@ class AppArgs(BaseConfig):
     model_id: str | None = Field(None, description="model id in /v1/models (default: last part of `model`)")
     index: str | None = Field("stdlib", description="index name under <storage>/indexes/ (null: no retrieval)")
     embedder: str | None = Field(None, description="override the embedder named in the index manifest")
-    api_key: str | None = Field(None, description=f"require 'Authorization: Bearer <key>' (or env {API_KEY_ENV})")
+    api_key: SecretStr | None = Field(None, description=f"require 'Authorization: Bearer <key>' (or env "
+                                      f"{API_KEY_ENV}); needed when Serve's HTTP host is not loopback")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="generator weights dtype")
     attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field("auto", description="attention kernel")
     max_batch_size: int = Field(8, ge=1, description="requests decoded together per generator replica")
@@ -73,6 +80,12 @@ class AppArgs(BaseConfig):
     def _name(cls, v: str | None) -> str | None:
         return validate_name(v) if v else v
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _key(cls, v: Any) -> Any:
+        # A YAML `api_key: 0123` is a number: take it as text rather than print it in a type error.
+        return None if v in (None, "") else v if isinstance(v, SecretStr) else str(v)
+
 
 def parse_app_args(args: dict[str, Any] | None) -> AppArgs:
     """Validate ``args``; a bad key or value raises a one-line :class:`ConfigError`."""
@@ -86,23 +99,13 @@ def parse_app_args(args: dict[str, Any] | None) -> AppArgs:
         parsed.api_key = os.environ[API_KEY_ENV]
     parsed.storage = local_storage_root(parsed.storage)
     if not parsed.model_id:
-        parsed.model_id = Path(parsed.model.rstrip("/")).name or parsed.model
+        parsed.model_id = default_model_id(parsed.model)
     return parsed
 
 
-class ApiError(Exception):
-    """A request the app refuses: becomes ``{"error": {...}}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, retry_after: int | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.retry_after = status, message, param, retry_after
-
-    def to_dict(self) -> dict:
-        return {"status": self.status, "message": self.message, "param": self.param, "retry_after": self.retry_after}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ApiError:
-        return cls(d["status"], d["message"], d.get("param"), d.get("retry_after"))
+def default_model_id(model: str) -> str:
+    """The id a model spec is served under when ``model_id`` is not given: its last path part."""
+    return Path(model.rstrip("/")).name or model
 
 
 def adapter_base(path: Path) -> str | None:
@@ -151,7 +154,7 @@ def adapter_dir(storage: str, name: str, base: str | None = None) -> Path:
     path = Path(storage) / "adapters" / name
     if not (path / "adapter_config.json").is_file():
         raise ApiError(404, f"adapter '{name}' is not registered; registered: {registered_adapters(storage, base)}",
-                       "adapter")
+                       "adapter", code="model_not_found")
     if base is not None and not _same_model(adapter_base(path), base):
         raise ApiError(422, f"adapter '{name}' was trained on '{adapter_base(path)}', not on the served model "
                        f"'{base}'; serve that base model to use it", "adapter")
@@ -188,13 +191,17 @@ def op_path(model: Any) -> str:
 
 
 class _AdapterEngine:
-    """An engine over base + one LoRA adapter; Serve calls ``__del__`` when it evicts it."""
+    """An engine over base + one LoRA adapter; Serve calls ``__del__`` when it evicts it (and Python
+    again when it is collected, so closing happens once)."""
 
-    def __init__(self, name: str, engine: Any):
-        self.name, self.engine = name, engine
+    def __init__(self, name: str, engine: Any, on_close: Callable[[str], None]):
+        self.name, self.engine, self.on_close, self.closed = name, engine, on_close, False
 
     def __del__(self) -> None:
-        self.engine.close()
+        if not self.closed:
+            self.closed = True
+            self.engine.close()
+            self.on_close(self.name)
 
 
 @serve.deployment(name="Generator", max_ongoing_requests=16, health_check_period_s=10, health_check_timeout_s=30,
@@ -209,11 +216,15 @@ class Generator:
         from ops.model import load_tokenizer, torch_dtype
 
         self.args = AppArgs.model_validate(args)
+        self.model_id = self.args.model_id or default_model_id(self.args.model)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.attention = choose_attention(self.args.attention, device=self.device, dtype=torch_dtype(self.args.dtype))
         self.tokenizer = load_tokenizer(self.args.model, storage=self.args.storage)
         self.op_path = "reference"
         self.engine = self._engine(None)
+        self.adapters: dict[str, Any] = {}  # loaded adapter engines by name, for the gauges
+        self.metrics = GeneratorMetrics()
+        threading.Thread(target=_sample_engines, args=(weakref.ref(self),), name="raylm-gauges", daemon=True).start()
         log.info("generator ready: model=%s attention=%s (%s) ops=%s engine=%s", self.args.model,
                  self.attention.name, self.attention.reason, self.op_path, self.engine.backend)
 
@@ -236,7 +247,20 @@ class Generator:
     @serve.multiplexed(max_num_models_per_replica=MAX_ADAPTERS_PER_REPLICA)
     async def adapter_engine(self, name: str) -> _AdapterEngine:
         path = adapter_dir(self.args.storage, name, self.args.model)
-        return _AdapterEngine(name, await asyncio.to_thread(self._engine, path))
+        engine = await asyncio.to_thread(self._engine, path)
+        self.adapters[name] = engine
+        self.metrics.adapter_loads.inc(tags={"adapter": name})
+        return _AdapterEngine(name, engine, self._adapter_closed)
+
+    def _adapter_closed(self, name: str) -> None:
+        self.adapters.pop(name, None)
+        self.metrics.adapter_evictions.inc(tags={"adapter": name})
+        self.metrics.engine_load(name, 0, 0)  # its series would otherwise keep the last reading
+
+    def sample_engines(self) -> None:
+        """Read every engine's queue depth and running batch size into the gauges."""
+        for model, engine in [(self.model_id, self.engine), *list(self.adapters.items())]:
+            self.metrics.engine_load(model, engine.num_waiting, engine.num_running)
 
     async def _engine_for_request(self):
         name = serve.get_multiplexed_model_id()
@@ -268,18 +292,29 @@ class Generator:
         except ValueError as exc:  # too long for max_seq_len, empty prompt, bad sampling values
             raise ApiError(422, str(exc), "max_tokens" if "max_tokens" in str(exc) else None) from None
 
+    def _finished(self, completion: Any) -> dict:
+        """``{"completion"}`` of a finished request, or ``{"error"}`` when the engine cancelled it: a
+        client that is still listening only loses its request when the engine shut down under it."""
+        if completion.finish_reason not in ("stop", "length"):
+            return {"error": ApiError(503, "generation was cut off: its engine shut down (adapter evicted or replica "
+                                      "stopping); retry", retry_after=1, code="cancelled").to_dict()}
+        done = _completion_dict(completion)
+        self.metrics.completed(serve.get_multiplexed_model_id() or self.model_id, done)
+        return {"completion": done}
+
     async def stream(self, payload: dict) -> AsyncIterator[dict]:
-        """Yield ``{"text"}`` events, then ``{"text", "completion"}``; or one ``{"error"}`` event."""
+        """Yield ``{"text"}`` events, then ``{"text", "completion"}``; or an ``{"error"}`` event last."""
         try:
             deltas = await self._start(payload)
         except ApiError as exc:
             yield {"error": exc.to_dict()}
             return
         async for delta in deltas:
-            event: dict[str, Any] = {"text": delta.text}
-            if delta.completion is not None:
-                event["completion"] = _completion_dict(delta.completion)
-            yield event
+            if delta.completion is None:
+                yield {"text": delta.text}
+                continue
+            finished = self._finished(delta.completion)
+            yield {"text": delta.text, **finished} if "completion" in finished else finished
 
     async def generate(self, payload: dict) -> dict:
         """``{"completion": {...}}`` or ``{"error": {...}}``."""
@@ -289,7 +324,7 @@ class Generator:
             return {"error": exc.to_dict()}
         async for delta in deltas:
             if delta.completion is not None:
-                return {"completion": _completion_dict(delta.completion)}
+                return self._finished(delta.completion)
         raise RuntimeError("engine stream ended without a completion")
 
     def info(self) -> dict:
@@ -305,6 +340,17 @@ def _completion_dict(completion: Any) -> dict:
     d = dataclasses.asdict(completion)
     d.pop("token_ids", None)
     return d
+
+
+def _sample_engines(generator: weakref.ref) -> None:
+    """The gauge thread of a Generator replica; ends once the replica object is gone."""
+    while True:
+        time.sleep(GAUGE_PERIOD_S)
+        replica = generator()
+        if replica is None:
+            return
+        replica.sample_engines()
+        del replica
 
 
 @serve.deployment(name="Retriever", max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=30,
@@ -329,10 +375,6 @@ class Retriever:
         return {"index": self.name, "chunks": len(self.store), **self.store.manifest}
 
 
-def _sse(data: Any) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
-
-
 @serve.deployment(name="Ingress", max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=30,
                   ray_actor_options={"num_cpus": 0})
 @serve.ingress()
@@ -343,7 +385,11 @@ class Ingress:
         self.generator = generator
         self.retriever = retriever
         self.args = AppArgs.model_validate(args)
+        # Every way of deploying (serve run/deploy, serve.run, the REST API) starts this replica with
+        # the proxy's final options in place: the check that cannot be skipped.
+        require_key_off_loopback(serve_proxy_host(), self.args.api_key, "Serve's http_options.host")
         self.created = int(time.time())
+        self.metrics = IngressMetrics()
 
     def __serve_build_asgi_app__(self):
         from serve.api import make_api
@@ -352,12 +398,26 @@ class Ingress:
 
     # ----------------------------------------------------------------- calls to the deployments
 
-    def resolve_model(self, model: str | None) -> str:
-        """The adapter a request's ``model`` names ('' = the base model)."""
+    def resolve_model(self, model: str | None, param: str = "model") -> str:
+        """The adapter a request's ``model`` names ('' = the base model).
+
+        Raises:
+            ApiError: 404 (``model_not_found``) or 422 naming ``param``.
+        """
         if not model or model == self.args.model_id:
             return ""
-        adapter_dir(self.args.storage, model, self.args.model)
+        try:
+            adapter_dir(self.args.storage, model, self.args.model)
+        except ApiError as exc:
+            exc.param = param
+            raise
         return model
+
+    def model_cards(self) -> list[dict]:
+        """``/v1/models`` entries: the base model and every adapter trained on it."""
+        cards = [{"id": self.args.model_id, "created": self.created, "owned_by": "raylm"}]
+        return cards + [{"id": name, "created": self.created, "owned_by": "raylm", "parent": self.args.model_id}
+                        for name in registered_adapters(self.args.storage, self.args.model)]
 
     async def _call(self, make_call: Callable[[], Any], deadline: float, cancel: Callable[[], Any] | None = None) -> Any:
         """Await a handle call within ``deadline`` (monotonic); map Serve/Ray failures to ApiError."""
@@ -378,7 +438,10 @@ class Ingress:
     async def retrieve(self, question: str, top_k: int, deadline: float) -> list[dict]:
         if self.retriever is None:
             raise ApiError(400, "this app serves no index (args.index is null); use /v1/chat/completions", "rag")
-        return await self._call(lambda: self.retriever.search.remote((question, top_k)), deadline)
+        t0 = time.monotonic()
+        hits = await self._call(lambda: self.retriever.search.remote((question, top_k)), deadline)
+        self.metrics.retrieval.observe(time.monotonic() - t0)
+        return hits
 
     async def generate(self, adapter: str, payload: dict, deadline: float) -> dict:
         handle = self.generator.options(multiplexed_model_id=adapter) if adapter else self.generator
@@ -409,6 +472,11 @@ class Ingress:
             except ApiError as exc:
                 yield {"error": exc.to_dict()}
                 return
+            except Exception as exc:  # noqa: BLE001 - the client gets an error event, not a cut connection
+                log.exception("generation stream failed")
+                failed = ApiError(500, f"generation failed ({type(exc).__name__}); see the replica logs")
+                yield {"error": failed.to_dict()}
+                return
             yield event
             if "completion" in event:
                 return
@@ -432,9 +500,16 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         args: :class:`AppArgs` keys (storage, model, index, api_key, ...).
 
     Raises:
-        ConfigError: unknown key, bad value, or a missing index directory.
+        ConfigError: unknown key, bad value, a missing index directory, or a running Serve whose
+            HTTP host is not loopback while no API key is set.
     """
     parsed = parse_app_args(args)
+    try:
+        # Serve already runs (serve run/deploy of a config, or serve.start first): refuse here, in one
+        # line, before any replica starts. Otherwise the Ingress replicas check when they start.
+        require_key_off_loopback(serve_proxy_host(), parsed.api_key, "Serve's http_options.host")
+    except LookupError:
+        pass
     dumped = parsed.model_dump()
     retriever = None
     if parsed.index:

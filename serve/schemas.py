@@ -6,7 +6,7 @@ forbids them. Limits are hard bounds: a request beyond them gets a 422 naming th
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -24,6 +24,11 @@ def _not_blank(v: str) -> str:
     if not v.strip():
         raise ValueError("must not be empty or only whitespace")
     return v
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = Field(False, description="send a last chunk with empty `choices` and the `usage`")
 
 
 class RagOptions(BaseModel):
@@ -71,13 +76,38 @@ class RagResponse(BaseModel):
     usage: Usage
     timings: dict[str, float] = Field(..., description="retrieve_s, generate_s, total_s, time_to_first_token_s")
     model: str
-    finish_reason: str
+    finish_reason: Literal["stop", "length"]
+
+
+class ContentPart(BaseModel):
+    """One element of an OpenAI content-part array; only ``{"type": "text", "text": ...}`` is served."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        ..., description="'developer' (OpenAI's newer name for the system role) is treated as 'system'")
+    content: str | list[ContentPart] = Field(..., description="text, or an array of text content parts")
+
+    @field_validator("content")
+    @classmethod
+    def _length(cls, v: str | list[ContentPart]) -> str | list[ContentPart]:
+        n = len(v) if isinstance(v, str) else sum(len(p.text or "") for p in v)
+        if n > MAX_PROMPT_CHARS:
+            raise ValueError(f"at most {MAX_PROMPT_CHARS} characters, got {n}")
+        return v
+
+    def text(self) -> str:
+        """The content as one string (text parts joined by newlines, as OpenAI-compatible servers do)."""
+        return self.content if isinstance(self.content, str) else "\n".join(p.text or "" for p in self.content)
+
+    def for_engine(self) -> dict:
+        """``{"role", "content"}`` for the chat template; the developer role becomes system."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
 class OpenAIParams(BaseModel):
@@ -87,11 +117,18 @@ class OpenAIParams(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="only 1 choice is supported")
+    n: int = Field(1, ge=1, description="choices per request; only 1 is supported (more: 400)")
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = Field(None, description="with `stream`: include_usage adds a final "
+                                                 "chunk holding `usage`")
     rag: RagOptions | None = Field(None, description="extension: retrieve passages and put them in the prompt")
+    # Declared so that a request using them is refused by name (400) rather than silently ignored.
+    logprobs: Any = Field(None, description="not supported (400 when set)")
+    presence_penalty: Any = Field(None, description="not supported (400 when non-zero)")
+    frequency_penalty: Any = Field(None, description="not supported (400 when non-zero)")
+    logit_bias: Any = Field(None, description="not supported (400 when non-empty)")
 
     @field_validator("stop")
     @classmethod
@@ -104,19 +141,83 @@ class OpenAIParams(BaseModel):
     def token_budget(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
 
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def unsupported(self) -> tuple[str, str, str] | None:
+        """``(parameter, message, code)`` of the first parameter this server cannot honour, else None."""
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "'stream_options' is only allowed when 'stream' is true", "invalid_value"
+        for name, (in_use, reason) in self._UNSUPPORTED.items():
+            if in_use(getattr(self, name)):
+                return name, f"unsupported parameter '{name}': {reason}", "unsupported_parameter"
+        return None
+
+    _UNSUPPORTED: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {
+        "n": (lambda v: v > 1, "only one choice per request is generated (n=1)"),
+        "logprobs": (lambda v: v is not None and v is not False, "log probabilities are not returned"),
+        "presence_penalty": (lambda v: bool(v), "repetition penalties are not implemented"),
+        "frequency_penalty": (lambda v: bool(v), "repetition penalties are not implemented"),
+        "logit_bias": (lambda v: bool(v), "logit biases are not implemented"),
+    }
+
 
 class ChatCompletionRequest(OpenAIParams):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
+    tools: Any = Field(None, description="not supported (400 when non-empty): the model calls no tools")
+    tool_choice: Any = Field(None, description="not supported (400 unless 'none')")
+    functions: Any = Field(None, description="not supported (400 when non-empty)")
+    function_call: Any = Field(None, description="not supported (400 unless 'none')")
+    response_format: Any = Field(None, description="only {'type': 'text'} (other formats: 400)")
+    top_logprobs: Any = Field(None, description="not supported (400 when set)")
+
+    _UNSUPPORTED: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {
+        **OpenAIParams._UNSUPPORTED,
+        "tools": (lambda v: bool(v), "this server does not call tools"),
+        "tool_choice": (lambda v: v not in (None, "none"), "this server does not call tools"),
+        "functions": (lambda v: bool(v), "this server does not call functions"),
+        "function_call": (lambda v: v not in (None, "none"), "this server does not call functions"),
+        "response_format": (lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
+                            "only plain text is generated ({'type': 'text'})"),
+        "top_logprobs": (lambda v: v is not None and v != 0, "log probabilities are not returned"),
+    }
+
+    def unsupported(self) -> tuple[str, str, str] | None:
+        """Also refuses content parts other than text (images, audio, files)."""
+        for i, m in enumerate(self.messages):
+            if not isinstance(m.content, str):
+                for j, part in enumerate(m.content):
+                    if part.type != "text":
+                        return (f"messages.{i}.content.{j}.type",
+                                f"unsupported content part type '{part.type}': only 'text' parts are served",
+                                "unsupported_value")
+        return super().unsupported()
+
+    def rag_question(self) -> str:
+        """The text retrieval searches for: the last user message (or the last message)."""
+        return next((m for m in reversed(self.messages) if m.role == "user"), self.messages[-1]).text()
 
 
 class CompletionRequest(OpenAIParams):
     """``POST /v1/completions``."""
 
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
+    echo: Any = Field(None, description="not supported (400 when true)")
+    best_of: Any = Field(None, description="not supported (400 when > 1)")
+    suffix: Any = Field(None, description="not supported (400 when non-empty)")
 
     _p = field_validator("prompt")(_not_blank)
+    _UNSUPPORTED: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {
+        **OpenAIParams._UNSUPPORTED,
+        "echo": (lambda v: bool(v), "the prompt is not echoed"),
+        "best_of": (lambda v: v is not None and v > 1, "only one candidate is generated (best_of=1)"),
+        "suffix": (lambda v: bool(v), "insertion after a suffix is not implemented"),
+    }
+
+    def rag_question(self) -> str:
+        return self.prompt
 
 
 class ChatChoiceMessage(BaseModel):
@@ -127,7 +228,7 @@ class ChatChoiceMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatChoiceMessage
-    finish_reason: str
+    finish_reason: Literal["stop", "length"]
 
 
 class ChatCompletionResponse(BaseModel):
@@ -143,7 +244,7 @@ class ChatCompletionResponse(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    finish_reason: str
+    finish_reason: Literal["stop", "length"]
     logprobs: None = None
 
 
@@ -186,9 +287,10 @@ class Health(BaseModel):
 
 class ErrorBody(BaseModel):
     message: str
-    type: str
+    type: str = Field(..., description="invalid_request_error (the client's mistake) or server_error")
     param: str | None = None
-    code: int
+    code: str = Field(..., description="machine-readable reason, e.g. invalid_api_key, model_not_found, "
+                      "unsupported_parameter, overloaded, timeout")
 
 
 class ErrorResponse(BaseModel):

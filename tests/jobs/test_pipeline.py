@@ -47,6 +47,29 @@ def test_bad_configs_are_one_line_errors(argv, fragment):
     assert "\n" not in str(err.value)
 
 
+def test_serving_beyond_loopback_without_a_key_fails_before_any_step(monkeypatch):
+    """The check runs first in main(): no Ray, no training, one line through the entrypoint."""
+    from tests.conftest import run_module
+
+    monkeypatch.delenv("RAYLM_API_KEY", raising=False)
+    done = run_module("jobs.pipeline", "serve.host=0.0.0.0", "serve.app={api_key: null}", timeout=120,
+                      env={"RAYLM_API_KEY": ""})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: serve.host is '0.0.0.0', which other machines can reach, and no API key is set; set the app's "
+        "`api_key` arg or the RAYLM_API_KEY environment variable, or bind 127.0.0.1")
+    assert "step 1/5" not in done.stdout
+
+
+def test_resolved_config_never_shows_the_api_key():
+    from cluster.config import dump_config
+
+    cfg = parse("serve.host=0.0.0.0", "serve.app={api_key: s3cret-value, max_batch_size: 4}")
+    assert cfg.serve.api_key() == "s3cret-value"
+    dumped = dump_config(cfg)
+    assert "s3cret-value" not in dumped and "api_key: <redacted>" in dumped and "max_batch_size: 4" in dumped
+
+
 def test_retrieval_hit_matches_a_module_and_what_lies_under_it():
     assert retrieval_hit(["json.decoder.JSONDecoder", "os"], ["json"]) is True
     assert retrieval_hit(["jsonschema.validate"], ["json"]) is False

@@ -97,7 +97,7 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"model": "../../etc/passwd", "messages": [{"role": "user", "content": "x"}]}, AUTH, 422),
     ("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, AUTH, 404),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, AUTH, 422),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, AUTH, 422),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, AUTH, 400),  # unsupported
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "rag": {"top_k": 10000}}, AUTH, 422),
     # Longer than the tiny model's 512-token context: the engine refuses it, the app answers 422.
     ("/v1/completions", {"prompt": "word " * 3000, "max_tokens": 8}, AUTH, 422),

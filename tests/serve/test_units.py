@@ -22,7 +22,7 @@ def test_app_args_unknown_key_and_bad_value_are_one_line_errors(tmp_path):
 def test_api_key_from_env_and_model_id_default(monkeypatch, tmp_path):
     monkeypatch.setenv("RAYLM_API_KEY", "secret")
     args = parse_app_args({"storage": str(tmp_path), "model": "/some/dir/my-model/"})
-    assert args.api_key == "secret" and args.model_id == "my-model"
+    assert args.api_key.get_secret_value() == "secret" and args.model_id == "my-model"
 
 
 @pytest.mark.parametrize("name, status", [("../../etc/passwd", 422), ("/etc", 422), (".hidden", 422),
@@ -110,3 +110,41 @@ def test_adapters_are_registered_only_for_the_base_model_they_were_trained_on(tm
     with pytest.raises(ApiError, match="trained on 'other-model', not on the served model 'base-model'") as err:
         adapter_dir(storage, "on-other", "base-model")
     assert err.value.status == 422
+
+
+def test_a_cancelled_generation_is_a_503_never_a_finish_reason():
+    """The engine ends a request as "cancelled" only when it shuts down under a listening client."""
+    from ops.engine import Completion
+    from serve.app import Generator
+    from serve.metrics import GeneratorMetrics
+    from tests.serve.test_metrics import Recorder
+
+    gen = object.__new__(Generator.func_or_class)
+    gen.model_id = "tiny"
+    gen.metrics = GeneratorMetrics(ttft=Recorder(), time_per_token=Recorder(), tokens=Recorder())
+    done = dict(text="hi", token_ids=[5, 6], prompt_tokens=3, completion_tokens=2, time_to_first_token_s=0.1,
+                latency_s=0.2, tokens_per_s=10.0)
+    refused = gen._finished(Completion(finish_reason="cancelled", **done))
+    assert refused == {"error": {"status": 503, "code": "cancelled", "param": None, "retry_after": 1, "message":
+                                 "generation was cut off: its engine shut down (adapter evicted or replica stopping); "
+                                 "retry"}}
+    assert gen.metrics.tokens.calls == []
+    finished = gen._finished(Completion(finish_reason="length", **done))
+    assert finished["completion"]["finish_reason"] == "length" and "token_ids" not in finished["completion"]
+    assert gen.metrics.tokens.calls == [("inc", 2, {"model": "tiny"})]
+
+
+def test_an_evicted_adapter_engine_closes_once_and_is_counted_once():
+    from serve.app import _AdapterEngine
+
+    class FakeEngine:
+        closes = 0
+
+        def close(self) -> None:
+            self.closes += 1
+
+    engine, closed = FakeEngine(), []
+    adapter = _AdapterEngine("tiny-lora", engine, closed.append)
+    adapter.__del__()  # Serve's eviction
+    adapter.__del__()  # garbage collection later
+    assert engine.closes == 1 and closed == ["tiny-lora"]
