@@ -192,7 +192,10 @@ class _LocalRay:
             if ray.is_initialized():  # a test connected on its own: not ours to reuse
                 ray.shutdown()
             # Ports of its own (the dashboard's default 8265 may be a user's `make ray-up` cluster).
-            init_ray(num_cpus=2, _temp_dir=str(RAY_TEMP_ROOT / "local"), dashboard_port=_free_port())
+            # Metrics reach the export endpoint every second (Ray's default is 10 s), so a scrape
+            # test waits on them briefly.
+            init_ray(num_cpus=2, _temp_dir=str(RAY_TEMP_ROOT / "local"), dashboard_port=_free_port(),
+                     _system_config={"metrics_report_interval_ms": 1000})
             self.started = True
         return ray
 

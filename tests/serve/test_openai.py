@@ -20,15 +20,6 @@ USER = [{"role": "user", "content": "The quick brown fox"}]
 GREEDY = {"model": "tiny", "max_tokens": 6, "temperature": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_metrics_export():
-    """Ray reports metrics every 10 s by default; once a second keeps the scrape test short. Set
-    before `rag_app` starts Ray (autouse fixtures of a scope come first)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_metrics_report_interval_ms", "1000")
-        yield
-
-
 @pytest.fixture(scope="module")
 def client(rag_app) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{rag_app}/v1", api_key=API_KEY, max_retries=0, timeout=60)
