@@ -18,11 +18,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from ops.lora import DEFAULT_TARGETS
+from ops.multi_lora import AdapterRegistry, MultiLora
 from ops.openmp import release_openmp_workers, set_threads
 from ops.runner import LLAMA_FAMILY, HFRunner, LlamaRunner, is_llama_family
 from ops.sampling import sample
@@ -58,6 +61,8 @@ class Request:
         seed: Seed of this request's own generator, so sampling is reproducible per request.
         stop: Stop strings; generation ends at the first one and it is not emitted.
         ignore_eos: Keep generating past EOS (benchmarks, equality tests).
+        adapter: Name of a LoRA adapter registered with `Engine.add_adapter`, applied unmerged to
+            this request only; None = the base model.
     """
 
     prompt: str | None = None
@@ -69,6 +74,7 @@ class Request:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -139,6 +145,11 @@ class EngineConfig:
             matmuls become one generated graph. Two graphs are compiled at engine start (one
             request / several), which takes tens of seconds per graph on a small CPU the first
             time (Inductor caches them on disk). Ignored, with a warning, by the HF fallback.
+        max_adapters: LoRA adapters resident at once (slots of stacked weights, allocated at
+            creation: ``max_adapters * adapter_slot_bytes``); 0 = no unmerged adapters. More
+            registered adapters are loaded on use and the least recently used idle one is evicted.
+        max_lora_rank: Largest adapter rank the slots hold (smaller ranks are zero-padded).
+        lora_targets: Projections the slots cover; an adapter adapting others is refused.
     """
 
     max_batch_size: int = 8
@@ -149,10 +160,16 @@ class EngineConfig:
     fuse_qkv: bool = True
     force_hf_forward: bool = False
     compile: bool = False
+    max_adapters: int = 0
+    max_lora_rank: int = 16
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
 
     def __post_init__(self) -> None:
         if self.single_stream_threads is not None and self.single_stream_threads < 1:
             raise ValueError(f"single_stream_threads must be >= 1 or None, got {self.single_stream_threads}")
+        if self.max_adapters < 0 or self.max_lora_rank < 1:
+            raise ValueError(f"max_adapters must be >= 0 and max_lora_rank >= 1, got {self.max_adapters} and "
+                             f"{self.max_lora_rank}")
         for name in ("max_batch_size", "max_queue", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -178,6 +195,7 @@ class _Sequence:
     first_token_at: float = 0.0
     cancelled: bool = False
     finish_reason: str | None = None
+    slot: int = 0  # LoRA slot pinned while running (0: no adapter)
 
     @property
     def position(self) -> int:
@@ -210,10 +228,16 @@ class Engine:
             cfg = dataclasses.replace(cfg, max_seq_len=max_pos)
         self.config = cfg
         if not cfg.force_hf_forward and is_llama_family(model, cfg.max_seq_len):
+            lora = MultiLora(model, cfg.lora_targets, cfg.max_adapters, cfg.max_lora_rank) if cfg.max_adapters else None
+            self.adapters = AdapterRegistry(lora) if lora is not None else None
             self.runner: LlamaRunner | HFRunner = LlamaRunner(
-                model, cfg.max_batch_size, cfg.max_seq_len, cfg.fuse_qkv, cfg.compile
+                model, cfg.max_batch_size, cfg.max_seq_len, cfg.fuse_qkv, cfg.compile, lora
             )
         else:
+            if cfg.max_adapters:
+                raise ValueError(f"max_adapters={cfg.max_adapters} needs a Llama-family model (unmerged LoRA runs in "
+                                 f"LlamaRunner); {type(model).__name__} runs through the HF forward; valid: 0")
+            self.adapters = None
             if cfg.compile:
                 log.warning("EngineConfig.compile ignored: %s runs through the plain HF forward",
                             type(model).__name__)
@@ -228,6 +252,7 @@ class Engine:
         self.warmup_error: BaseException | None = None  # why compiling failed
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._adapter_lock = threading.Lock()  # registry: add_adapter from callers, acquire on the engine thread
         self._threads = cfg.num_threads or torch.get_num_threads()  # intra-op threads of prefill / batches
         release_openmp_workers()  # this thread loaded the model: its idle OpenMP team would slow decode
 
@@ -281,6 +306,9 @@ class Engine:
         prompt_ids = self.encode(request)
         if not prompt_ids:
             raise ValueError("prompt encodes to zero tokens")
+        if request.adapter is not None and (self.adapters is None or request.adapter not in self.adapters.specs):
+            raise ValueError(f"adapter {request.adapter!r} is not registered with this engine; registered: "
+                             f"{sorted(self.adapters.specs) if self.adapters else []}")
         if len(prompt_ids) + request.max_tokens > self.config.max_seq_len:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds "
@@ -304,6 +332,25 @@ class Engine:
             self._wakeup.notify()
         self.start()
         return seq.request_id
+
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Registers LoRA adapter ``name`` (a PEFT directory); it loads into a slot at first use.
+
+        Raises:
+            ValueError: the engine has no LoRA slots (``max_adapters=0``), or the adapter is not a plain
+                LoRA that fits them (rank, target modules).
+        """
+        if self.adapters is None:
+            raise ValueError("this engine has no LoRA slots; valid: EngineConfig(max_adapters >= 1)")
+        with self._adapter_lock:
+            self.adapters.add(name, path)
+
+    def adapter_stats(self) -> dict[str, Any]:
+        """Resident adapters (least recently used first), loads, evictions, capacity and bytes per slot."""
+        if self.adapters is None:
+            return {"resident": [], "loads": 0, "evictions": 0, "capacity": 0, "slot_bytes": 0}
+        with self._adapter_lock:
+            return self.adapters.stats()
 
     def cancel(self, request_id: int) -> None:
         """Cancels a request; its row is freed at the next engine step."""
@@ -467,11 +514,16 @@ class Engine:
             if seq.cancelled:
                 self._finish(seq, "cancelled")
                 continue
+            taken = self._take_slot(seq)
+            if taken is None:
+                break
+            if not taken:
+                continue
             set_threads(self._threads)
             row = len(self._running)
             self._running.append(seq)
             ids = torch.tensor(seq.prompt_ids, device=self.device)
-            logits = self.runner.prefill(row, ids)
+            logits = self.runner.prefill(row, ids, seq.slot) if seq.slot else self.runner.prefill(row, ids)
             self._accept(seq, sample(logits, seq.request, seq.generator))
         self._retire()
         if not self._running:
@@ -479,11 +531,37 @@ class Engine:
         set_threads(self._decode_threads(len(self._running)))
         tokens = torch.tensor([s.token_ids[-1] for s in self._running], device=self.device)
         positions = torch.tensor([s.position for s in self._running], device=self.device)
-        logits = self.runner.decode_one_token(tokens, positions)  # (B, V)
+        slots = None
+        if self.adapters is not None:
+            slots = torch.tensor([s.slot for s in self._running], device=self.device)
+        logits = self.runner.decode_one_token(tokens, positions, slots)  # (B, V)
         greedy = logits.argmax(-1).tolist()
         for b, seq in enumerate(self._running):
             token = greedy[b] if seq.request.temperature == 0 else sample(logits[b], seq.request, seq.generator)
             self._accept(seq, token)
+
+    def _take_slot(self, seq: _Sequence) -> bool | None:
+        """Pins the LoRA slot of an admitted request, loading its adapter into a slot if needed.
+
+        Returns:
+            True: admitted. None: every slot is pinned by running requests; the request is back at
+            the head of the queue. False: loading failed; the request got the error and is dropped.
+        """
+        if seq.request.adapter is None:
+            return True
+        try:
+            with self._adapter_lock:
+                slot = self.adapters.acquire(seq.request.adapter)
+        except Exception as exc:  # noqa: BLE001 - delivered to the request that named the adapter
+            self._by_id.pop(seq.request_id, None)
+            seq.on_event(exc)
+            return False
+        if slot is None:
+            with self._wakeup:
+                self._waiting.appendleft(seq)
+            return None
+        seq.slot = slot
+        return True
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         """Appends a token, emits the text that is safe to emit, and sets `finish_reason`."""
@@ -530,6 +608,10 @@ class Engine:
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
         self._by_id.pop(seq.request_id, None)
+        if seq.slot:
+            with self._adapter_lock:
+                self.adapters.release(seq.slot)
+            seq.slot = 0
         now = time.perf_counter()
         n = len(seq.token_ids)
         first = seq.first_token_at or now

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ops.multi_lora import MultiLora
 from ops.quantization import fuse_weight_only
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
@@ -54,8 +55,9 @@ class LlamaRunner:
     """
 
     def __init__(self, model: nn.Module, max_batch_size: int, max_seq_len: int, fuse_qkv: bool,
-                 compile: bool = False):
+                 compile: bool = False, lora: MultiLora | None = None):
         self.model = model
+        self.lora = lora  # unmerged adapters per row; None: no LoRA slots (the fastest base-only graph)
         inner = model.model
         cfg = model.config
         self.embed_tokens = inner.embed_tokens
@@ -112,29 +114,48 @@ class LlamaRunner:
             return None
         return fuse_weight_only([mlp.gate_proj, mlp.up_proj])
 
-    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, i: int, x: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
         mlp = self.layers[i].mlp
-        if self.gate_up[i] is None:
+        lora = self.lora if slots is not None else None
+        if lora is None and self.gate_up[i] is None:
             return mlp(x)
-        gate, up = self.gate_up[i](x).chunk(2, dim=-1)
-        return mlp.down_proj(F.silu(gate) * up)
+        if self.gate_up[i] is not None:
+            gate_up = self.gate_up[i](x)
+        else:
+            gate_up = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
+        if lora is not None and "gate_up" in lora.groups:
+            gate_up = gate_up + lora.delta("gate_up", i, x, slots)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        y = mlp.down_proj(h)
+        return y + lora.delta("down", i, h, slots) if lora is not None and "down" in lora.groups else y
 
-    def _qkv(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _o_proj(self, i: int, y: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+        out = self.layers[i].self_attn.o_proj(y)
+        if slots is not None and self.lora is not None and "o" in self.lora.groups:
+            out = out + self.lora.delta("o", i, y, slots)
+        return out
+
+    def _qkv(self, i: int, x: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, (nh + 2 n_kv) hs): q, k and v projections concatenated, LoRA applied."""
         attn = self.layers[i].self_attn
         if self.qkv[i] is not None:
-            q_dim = self.n_head * self.head_dim
-            kv_dim = self.n_kv_head * self.head_dim
-            return self.qkv[i](x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            qkv = self.qkv[i](x)
+        else:
+            qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+        if slots is not None and self.lora is not None and "qkv" in self.lora.groups:
+            qkv = qkv + self.lora.delta("qkv", i, x, slots)
+        return qkv
 
     def _heads(
-        self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+        self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projects q/k/v and rotates q/k.
 
         Args:
             x: (B, T, C) normalized hidden states.
             rope: cos and sin, each (B, 1, T, hs).
+            slots: (B,) LoRA slot of each row (0: none), or None without LoRA slots.
 
         Returns:
             q (B, nh, T, hs), k and v (B, n_kv, T, hs).
@@ -142,14 +163,16 @@ class LlamaRunner:
         attn = self.layers[i].self_attn
         B, T, _ = x.shape
         cos, sin = rope
-        if self.qkv[i] is not None and not hasattr(attn, "q_norm"):
+        qkv = self._qkv(i, x, slots)
+        if not hasattr(attn, "q_norm"):
             # rotate q and k heads together: one set of RoPE ops instead of two
-            qkv = self.qkv[i](x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 n_kv, T, hs)
+            qkv = qkv.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 n_kv, T, hs)
             qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
             qk = qk * cos + _rotate_half(qk) * sin
             q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
             return q, k, v
-        q, k, v = self._qkv(i, x)
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -165,12 +188,13 @@ class LlamaRunner:
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
     @torch.inference_mode()
-    def prefill(self, row: int, input_ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, row: int, input_ids: torch.Tensor, slot: int = 0) -> torch.Tensor:
         """Runs a prompt into cache row `row`.
 
         Args:
             row: KV cache row of the request.
             input_ids: (T,) prompt token ids.
+            slot: LoRA slot of the request (0: no adapter).
 
         Returns:
             (V,) logits of the last prompt position.
@@ -179,20 +203,25 @@ class LlamaRunner:
         x = self.embed_tokens(input_ids[None])  # (1, T, C)
         positions = torch.arange(T, device=x.device)
         rope = self._rope(x, positions[None])
+        slots = torch.tensor([slot], device=x.device) if self.lora is not None and slot else None
         for i, layer in enumerate(self.layers):
-            q, k, v = self._heads(i, layer.input_layernorm(x), rope)
-            x = x + layer.self_attn.o_proj(self._attention(i, q, k, v, positions, T, None, row=row))
-            x = x + self._mlp(i, layer.post_attention_layernorm(x))
+            q, k, v = self._heads(i, layer.input_layernorm(x), rope, slots)
+            x = x + self._o_proj(i, self._attention(i, q, k, v, positions, T, None, row=row), slots)
+            x = x + self._mlp(i, layer.post_attention_layernorm(x), slots)
         x = self.norm(x[:, -1:])
         return self.lm_head(x)[0, -1].float()
 
     @torch.inference_mode()
-    def decode_one_token(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode_one_token(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Feeds one token per running request (rows 0..B-1).
 
         Args:
             tokens: (B,) last token of each request.
             positions: (B,) position of that token (= its KV cache index).
+            slots: (B,) LoRA slot of each row (0: none); None is all zeros. With LoRA slots every
+                step gets a slots tensor of the same shape, so one graph serves any adapter mix.
 
         Returns:
             (B, V) next-token logits.
@@ -201,7 +230,9 @@ class LlamaRunner:
         # every row at the last position (always at batch 1): no mask. Compiled, several rows always
         # take the masked path, so that two graphs (1 row / several) cover every step.
         uniform = tokens.shape[0] == 1 or (not self.compiled and int(positions.min()) + 1 == T)
-        return self._step(tokens, positions, T, uniform)
+        if self.lora is not None and slots is None:
+            slots = torch.zeros_like(tokens)
+        return self._step(tokens, positions, T, uniform, slots if self.lora is not None else None)
 
     def warmup(self, set_threads: Callable[[int], None] = lambda batch: None) -> None:
         """Compiles the decode graphs now (the first step of each would otherwise take that long).
@@ -224,7 +255,8 @@ class LlamaRunner:
             log.info("compiled the decode step for %s in %.1f s", "1 request" if B == 1 else "batches",
                      time.perf_counter() - started)
 
-    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, T: int, uniform: bool) -> torch.Tensor:
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, T: int, uniform: bool,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
         mask = None
         if not uniform:
             # (B, 1, 1, T): row b sees cache positions 0..positions[b]; additive, built once per step
@@ -235,9 +267,9 @@ class LlamaRunner:
         rope = self._rope(x, positions[:, None])
         for i, layer in enumerate(self.layers):
             input_norm, post_attention_norm = self.norms[i]
-            q, k, v = self._heads(i, input_norm(x), rope)
-            x = x + layer.self_attn.o_proj(self._attention(i, q, k, v, positions, T, mask))
-            x = x + self._mlp(i, post_attention_norm(x))
+            q, k, v = self._heads(i, input_norm(x), rope, slots)
+            x = x + self._o_proj(i, self._attention(i, q, k, v, positions, T, mask), slots)
+            x = x + self._mlp(i, post_attention_norm(x), slots)
         return self.lm_head(self.final_norm(x))[:, 0].float()
 
     def _attention(
