@@ -531,10 +531,11 @@ class Engine:
         set_threads(self._decode_threads(len(self._running)))
         tokens = torch.tensor([s.token_ids[-1] for s in self._running], device=self.device)
         positions = torch.tensor([s.position for s in self._running], device=self.device)
-        slots = None
         if self.adapters is not None:
             slots = torch.tensor([s.slot for s in self._running], device=self.device)
-        logits = self.runner.decode_one_token(tokens, positions, slots)  # (B, V)
+            logits = self.runner.decode_one_token(tokens, positions, slots)  # (B, V)
+        else:
+            logits = self.runner.decode_one_token(tokens, positions)
         greedy = logits.argmax(-1).tolist()
         for b, seq in enumerate(self._running):
             token = greedy[b] if seq.request.temperature == 0 else sample(logits[b], seq.request, seq.generator)
