@@ -1,19 +1,16 @@
-"""Generation engine: continuous-batching, streaming decode over a loaded HF causal LM.
+"""Generation engine: continuous-batching, streaming decode over a loaded HF causal LM (gpt-fast's generate.py).
 
 One background thread owns the model and runs the scheduler loop (admit -> prefill ->
 decode_one_token -> sample -> emit); asyncio callers and plain scripts talk to it through
-thread-safe queues. Llama-family models (Llama, Mistral, Qwen2/3, SmolLM) run through a
-gpt-fast style forward over the HF submodules with a preallocated KV cache, so that
-swapped-in linear layers, patched norms/MLPs and PEFT LoRA layers all still apply; any
-other architecture falls back to the plain HF forward with one `DynamicCache` per request.
+thread-safe queues. The forward itself lives in ops/runner.py (Llama-family models through
+`LlamaRunner` with a static KV cache, any other causal LM through `HFRunner`), sampling in
+ops/sampling.py and the OpenMP thread hygiene of the decode thread in ops/openmp.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
-import inspect
 import itertools
 import logging
 import queue
@@ -21,15 +18,22 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ops.quantization import fuse_weight_only
+from ops.lora import DEFAULT_TARGETS
+from ops.multi_lora import AdapterRegistry, MultiLora
+from ops.openmp import release_openmp_workers, set_threads
+from ops.runner import LLAMA_FAMILY, HFRunner, LlamaRunner, is_llama_family
+from ops.sampling import sample
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+__all__ = [
+    "Completion", "Delta", "Engine", "EngineConfig", "EngineError", "HFRunner", "LLAMA_FAMILY", "LlamaRunner",
+    "QueueFullError", "Request", "release_openmp_workers", "sample",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ class Request:
         seed: Seed of this request's own generator, so sampling is reproducible per request.
         stop: Stop strings; generation ends at the first one and it is not emitted.
         ignore_eos: Keep generating past EOS (benchmarks, equality tests).
+        adapter: Name of a LoRA adapter registered with `Engine.add_adapter`, applied unmerged to
+            this request only; None = the base model.
     """
 
     prompt: str | None = None
@@ -68,6 +74,7 @@ class Request:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -138,6 +145,11 @@ class EngineConfig:
             matmuls become one generated graph. Two graphs are compiled at engine start (one
             request / several), which takes tens of seconds per graph on a small CPU the first
             time (Inductor caches them on disk). Ignored, with a warning, by the HF fallback.
+        max_adapters: LoRA adapters resident at once (slots of stacked weights, allocated at
+            creation: ``max_adapters * adapter_slot_bytes``); 0 = no unmerged adapters. More
+            registered adapters are loaded on use and the least recently used idle one is evicted.
+        max_lora_rank: Largest adapter rank the slots hold (smaller ranks are zero-padded).
+        lora_targets: Projections the slots cover; an adapter adapting others is refused.
     """
 
     max_batch_size: int = 8
@@ -148,349 +160,20 @@ class EngineConfig:
     fuse_qkv: bool = True
     force_hf_forward: bool = False
     compile: bool = False
+    max_adapters: int = 0
+    max_lora_rank: int = 16
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
 
     def __post_init__(self) -> None:
         if self.single_stream_threads is not None and self.single_stream_threads < 1:
             raise ValueError(f"single_stream_threads must be >= 1 or None, got {self.single_stream_threads}")
+        if self.max_adapters < 0 or self.max_lora_rank < 1:
+            raise ValueError(f"max_adapters must be >= 0 and max_lora_rank >= 1, got {self.max_adapters} and "
+                             f"{self.max_lora_rank}")
         for name in ("max_batch_size", "max_queue", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
-
-# --------------------------------------------------------------------------- model runners
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _fast_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`F.rms_norm` (one op instead of HF's eight) for an unpatched float32 HF RMSNorm, else the module."""
-    weight = getattr(norm, "weight", None)
-    eps = getattr(norm, "variance_epsilon", None)
-    if (
-        not type(norm).__name__.endswith("RMSNorm")
-        or "forward" in vars(norm)  # patched: the compiled op runs
-        or not isinstance(eps, float)
-        or not isinstance(weight, torch.Tensor)
-        or weight.dim() != 1
-        or weight.dtype != torch.float32
-    ):
-        return norm
-    shape = (weight.shape[0],)
-    return lambda x: F.rms_norm(x, shape, weight, eps) if x.dtype == torch.float32 else norm(x)
-
-
-class LlamaRunner:
-    """gpt-fast style forward of a Llama-family HF model with a static KV cache.
-
-    The cache has one row per running request; rows 0..n-1 are the running ones (the
-    scheduler compacts them with `move`), so decode works on contiguous views.
-    """
-
-    def __init__(self, model: nn.Module, max_batch_size: int, max_seq_len: int, fuse_qkv: bool,
-                 compile: bool = False):
-        self.model = model
-        inner = model.model
-        cfg = model.config
-        self.embed_tokens = inner.embed_tokens
-        self.layers = list(inner.layers)
-        self.norm = inner.norm
-        self.rotary_emb = inner.rotary_emb
-        self.lm_head = model.lm_head
-        self.n_head = cfg.num_attention_heads
-        self.n_kv_head = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.max_seq_len = max_seq_len
-        param = next(model.parameters())
-        shape = (max_batch_size, self.n_kv_head, max_seq_len, self.head_dim)
-        # (B_max, n_kv, T_max, hs) per layer
-        self.k_cache = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in self.layers]
-        self.qkv = [self._fused_qkv(layer.self_attn) if fuse_qkv else None for layer in self.layers]
-        self.gate_up = [self._fused_gate_up(layer.mlp) if fuse_qkv else None for layer in self.layers]
-        self.norms = [(_fast_norm(layer.input_layernorm), _fast_norm(layer.post_attention_layernorm))
-                      for layer in self.layers]
-        self.final_norm = _fast_norm(self.norm)
-        self.compiled = compile
-        self._step = self._decode
-        if compile:
-            # dynamic: the attended length T (and the batch size above 1) are symbols, not one graph each
-            options = {"cpp_wrapper": True} if param.device.type == "cpu" else {}
-            self._step = torch.compile(self._decode, dynamic=True, fullgraph=True, options=options)
-
-    @staticmethod
-    def _fused_qkv(attn: nn.Module) -> nn.Module | None:
-        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-        if any(type(p) is not nn.Linear for p in projs):
-            return fuse_weight_only(list(projs))  # None for LoRA / other modules: own forward
-        weight = torch.cat([p.weight for p in projs])
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=projs[0].bias is not None)
-        fused.to(weight.device, weight.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(weight)
-            if fused.bias is not None:
-                fused.bias.copy_(torch.cat([p.bias for p in projs]))
-        return fused
-
-    @staticmethod
-    def _fused_gate_up(mlp: nn.Module) -> nn.Module | None:
-        """gate/up as one weight-only matmul, for an unpatched SwiGLU MLP (else the MLP's forward runs).
-
-        Plain `nn.Linear` gate/up are not fused: the float matmul dominates there and a
-        snapshot would double the MLP weights in memory.
-        """
-        act = getattr(mlp, "act_fn", None)
-        is_silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
-        projs = ("gate_proj", "up_proj", "down_proj")
-        if not is_silu or "forward" in vars(mlp) or not all(hasattr(mlp, n) for n in projs):
-            return None
-        return fuse_weight_only([mlp.gate_proj, mlp.up_proj])
-
-    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        mlp = self.layers[i].mlp
-        if self.gate_up[i] is None:
-            return mlp(x)
-        gate, up = self.gate_up[i](x).chunk(2, dim=-1)
-        return mlp.down_proj(F.silu(gate) * up)
-
-    def _qkv(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        attn = self.layers[i].self_attn
-        if self.qkv[i] is not None:
-            q_dim = self.n_head * self.head_dim
-            kv_dim = self.n_kv_head * self.head_dim
-            return self.qkv[i](x).split([q_dim, kv_dim, kv_dim], dim=-1)
-        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-
-    def _heads(
-        self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Projects q/k/v and rotates q/k.
-
-        Args:
-            x: (B, T, C) normalized hidden states.
-            rope: cos and sin, each (B, 1, T, hs).
-
-        Returns:
-            q (B, nh, T, hs), k and v (B, n_kv, T, hs).
-        """
-        attn = self.layers[i].self_attn
-        B, T, _ = x.shape
-        cos, sin = rope
-        if self.qkv[i] is not None and not hasattr(attn, "q_norm"):
-            # rotate q and k heads together: one set of RoPE ops instead of two
-            qkv = self.qkv[i](x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 n_kv, T, hs)
-            qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
-            qk = qk * cos + _rotate_half(qk) * sin
-            q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
-            return q, k, v
-        q, k, v = self._qkv(i, x)
-        q = q.view(B, T, self.n_head, self.head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if hasattr(attn, "q_norm"):  # Qwen3 normalizes each head before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k, v
-
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.rotary_emb(x, positions)  # (B, T, hs)
-        return cos.unsqueeze(1), sin.unsqueeze(1)
-
-    @torch.inference_mode()
-    def prefill(self, row: int, input_ids: torch.Tensor) -> torch.Tensor:
-        """Runs a prompt into cache row `row`.
-
-        Args:
-            row: KV cache row of the request.
-            input_ids: (T,) prompt token ids.
-
-        Returns:
-            (V,) logits of the last prompt position.
-        """
-        T = input_ids.shape[0]
-        x = self.embed_tokens(input_ids[None])  # (1, T, C)
-        positions = torch.arange(T, device=x.device)[None]
-        rope = self._rope(x, positions)
-        n_rep = self.n_head // self.n_kv_head
-        for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            q, k, v = self._heads(i, h, rope)
-            self.k_cache[i][row, :, :T] = k[0]
-            self.v_cache[i][row, :, :T] = v[0]
-            k = k.repeat_interleave(n_rep, dim=1)  # (1, nh, T, hs)
-            v = v.repeat_interleave(n_rep, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.self_attn.scaling)
-            y = y.transpose(1, 2).reshape(1, T, -1)
-            x = x + layer.self_attn.o_proj(y)
-            x = x + self._mlp(i, layer.post_attention_layernorm(x))
-        x = self.norm(x[:, -1:])
-        return self.lm_head(x)[0, -1].float()
-
-    @torch.inference_mode()
-    def decode_one_token(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Feeds one token per running request (rows 0..B-1).
-
-        Args:
-            tokens: (B,) last token of each request.
-            positions: (B,) position of that token (= its KV cache index).
-
-        Returns:
-            (B, V) next-token logits.
-        """
-        T = int(positions.max()) + 1  # attend only over the filled part of the cache
-        # every row at the last position (always at batch 1): no mask. Compiled, several rows always
-        # take the masked path, so that two graphs (1 row / several) cover every step.
-        uniform = tokens.shape[0] == 1 or (not self.compiled and int(positions.min()) + 1 == T)
-        return self._step(tokens, positions, T, uniform)
-
-    def warmup(self, set_threads: Callable[[int], None] = lambda batch: None) -> None:
-        """Compiles the decode graphs now (the first step of each would otherwise take that long).
-
-        Args:
-            set_threads: Called with the batch size before each graph, so that it is compiled
-                under the intra-op threads it will run with.
-
-        Writes only cache positions 1..2 of rows 0..1, which a request's prefill overwrites.
-        """
-        if not self.compiled:
-            return
-        device = self.k_cache[0].device
-        max_batch, max_len = self.k_cache[0].shape[0], self.k_cache[0].shape[2]
-        for B in (1, 2) if max_batch > 1 and max_len > 2 else (1,):
-            set_threads(B)
-            started = time.perf_counter()
-            positions = torch.arange(1, B + 1, device=device)
-            self.decode_one_token(torch.zeros(B, dtype=torch.long, device=device), positions)
-            log.info("compiled the decode step for %s in %.1f s", "1 request" if B == 1 else "batches",
-                     time.perf_counter() - started)
-
-    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, T: int, uniform: bool) -> torch.Tensor:
-        B = tokens.shape[0]
-        rows = torch.arange(B, device=tokens.device)
-        mask = None
-        if not uniform:
-            # (B, 1, 1, T): row b sees cache positions 0..positions[b]; additive, built once per step
-            visible = (torch.arange(T, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-            mask = torch.zeros(visible.shape, dtype=self.k_cache[0].dtype, device=tokens.device)
-            mask.masked_fill_(~visible, float("-inf"))
-        x = self.embed_tokens(tokens[:, None])  # (B, 1, C)
-        rope = self._rope(x, positions[:, None])
-        n_rep = self.n_head // self.n_kv_head
-        for i, layer in enumerate(self.layers):
-            input_norm, post_attention_norm = self.norms[i]
-            q, k, v = self._heads(i, input_norm(x), rope)
-            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-            if mask is None:  # one position for all rows: no index_put
-                k_cache[:B].index_copy_(2, positions[:1], k)
-                v_cache[:B].index_copy_(2, positions[:1], v)
-            else:
-                k_cache[rows, :, positions] = k[:, :, 0]
-                v_cache[rows, :, positions] = v[:, :, 0]
-            # GQA without repeat_kv: the n_rep query heads of a kv head act as its query length
-            q = q.view(B, self.n_kv_head, n_rep, self.head_dim)  # (B, n_kv, n_rep, hs)
-            y = F.scaled_dot_product_attention(
-                q, k_cache[:B, :, :T], v_cache[:B, :, :T], attn_mask=mask, scale=layer.self_attn.scaling
-            )
-            x = x + layer.self_attn.o_proj(y.reshape(B, 1, -1))
-            x = x + self._mlp(i, post_attention_norm(x))
-        return self.lm_head(self.final_norm(x))[:, 0].float()
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copies the first `length` cache positions of row `src` into row `dst`."""
-        for k_cache, v_cache in zip(self.k_cache, self.v_cache):
-            k_cache[dst, :, :length] = k_cache[src, :, :length]
-            v_cache[dst, :, :length] = v_cache[src, :, :length]
-
-
-class HFRunner:
-    """Fallback for non-Llama architectures: plain HF forward, one `DynamicCache` per request.
-
-    Rows are decoded one after the other, so there is no batching speed-up, but any causal
-    LM that supports `past_key_values` works and produces exactly `generate`'s tokens.
-    """
-
-    def __init__(self, model: nn.Module, max_batch_size: int, max_seq_len: int):
-        self.model = model
-        self.max_seq_len = max_seq_len
-        self.caches: list[Any] = [None] * max_batch_size
-        # transformers renamed `past_key_values` to `cache` in 5.x
-        params = inspect.signature(model.forward).parameters
-        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
-
-    @torch.inference_mode()
-    def prefill(self, row: int, input_ids: torch.Tensor) -> torch.Tensor:
-        """Returns (V,) logits of the last prompt position of `input_ids` (T,)."""
-        out = self.model(input_ids=input_ids[None], use_cache=True)
-        self.caches[row] = out.past_key_values
-        return out.logits[0, -1].float()
-
-    @torch.inference_mode()
-    def decode_one_token(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Returns (B, V) logits for tokens (B,) at positions (B,) of rows 0..B-1."""
-        logits = []
-        for row in range(tokens.shape[0]):
-            out = self.model(
-                input_ids=tokens[row, None, None],
-                **{self.cache_kwarg: self.caches[row]},
-                position_ids=positions[row, None, None],
-                use_cache=True,
-            )
-            self.caches[row] = out.past_key_values
-            logits.append(out.logits[0, -1].float())
-        return torch.stack(logits)
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Moves the cache of row `src` to row `dst`."""
-        self.caches[dst], self.caches[src] = self.caches[src], None
-
-
-def _is_llama_family(model: nn.Module, max_seq_len: int) -> bool:
-    cfg = model.config
-    if getattr(cfg, "model_type", None) not in LLAMA_FAMILY:
-        return False
-    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    if window is not None and window < max_seq_len:
-        return False  # the static cache has no sliding-window mask
-    inner = getattr(model, "model", None)
-    return all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) and hasattr(
-        model, "lm_head"
-    )
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-def sample(logits: torch.Tensor, request: Request, generator: torch.Generator | None) -> int:
-    """Picks the next token of one request.
-
-    Args:
-        logits: (V,) float32 next-token logits.
-        request: Sampling parameters.
-        generator: The request's seeded generator (unused for greedy).
-
-    Returns:
-        The token id.
-    """
-    if request.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / request.temperature
-    if request.top_k:
-        kth = torch.topk(logits, min(request.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if request.top_p < 1:
-        sorted_logits, order = logits.sort(descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > request.top_p  # keep the token that crosses top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-# --------------------------------------------------------------------------- scheduler
 
 
 _ids = itertools.count()
@@ -512,6 +195,7 @@ class _Sequence:
     first_token_at: float = 0.0
     cancelled: bool = False
     finish_reason: str | None = None
+    slot: int = 0  # LoRA slot pinned while running (0: no adapter)
 
     @property
     def position(self) -> int:
@@ -543,11 +227,17 @@ class Engine:
         if max_pos is not None and cfg.max_seq_len > max_pos:
             cfg = dataclasses.replace(cfg, max_seq_len=max_pos)
         self.config = cfg
-        if not cfg.force_hf_forward and _is_llama_family(model, cfg.max_seq_len):
+        if not cfg.force_hf_forward and is_llama_family(model, cfg.max_seq_len):
+            lora = MultiLora(model, cfg.lora_targets, cfg.max_adapters, cfg.max_lora_rank) if cfg.max_adapters else None
+            self.adapters = AdapterRegistry(lora) if lora is not None else None
             self.runner: LlamaRunner | HFRunner = LlamaRunner(
-                model, cfg.max_batch_size, cfg.max_seq_len, cfg.fuse_qkv, cfg.compile
+                model, cfg.max_batch_size, cfg.max_seq_len, cfg.fuse_qkv, cfg.compile, lora
             )
         else:
+            if cfg.max_adapters:
+                raise ValueError(f"max_adapters={cfg.max_adapters} needs a Llama-family model (unmerged LoRA runs in "
+                                 f"LlamaRunner); {type(model).__name__} runs through the HF forward; valid: 0")
+            self.adapters = None
             if cfg.compile:
                 log.warning("EngineConfig.compile ignored: %s runs through the plain HF forward",
                             type(model).__name__)
@@ -562,6 +252,7 @@ class Engine:
         self.warmup_error: BaseException | None = None  # why compiling failed
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._adapter_lock = threading.Lock()  # registry: add_adapter from callers, acquire on the engine thread
         self._threads = cfg.num_threads or torch.get_num_threads()  # intra-op threads of prefill / batches
         release_openmp_workers()  # this thread loaded the model: its idle OpenMP team would slow decode
 
@@ -615,6 +306,9 @@ class Engine:
         prompt_ids = self.encode(request)
         if not prompt_ids:
             raise ValueError("prompt encodes to zero tokens")
+        if request.adapter is not None and (self.adapters is None or request.adapter not in self.adapters.specs):
+            raise ValueError(f"adapter {request.adapter!r} is not registered with this engine; registered: "
+                             f"{sorted(self.adapters.specs) if self.adapters else []}")
         if len(prompt_ids) + request.max_tokens > self.config.max_seq_len:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds "
@@ -638,6 +332,25 @@ class Engine:
             self._wakeup.notify()
         self.start()
         return seq.request_id
+
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Registers LoRA adapter ``name`` (a PEFT directory); it loads into a slot at first use.
+
+        Raises:
+            ValueError: the engine has no LoRA slots (``max_adapters=0``), or the adapter is not a plain
+                LoRA that fits them (rank, target modules).
+        """
+        if self.adapters is None:
+            raise ValueError("this engine has no LoRA slots; valid: EngineConfig(max_adapters >= 1)")
+        with self._adapter_lock:
+            self.adapters.add(name, path)
+
+    def adapter_stats(self) -> dict[str, Any]:
+        """Resident adapters (least recently used first), loads, evictions, capacity and bytes per slot."""
+        if self.adapters is None:
+            return {"resident": [], "loads": 0, "evictions": 0, "capacity": 0, "slot_bytes": 0}
+        with self._adapter_lock:
+            return self.adapters.stats()
 
     def cancel(self, request_id: int) -> None:
         """Cancels a request; its row is freed at the next engine step."""
@@ -751,7 +464,7 @@ class Engine:
     def _warm(self) -> None:
         try:
             if isinstance(self.runner, LlamaRunner):
-                self.runner.warmup(lambda batch: _set_threads(self._decode_threads(batch)))
+                self.runner.warmup(lambda batch: set_threads(self._decode_threads(batch)))
         except Exception as exc:  # noqa: BLE001 - serve eagerly rather than not at all
             log.exception("compiling the decode step failed; decoding eagerly")
             self.warmup_error = exc
@@ -801,23 +514,55 @@ class Engine:
             if seq.cancelled:
                 self._finish(seq, "cancelled")
                 continue
-            _set_threads(self._threads)
+            taken = self._take_slot(seq)
+            if taken is None:
+                break
+            if not taken:
+                continue
+            set_threads(self._threads)
             row = len(self._running)
             self._running.append(seq)
             ids = torch.tensor(seq.prompt_ids, device=self.device)
-            logits = self.runner.prefill(row, ids)
+            logits = self.runner.prefill(row, ids, seq.slot) if seq.slot else self.runner.prefill(row, ids)
             self._accept(seq, sample(logits, seq.request, seq.generator))
         self._retire()
         if not self._running:
             return
-        _set_threads(self._decode_threads(len(self._running)))
+        set_threads(self._decode_threads(len(self._running)))
         tokens = torch.tensor([s.token_ids[-1] for s in self._running], device=self.device)
         positions = torch.tensor([s.position for s in self._running], device=self.device)
-        logits = self.runner.decode_one_token(tokens, positions)  # (B, V)
+        if self.adapters is not None:
+            slots = torch.tensor([s.slot for s in self._running], device=self.device)
+            logits = self.runner.decode_one_token(tokens, positions, slots)  # (B, V)
+        else:
+            logits = self.runner.decode_one_token(tokens, positions)
         greedy = logits.argmax(-1).tolist()
         for b, seq in enumerate(self._running):
             token = greedy[b] if seq.request.temperature == 0 else sample(logits[b], seq.request, seq.generator)
             self._accept(seq, token)
+
+    def _take_slot(self, seq: _Sequence) -> bool | None:
+        """Pins the LoRA slot of an admitted request, loading its adapter into a slot if needed.
+
+        Returns:
+            True: admitted. None: every slot is pinned by running requests; the request is back at
+            the head of the queue. False: loading failed; the request got the error and is dropped.
+        """
+        if seq.request.adapter is None:
+            return True
+        try:
+            with self._adapter_lock:
+                slot = self.adapters.acquire(seq.request.adapter)
+        except Exception as exc:  # noqa: BLE001 - delivered to the request that named the adapter
+            self._by_id.pop(seq.request_id, None)
+            seq.on_event(exc)
+            return False
+        if slot is None:
+            with self._wakeup:
+                self._waiting.appendleft(seq)
+            return None
+        seq.slot = slot
+        return True
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         """Appends a token, emits the text that is safe to emit, and sets `finish_reason`."""
@@ -864,6 +609,10 @@ class Engine:
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
         self._by_id.pop(seq.request_id, None)
+        if seq.slot:
+            with self._adapter_lock:
+                self.adapters.release(seq.slot)
+            seq.slot = 0
         now = time.perf_counter()
         n = len(seq.token_ids)
         first = seq.first_token_at or now
@@ -880,49 +629,6 @@ class Engine:
         seq.on_event(Delta(seq.text[seq.emitted :], completion))
         seq.emitted = len(seq.text)
 
-
-def release_openmp_workers() -> bool:
-    """Frees the calling thread's idle OpenMP worker threads (libgomp's `omp_pause_resource_all`).
-
-    libgomp spins only ~100 iterations instead of ~300,000 before sleeping whenever it manages
-    more threads than there are CPUs, and every thread that ever ran a multi-threaded torch op
-    keeps a team of workers. A model loaded or evaluated on the main thread therefore made each
-    parallel region of the engine's decode thread wake sleeping workers: a 2-thread int4 decode
-    step took 1.5x as long as on the main thread (bench/engine_threads.py). Freeing the loading
-    thread's team (it is rebuilt if that thread runs parallel ops again) leaves the decode
-    thread's team the only one.
-
-    Every libgomp loaded in the process is asked (wheels such as faiss bundle their own copy,
-    each with its own teams).
-
-    Returns:
-        Whether a libgomp was found and released this thread's resources (False elsewhere, e.g.
-        on macOS: a no-op).
-    """
-    try:
-        with open("/proc/self/maps") as maps:  # libraries loaded now (some load late, e.g. with faiss)
-            paths = sorted({line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]})
-    except OSError:
-        return False
-    released = False
-    for path in paths:
-        if path not in _libgomps:
-            try:
-                _libgomps[path] = ctypes.CDLL(path)
-            except OSError:
-                _libgomps[path] = None
-        lib = _libgomps[path]
-        if lib is not None and hasattr(lib, "omp_pause_resource_all"):
-            released |= lib.omp_pause_resource_all(1) == 0  # omp_pause_soft
-    return released
-
-
-_libgomps: dict[str, Any] = {}  # path -> loaded handle (None: could not be opened)
-
-
-def _set_threads(n: int) -> None:
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:

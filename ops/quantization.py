@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ops.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int4 scales/mins in float32 (1: bf16 scales_and_zeros, still loads)
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "quantization.json"
 ComputeDtype = Literal["bfloat16", "float32"]
@@ -232,9 +232,15 @@ class Int8WeightOnlyLinear(nn.Module):
 class Int4WeightOnlyLinear(nn.Module):
     """Group-wise asymmetric int4 weights, float activations (``_weight_int4pack_mm_for_cpu``).
 
-    Buffers: ``qweight`` (N, K // 2) uint8 portable nibbles and ``scales_and_zeros``
-    (K // group_size, N, 2) in the kernel's convention ``w = (q - 8) * scale + zero``; the kernel's
-    CPU-specific ``packed`` layout is a non-persistent buffer rebuilt whenever ``qweight`` is loaded.
+    Persistent buffers, in GGUF Q4_1's convention ``w = scale * q + min`` per group of
+    ``group_size`` inputs: ``qweight`` (N, K // 2) uint8 portable nibbles, ``scales`` and ``mins``
+    (N, K // group_size) float32. Q4_1's fp16 ``d``/``m`` are exact in float32, so a model read from
+    Q4_1 blocks (:meth:`from_q4_1_blocks`) holds exactly the GGUF's weights. The kernel's operands
+    are derived from them (non-persistent, rebuilt on load): the CPU-specific ``packed`` layout and
+    ``scales_and_zeros`` (K // group_size, N, 2) in ``compute_dtype`` with the kernel's convention
+    ``w = (q - 8) * scale + zero``. With ``compute_dtype=bfloat16`` (torch's only vectorized CPU
+    int4 kernel) scales, zeros and activations are rounded to bfloat16 inside the matmul;
+    ``float32`` computes with the exact weights.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 32,
@@ -243,10 +249,13 @@ class Int4WeightOnlyLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.compute_dtype = group_size, compute_dtype
         cdt = _dtype(compute_dtype)
+        groups = in_features // group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-        self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2, dtype=cdt))
+        self.register_buffer("scales", torch.zeros(out_features, groups))
+        self.register_buffer("mins", torch.zeros(out_features, groups))
         self.register_buffer("bias", torch.zeros(out_features, dtype=cdt) if bias else None)
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8), persistent=False)
+        self.register_buffer("scales_and_zeros", torch.empty(0, dtype=cdt), persistent=False)
         self.repack()
 
     @classmethod
@@ -255,20 +264,51 @@ class Int4WeightOnlyLinear(nn.Module):
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, compute_dtype)
         q, scales, mins = quantize_int4_groupwise(linear.weight.detach(), group_size)
         m.qweight.copy_(pack_nibbles(q))
-        # The kernel centres q on 8: w = (q - 8) * d + (m + 8 d) = d * q + m.
-        m.scales_and_zeros.copy_(torch.stack([scales, mins + 8 * scales], dim=-1).transpose(0, 1))
+        m.scales.copy_(scales)
+        m.mins.copy_(mins)
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach())
         m.repack()
         return m
 
+    @torch.no_grad()
+    def load_q4_1_blocks(self, blocks: torch.Tensor) -> None:
+        """Takes the weights from GGUF Q4_1 blocks exactly (``group_size`` must be 32).
+
+        Args:
+            blocks: (N, K // 32, 20) uint8: per block fp16 ``d``, fp16 ``m``, then 16 bytes whose
+                low nibbles are weights 0..15 and high nibbles weights 16..31; ``w = d * q + m``.
+        """
+        n, k = self.out_features, self.in_features
+        if self.group_size != 32 or tuple(blocks.shape) != (n, k // 32, 20):
+            raise ValueError(f"Q4_1 blocks of shape {tuple(blocks.shape)} do not fit a {n}x{k} int4 layer "
+                             f"with group_size={self.group_size}; valid: ({n}, {k // 32}, 20) and group_size=32")
+        blocks = blocks.contiguous()
+        d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0]  # (N, K // 32)
+        m = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0]
+        qs = blocks[..., 4:]  # (N, K // 32, 16)
+        q = torch.cat([qs & 0xF, qs >> 4], dim=-1).reshape(n, k)
+        self.qweight.copy_(pack_nibbles(q))
+        self.scales.copy_(d.float())
+        self.mins.copy_(m.float())
+        self.repack()
+
     def repack(self) -> None:
-        """Rebuild the kernel layout from the portable nibbles."""
+        """Rebuild the kernel operands (packed nibbles, scales and zeros) from the portable buffers."""
         q = unpack_nibbles(self.qweight).to(torch.int32)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        # The kernel centres q on 8: w = (q - 8) * d + (m + 8 d) = d * q + m.
+        zeros = self.mins + 8 * self.scales
+        sz = torch.stack([self.scales, zeros], dim=-1).transpose(0, 1)  # (G, N, 2)
+        self.scales_and_zeros = sz.to(_dtype(self.compute_dtype)).contiguous()
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        legacy = state_dict.pop(prefix + "scales_and_zeros", None)
+        if legacy is not None and prefix + "scales" not in state_dict:
+            # format 1 stored (G, N, 2) scale/zero in the kernel's convention
+            scales, zeros = legacy.float().transpose(0, 1).unbind(-1)
+            state_dict[prefix + "scales"], state_dict[prefix + "mins"] = scales, zeros - 8 * scales
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.repack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,13 +320,12 @@ class Int4WeightOnlyLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows ``ids`` of the float weight: (...,) -> (..., K) float32."""
+        """Rows ``ids`` of the float weight, ``scale * q + min`` in float32: (...,) -> (..., K)."""
         flat = ids.reshape(-1)
         q = unpack_nibbles(self.qweight[flat]).float()  # (n, K)
-        sz = self.scales_and_zeros[:, flat].float()  # (G, n, 2)
-        scale = sz[..., 0].t().repeat_interleave(self.group_size, dim=1)  # (n, K)
-        zero = sz[..., 1].t().repeat_interleave(self.group_size, dim=1)
-        return ((q - 8) * scale + zero).reshape(*ids.shape, self.in_features)
+        scale = self.scales[flat].repeat_interleave(self.group_size, dim=1)  # (n, K)
+        mins = self.mins[flat].repeat_interleave(self.group_size, dim=1)
+        return (scale * q + mins).reshape(*ids.shape, self.in_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
@@ -440,7 +479,8 @@ def fuse_weight_only(linears: list[nn.Module]) -> nn.Module | None:
                 return None
             fused = Int4WeightOnlyLinear(first.in_features, n, bias, first.group_size, first.compute_dtype)
             fused.qweight.copy_(torch.cat([m.qweight for m in linears]))
-            fused.scales_and_zeros.copy_(torch.cat([m.scales_and_zeros for m in linears], dim=1))
+            fused.scales.copy_(torch.cat([m.scales for m in linears]))
+            fused.mins.copy_(torch.cat([m.mins for m in linears]))
             fused.repack()
         if bias:
             fused.bias.copy_(torch.cat([m.bias for m in linears]))
@@ -688,3 +728,87 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
         raise UserError(f"artifact '{path}' does not match its config: missing {result.missing_keys[:3]}, "
                         f"unexpected {result.unexpected_keys[:3]}")
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- GGUF Q4_1 base
+
+# GGUF tensor names of a Llama block -> HF module names (transformers' GGUF loader maps them the same way)
+GGUF_LLAMA_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                      "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                      "ffn_down": "mlp.down_proj"}
+
+
+def _hf_row_order(rows: int, n_head: int) -> torch.Tensor:
+    """GGUF row of every HF row of a q/k projection: llama.cpp interleaves the two RoPE halves of each
+    head (its converter's ``permute``), which transformers' loader undoes; whole rows move, so Q4_1
+    blocks (along the input dimension) move with them."""
+    return torch.arange(rows).reshape(n_head, rows // n_head // 2, 2).transpose(1, 2).reshape(rows)
+
+
+def q4_1_blocks(gguf_path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Q4_1 linear weights of a Llama GGUF, as blocks in HF row order.
+
+    Returns:
+        ``{HF module name (model.layers.<i>.<proj>): (N, K // 32, 20) uint8 blocks}``; tensors of
+        other types are left out.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    fields = {f.name: f for f in reader.fields.values()}
+
+    def meta(key: str) -> int:
+        arch = bytes(fields["general.architecture"].parts[-1]).decode()
+        return int(fields[f"{arch}.{key}"].parts[-1][0])
+
+    heads, kv_heads = meta("attention.head_count"), meta("attention.head_count_kv")
+    out: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        parts = tensor.name.split(".")
+        if tensor.tensor_type != gguf.GGMLQuantizationType.Q4_1 or len(parts) != 4 or parts[0] != "blk" \
+                or parts[2] not in GGUF_LLAMA_LINEARS:
+            continue
+        n, k = int(tensor.shape[1]), int(tensor.shape[0])
+        blocks = torch.from_numpy(tensor.data.copy()).reshape(n, k // 32, 20)
+        if parts[2] in ("attn_q", "attn_k"):
+            blocks = blocks[_hf_row_order(n, heads if parts[2] == "attn_q" else kv_heads)]
+        out[f"model.layers.{parts[1]}.{GGUF_LLAMA_LINEARS[parts[2]]}"] = blocks
+    return out
+
+
+@torch.no_grad()
+def int4_from_gguf(model: nn.Module, gguf_path: str | os.PathLike, *, verify: bool = True,
+                   **settings: Any) -> nn.Module:
+    """``weight_only_int4`` copy of ``model`` whose int4 layers hold a GGUF's Q4_1 weights exactly.
+
+    ``model`` is the float model transformers de-quantized from the same GGUF (e.g. the converted
+    embedded model); its Q4_1 linears are taken block for block (group size 32, float32 scales and
+    mins), the rest is quantized as :func:`quantize` does for the same settings. The result saves
+    and loads with :func:`save_quantized` / :func:`load_quantized` like any int4 model.
+
+    Args:
+        verify: check that every de-quantized int4 weight equals ``model``'s float weight bit for
+            bit (a GGUF that is not ``model``'s source, or a mapping error, fails here).
+        **settings: :class:`WeightOnlyInt4Settings` (``group_size`` must stay 32).
+
+    Raises:
+        UserError: a group size other than 32, no Q4_1 tensors, or weights that do not match.
+    """
+    s = parse_settings("weight_only_int4", settings)
+    if s.group_size != 32:
+        raise UserError(f"GGUF Q4_1 blocks hold 32 weights; valid group_size: 32 (got {s.group_size})")
+    blocks = q4_1_blocks(gguf_path)
+    if not blocks:
+        raise UserError(f"'{gguf_path}' has no Q4_1 Llama linear weights; valid: a Q4_1 GGUF of a Llama model")
+    qmodel = quantize(model, "weight_only_int4", **s.model_dump())
+    for name, b in blocks.items():
+        layer = qmodel.get_submodule(name)
+        if not isinstance(layer, Int4WeightOnlyLinear):
+            continue  # kept in float by `skip`
+        layer.load_q4_1_blocks(b)
+        if verify:
+            expected = model.get_submodule(name).weight.float()
+            if not torch.equal(layer.dequantize_rows(torch.arange(layer.out_features)), expected):
+                raise UserError(f"Q4_1 weights of '{name}' in '{gguf_path}' differ from the model's; valid: the "
+                                f"GGUF the model was converted from")
+    return qmodel

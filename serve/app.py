@@ -43,9 +43,7 @@ from serve.security import API_KEY_ENV, require_key_off_loopback, serve_proxy_ho
 
 log = logging.getLogger("ray.serve")
 
-# Adapter engines kept per Generator replica; each holds a copy of the model, so this bounds memory.
-MAX_ADAPTERS_PER_REPLICA = 2
-# Seconds between two readings of the engines' queue depth and batch size into their gauges.
+# Seconds between two readings of the engine's queue depth, batch size and adapter counters.
 GAUGE_PERIOD_S = 1.0
 DEFAULT_SYSTEM_PROMPT = ("Answer the question using only the numbered context passages. "
                          "Be brief; say you do not know when the context does not contain the answer.")
@@ -68,8 +66,12 @@ class AppArgs(BaseConfig):
     max_queue: int = Field(32, ge=1, description="requests waiting per engine; more get 503 + Retry-After")
     max_seq_len: int = Field(2048, ge=16, description="prompt + generated tokens per request")
     num_threads: int | None = Field(None, ge=1, description="torch threads per generator replica")
-    compile: bool = Field(False, description="torch.compile the engine's decode step (faster decode; each engine "
-                          "compiles before it serves, tens of seconds on a small CPU)")
+    compile: bool = Field(True, description="torch.compile the engine's decode step (faster decode; the replica "
+                          "compiles before it serves: about a minute per graph on a small CPU the first time, then "
+                          "from the Inductor cache in the node-local cache dir; eager if compiling fails)")
+    max_adapters: int = Field(16, ge=0, description="LoRA adapters resident per generator replica, applied unmerged "
+                              "on the one shared base (least recently used evicted); 0: no adapters")
+    max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the replica's adapter slots hold")
     default_max_tokens: int = Field(128, ge=1, le=schemas.MAX_TOKENS_LIMIT, description="when a request omits it")
     request_timeout_s: float = Field(60.0, gt=0, description="end-to-end limit per request; then 504")
     max_body_bytes: int = Field(65_536, ge=1024, description="larger request bodies get 413")
@@ -190,24 +192,10 @@ def op_path(model: Any) -> str:
            f"fused_add_rms_norm x{report.fused_layers})"
 
 
-class _AdapterEngine:
-    """An engine over base + one LoRA adapter; Serve calls ``__del__`` when it evicts it (and Python
-    again when it is collected, so closing happens once)."""
-
-    def __init__(self, name: str, engine: Any, on_close: Callable[[str], None]):
-        self.name, self.engine, self.on_close, self.closed = name, engine, on_close, False
-
-    def __del__(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.engine.close()
-            self.on_close(self.name)
-
-
 @serve.deployment(name="Generator", max_ongoing_requests=16, health_check_period_s=10, health_check_timeout_s=30,
                   ray_actor_options={"num_cpus": 1})
 class Generator:
-    """The model behind the engine; one engine per loaded LoRA adapter (bounded, LRU)."""
+    """The model behind one engine; LoRA adapters by name, unmerged on the shared base (bounded, LRU)."""
 
     def __init__(self, args: dict):
         import torch
@@ -220,57 +208,74 @@ class Generator:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.attention = choose_attention(self.args.attention, device=self.device, dtype=torch_dtype(self.args.dtype))
         self.tokenizer = load_tokenizer(self.args.model, storage=self.args.storage)
+        from cluster.storage import local_cache_root
+
+        # compiled decode graphs persist across restarts (Inductor's FX graph cache is on by default)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(local_cache_root() / "inductor"))
         self.op_path = "reference"
-        self.engine = self._engine(None)
-        self.adapters: dict[str, Any] = {}  # loaded adapter engines by name, for the gauges
+        self.engine = self._engine()
         self.metrics = GeneratorMetrics()
+        self._adapter_counts: dict[str, tuple[int, int]] = {}  # name -> (loads, evictions) already counted
         threading.Thread(target=_sample_engines, args=(weakref.ref(self),), name="raylm-gauges", daemon=True).start()
         log.info("generator ready: model=%s attention=%s (%s) ops=%s engine=%s", self.args.model,
                  self.attention.name, self.attention.reason, self.op_path, self.engine.backend)
 
-    def _engine(self, adapter: Path | None):
+    def _engine(self):
         from ops.engine import Engine, EngineConfig
         from ops.model import load_model
 
         model = load_model(self.args.model, storage=self.args.storage, dtype=self.args.dtype, device=self.device,
-                           attn_implementation=self.attention.name, adapter=str(adapter) if adapter else None)
+                           attn_implementation=self.attention.name)
         self.op_path = op_path(model)
         config = EngineConfig(max_batch_size=self.args.max_batch_size, max_queue=self.args.max_queue,
                               max_seq_len=self.args.max_seq_len, num_threads=self.args.num_threads,
-                              compile=self.args.compile)
-        engine = Engine(model, self.tokenizer, config)
-        engine.warmup()  # with `compile`, the replica (or adapter) is ready once its decode graphs are built
+                              compile=self.args.compile, max_adapters=self.args.max_adapters,
+                              max_lora_rank=self.args.max_lora_rank)
+        try:
+            engine = Engine(model, self.tokenizer, config)
+        except ValueError as exc:  # not a Llama-family model: no unmerged adapters there
+            log.warning("serving %s without adapter slots: %s", self.args.model, exc)
+            engine = Engine(model, self.tokenizer, dataclasses.replace(config, max_adapters=0))
+        engine.warmup()  # with `compile`, the replica is ready once its decode graphs are built
         if self.args.compile and not engine.compiled:
             log.warning("serving %s with the eager decode step: %s", self.args.model, engine.warmup_error)
         return engine
 
-    @serve.multiplexed(max_num_models_per_replica=MAX_ADAPTERS_PER_REPLICA)
-    async def adapter_engine(self, name: str) -> _AdapterEngine:
-        path = adapter_dir(self.args.storage, name, self.args.model)
-        engine = await asyncio.to_thread(self._engine, path)
-        self.adapters[name] = engine
-        self.metrics.adapter_loads.inc(tags={"adapter": name})
-        return _AdapterEngine(name, engine, self._adapter_closed)
-
-    def _adapter_closed(self, name: str) -> None:
-        self.adapters.pop(name, None)
-        self.metrics.adapter_evictions.inc(tags={"adapter": name})
-        self.metrics.engine_load(name, 0, 0)  # its series would otherwise keep the last reading
-
     def sample_engines(self) -> None:
-        """Read every engine's queue depth and running batch size into the gauges."""
-        for model, engine in [(self.model_id, self.engine), *list(self.adapters.items())]:
-            self.metrics.engine_load(model, engine.num_waiting, engine.num_running)
+        """Read the engine's queue depth and running batch size into the gauges, and its adapter loads
+        and evictions since the last reading into their counters."""
+        self.metrics.engine_load(self.model_id, self.engine.num_waiting, self.engine.num_running)
+        if self.engine.adapters is None:
+            return
+        stats = self.engine.adapters
+        for name in set(stats.loads_by_name) | set(stats.evictions_by_name):
+            loads, evictions = stats.loads_by_name[name], stats.evictions_by_name[name]
+            seen_loads, seen_evictions = self._adapter_counts.get(name, (0, 0))
+            if loads > seen_loads:
+                self.metrics.adapter_loads.inc(loads - seen_loads, tags={"adapter": name})
+            if evictions > seen_evictions:
+                self.metrics.adapter_evictions.inc(evictions - seen_evictions, tags={"adapter": name})
+            self._adapter_counts[name] = (loads, evictions)
 
-    async def _engine_for_request(self):
+    def _adapter_for_request(self) -> str | None:
+        """The request's adapter (Serve's multiplexed model id), registered with the engine on first use."""
         name = serve.get_multiplexed_model_id()
-        return (await self.adapter_engine(name)).engine if name else self.engine
+        if not name:
+            return None
+        if self.engine.adapters is None or name not in self.engine.adapters.specs:
+            path = adapter_dir(self.args.storage, name, self.args.model)
+            try:
+                self.engine.add_adapter(name, path)
+            except ValueError as exc:
+                raise ApiError(422, str(exc), "model") from None
+        return name
 
-    def _request(self, engine: Any, payload: dict):
+    def _request(self, engine: Any, payload: dict, adapter: str | None = None):
         from ops.engine import Request
 
         params = {k: payload[k] for k in ("max_tokens", "temperature", "top_p", "seed") if k in payload}
         params["stop"] = payload.get("stop") or []
+        params["adapter"] = adapter
         if "rag" in payload:
             budget = engine.config.max_seq_len - payload["max_tokens"]
             count = lambda m: len(engine.encode(Request(messages=m, max_tokens=1)))  # noqa: E731
@@ -285,8 +290,7 @@ class Generator:
         from ops.engine import QueueFullError
 
         try:
-            engine = await self._engine_for_request()
-            return engine.stream(self._request(engine, payload))
+            return self.engine.stream(self._request(self.engine, payload, self._adapter_for_request()))
         except QueueFullError as exc:
             raise ApiError(503, f"generator queue is full, retry later ({exc})", retry_after=1) from None
         except ValueError as exc:  # too long for max_seq_len, empty prompt, bad sampling values
@@ -328,9 +332,10 @@ class Generator:
         raise RuntimeError("engine stream ended without a completion")
 
     def info(self) -> dict:
-        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
-        loaded = list(getattr(wrapper, "models", {}) or {}) if wrapper is not None else []
-        return {"model": self.args.model, "attention": self.attention.name, "attention_reason": self.attention.reason,
+        adapters = self.engine.adapter_stats()
+        loaded = adapters["resident"]
+        return {"adapter_loads": adapters["loads"], "adapter_evictions": adapters["evictions"],
+                "model": self.args.model, "attention": self.attention.name, "attention_reason": self.attention.reason,
                 "op_path": self.op_path, "engine_backend": self.engine.backend,
                 "engine_compiled": self.engine.compiled, "adapters_loaded": loaded,
                 "pid": os.getpid()}

@@ -114,6 +114,61 @@ def test_int4_reproduces_q4_1_weights_exactly():
     assert torch.equal(unpack_nibbles(pack_nibbles(q2)), q2)
 
 
+def q4_1_blocks_of(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """GGUF Q4_1 bytes of (N, K) values q in [0, 15] with (N, K // 32) fp16 d and m: (N, K // 32, 20) uint8."""
+    n, k = q.shape
+    qb = q.reshape(n, k // 32, 32)
+    qs = qb[..., :16] | (qb[..., 16:] << 4)
+    dm = torch.stack([d, m], dim=-1).to(torch.float16).contiguous().view(torch.uint8)  # (N, G, 4)
+    return torch.cat([dm, qs], dim=-1)
+
+
+def test_int4_from_q4_1_blocks_is_exact_in_float32():
+    """Weights read from Q4_1 blocks de-quantize to exactly d * q + m (as GGUF readers compute it), and the
+    float32 kernel and the bfloat16 one both run from them; a state dict round trip keeps them."""
+    torch.manual_seed(0)
+    n, k = 48, 128
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    d = (torch.rand(n, k // 32) * 0.01 + 1e-3).half()
+    m = (torch.randn(n, k // 32) * 0.01).half()
+    w = (d.float().repeat_interleave(32, 1) * q.float() + m.float().repeat_interleave(32, 1))
+    layer = Int4WeightOnlyLinear(k, n, group_size=32, compute_dtype="float32")
+    layer.load_q4_1_blocks(q4_1_blocks_of(q, d, m))
+    assert torch.equal(layer.dequantize_rows(torch.arange(n)), w)
+    assert layer.scales.dtype == torch.float32 and layer.mins.dtype == torch.float32
+    x = torch.randn(3, k)
+    torch.testing.assert_close(layer(x), x @ w.t(), rtol=1e-5, atol=1e-5)
+    fast = Int4WeightOnlyLinear(k, n, group_size=32, compute_dtype="bfloat16")
+    fast.load_state_dict(layer.state_dict())
+    assert torch.equal(fast.dequantize_rows(torch.arange(n)), w)
+    torch.testing.assert_close(fast(x), x @ w.t(), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="do not fit"):
+        layer.load_q4_1_blocks(torch.zeros(n, k // 64, 20, dtype=torch.uint8))
+
+
+def test_int4_loads_format_1_scales_and_zeros():
+    """Artifacts written before float32 scales (bf16 (G, N, 2) scale/zero, kernel convention) still load."""
+    torch.manual_seed(0)
+    m = Int4WeightOnlyLinear.from_float(torch.nn.Linear(64, 16, bias=False), group_size=32)
+    sz = torch.stack([m.scales, m.mins + 8 * m.scales], dim=-1).transpose(0, 1).bfloat16()
+    legacy = {"qweight": m.qweight, "scales_and_zeros": sz}
+    loaded = Int4WeightOnlyLinear(64, 16, group_size=32)
+    loaded.load_state_dict(legacy)
+    torch.testing.assert_close(loaded.scales, m.scales, rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(loaded.mins, m.mins, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_int4_from_embedded_gguf_equals_converted_weights(embedded_storage):
+    """Every Q4_1 linear of the embedded GGUF becomes an int4 layer equal to the converted float weight."""
+    from ops.model import DEFAULT_MODEL, embedded_gguf
+    from ops.quantization import int4_from_gguf
+
+    model = load_model(DEFAULT_MODEL, storage=embedded_storage)
+    qmodel = int4_from_gguf(model, embedded_gguf(DEFAULT_MODEL), verify=True)
+    assert sum(isinstance(mod, Int4WeightOnlyLinear) for mod in qmodel.modules()) == 7 * len(model.model.layers)
+
+
 @pytest.mark.parametrize("method, settings, calibration, fragment", [
     ("int3", {}, None, "unknown quantization method 'int3'"),
     ("weight_only_int4", {"group_size": 64}, None, "group_size=64 does not divide in_features=144"),

@@ -13,6 +13,8 @@ import pytest
 from tests.conftest import SHARED_DATA, TINY_TEXT
 
 API_KEY = "test-key"
+# LoRA slots of the test app's generator: few, so that a test can make it evict.
+MAX_ADAPTERS = 2
 SQUAD = SHARED_DATA / "squad_notre_dame.json"
 
 
@@ -84,7 +86,9 @@ def rag_app(ray_local, serve_storage, tiny_model_dir):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app({"storage": str(serve_storage), "model": str(tiny_model_dir), "model_id": "tiny",
                          "index": "test", "api_key": API_KEY, "max_seq_len": 512, "request_timeout_s": 30,
-                         "num_threads": 1})
+                         "num_threads": 1, "max_adapters": MAX_ADAPTERS,
+                         # Compiling costs a minute on 2 CPUs; the compiled decode is tested in tests/ops.
+                         "compile": False})
         serve.run(app, name="rag", route_prefix="/", blocking=False)
         base_url = f"http://127.0.0.1:{port}"
         wait_ready(base_url)

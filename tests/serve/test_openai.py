@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import API_KEY
+from tests.serve.conftest import API_KEY, MAX_ADAPTERS
 
 pytestmark = pytest.mark.integration
 USER = [{"role": "user", "content": "The quick brown fox"}]
@@ -122,10 +122,8 @@ def test_every_raylm_series_is_exported_after_traffic(rag_app, client, serve_sto
     """Traffic that touches every metric, then poll Ray's metrics endpoint until each series shows."""
     import ray
 
-    from serve.app import MAX_ADAPTERS_PER_REPLICA
-
     # More adapters than a replica keeps, so that loading the last one evicts the first.
-    extra = [f"tiny-lora-{i}" for i in range(MAX_ADAPTERS_PER_REPLICA)]
+    extra = [f"tiny-lora-{i}" for i in range(MAX_ADAPTERS)]
     for name in extra:
         shutil.copytree(serve_storage / "adapters" / "tiny-lora", serve_storage / "adapters" / name)
     try:

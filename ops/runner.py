@@ -1,0 +1,375 @@
+"""Model runners of the engine: weights, KV cache, prefill and one decode step (gpt-fast's model.py).
+
+`LlamaRunner` is a gpt-fast style forward over the HF submodules of a Llama-family model with a
+preallocated KV cache, so that swapped-in linear layers, patched norms/MLPs and PEFT LoRA layers
+all still apply; `HFRunner` is the plain HF forward with one `DynamicCache` per request, for any
+other architecture. The scheduler (ops/engine.py) owns which request sits in which cache row.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ops.multi_lora import MultiLora
+from ops.quantization import fuse_weight_only
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+log = logging.getLogger(__name__)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _fast_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`F.rms_norm` (one op instead of HF's eight) for an unpatched float32 HF RMSNorm, else the module."""
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", None)
+    if (
+        not type(norm).__name__.endswith("RMSNorm")
+        or "forward" in vars(norm)  # patched: the compiled op runs
+        or not isinstance(eps, float)
+        or not isinstance(weight, torch.Tensor)
+        or weight.dim() != 1
+        or weight.dtype != torch.float32
+    ):
+        return norm
+    shape = (weight.shape[0],)
+    return lambda x: F.rms_norm(x, shape, weight, eps) if x.dtype == torch.float32 else norm(x)
+
+
+class LlamaRunner:
+    """gpt-fast style forward of a Llama-family HF model with a static KV cache.
+
+    The cache has one row per running request; rows 0..n-1 are the running ones (the
+    scheduler compacts them with `move`), so decode works on contiguous views.
+    """
+
+    def __init__(self, model: nn.Module, max_batch_size: int, max_seq_len: int, fuse_qkv: bool,
+                 compile: bool = False, lora: MultiLora | None = None):
+        self.model = model
+        self.lora = lora  # unmerged adapters per row; None: no LoRA slots (the fastest base-only graph)
+        inner = model.model
+        cfg = model.config
+        self.embed_tokens = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.rotary_emb = inner.rotary_emb
+        self.lm_head = model.lm_head
+        self.n_head = cfg.num_attention_heads
+        self.n_kv_head = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_seq_len = max_seq_len
+        param = next(model.parameters())
+        shape = (max_batch_size, self.n_kv_head, max_seq_len, self.head_dim)
+        # (B_max, n_kv, T_max, hs) per layer
+        self.k_cache = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=param.dtype, device=param.device) for _ in self.layers]
+        self.qkv = [self._fused_qkv(layer.self_attn) if fuse_qkv else None for layer in self.layers]
+        self.gate_up = [self._fused_gate_up(layer.mlp) if fuse_qkv else None for layer in self.layers]
+        self.norms = [(_fast_norm(layer.input_layernorm), _fast_norm(layer.post_attention_layernorm))
+                      for layer in self.layers]
+        self.final_norm = _fast_norm(self.norm)
+        self.compiled = compile
+        self._step = self._decode
+        if compile:
+            # dynamic: the attended length T (and the batch size above 1) are symbols, not one graph each
+            options = {"cpp_wrapper": True} if param.device.type == "cpu" else {}
+            self._step = torch.compile(self._decode, dynamic=True, fullgraph=True, options=options)
+
+    @staticmethod
+    def _fused_qkv(attn: nn.Module) -> nn.Module | None:
+        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+        if any(type(p) is not nn.Linear for p in projs):
+            return fuse_weight_only(list(projs))  # None for LoRA / other modules: own forward
+        weight = torch.cat([p.weight for p in projs])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=projs[0].bias is not None)
+        fused.to(weight.device, weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(weight)
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([p.bias for p in projs]))
+        return fused
+
+    @staticmethod
+    def _fused_gate_up(mlp: nn.Module) -> nn.Module | None:
+        """gate/up as one weight-only matmul, for an unpatched SwiGLU MLP (else the MLP's forward runs).
+
+        Plain `nn.Linear` gate/up are not fused: the float matmul dominates there and a
+        snapshot would double the MLP weights in memory.
+        """
+        act = getattr(mlp, "act_fn", None)
+        is_silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+        projs = ("gate_proj", "up_proj", "down_proj")
+        if not is_silu or "forward" in vars(mlp) or not all(hasattr(mlp, n) for n in projs):
+            return None
+        return fuse_weight_only([mlp.gate_proj, mlp.up_proj])
+
+    def _mlp(self, i: int, x: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+        mlp = self.layers[i].mlp
+        lora = self.lora if slots is not None else None
+        if lora is None and self.gate_up[i] is None:
+            return mlp(x)
+        if self.gate_up[i] is not None:
+            gate_up = self.gate_up[i](x)
+        else:
+            gate_up = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
+        if lora is not None and "gate_up" in lora.groups:
+            gate_up = gate_up + lora.delta("gate_up", i, x, slots)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        y = mlp.down_proj(h)
+        return y + lora.delta("down", i, h, slots) if lora is not None and "down" in lora.groups else y
+
+    def _o_proj(self, i: int, y: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+        out = self.layers[i].self_attn.o_proj(y)
+        if slots is not None and self.lora is not None and "o" in self.lora.groups:
+            out = out + self.lora.delta("o", i, y, slots)
+        return out
+
+    def _qkv(self, i: int, x: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, (nh + 2 n_kv) hs): q, k and v projections concatenated, LoRA applied."""
+        attn = self.layers[i].self_attn
+        if self.qkv[i] is not None:
+            qkv = self.qkv[i](x)
+        else:
+            qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+        if slots is not None and self.lora is not None and "qkv" in self.lora.groups:
+            qkv = qkv + self.lora.delta("qkv", i, x, slots)
+        return qkv
+
+    def _heads(
+        self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projects q/k/v and rotates q/k.
+
+        Args:
+            x: (B, T, C) normalized hidden states.
+            rope: cos and sin, each (B, 1, T, hs).
+            slots: (B,) LoRA slot of each row (0: none), or None without LoRA slots.
+
+        Returns:
+            q (B, nh, T, hs), k and v (B, n_kv, T, hs).
+        """
+        attn = self.layers[i].self_attn
+        B, T, _ = x.shape
+        cos, sin = rope
+        qkv = self._qkv(i, x, slots)
+        if not hasattr(attn, "q_norm"):
+            # rotate q and k heads together: one set of RoPE ops instead of two
+            qkv = qkv.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 n_kv, T, hs)
+            qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
+            return q, k, v
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalizes each head before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rotary_emb(x, positions)  # (B, T, hs)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    @torch.inference_mode()
+    def prefill(self, row: int, input_ids: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """Runs a prompt into cache row `row`.
+
+        Args:
+            row: KV cache row of the request.
+            input_ids: (T,) prompt token ids.
+            slot: LoRA slot of the request (0: no adapter).
+
+        Returns:
+            (V,) logits of the last prompt position.
+        """
+        T = input_ids.shape[0]
+        x = self.embed_tokens(input_ids[None])  # (1, T, C)
+        positions = torch.arange(T, device=x.device)
+        rope = self._rope(x, positions[None])
+        slots = torch.tensor([slot], device=x.device) if self.lora is not None and slot else None
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._heads(i, layer.input_layernorm(x), rope, slots)
+            x = x + self._o_proj(i, self._attention(i, q, k, v, positions, T, None, row=row), slots)
+            x = x + self._mlp(i, layer.post_attention_layernorm(x), slots)
+        x = self.norm(x[:, -1:])
+        return self.lm_head(x)[0, -1].float()
+
+    @torch.inference_mode()
+    def decode_one_token(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Feeds one token per running request (rows 0..B-1).
+
+        Args:
+            tokens: (B,) last token of each request.
+            positions: (B,) position of that token (= its KV cache index).
+            slots: (B,) LoRA slot of each row (0: none); None is all zeros. With LoRA slots every
+                step gets a slots tensor of the same shape, so one graph serves any adapter mix.
+
+        Returns:
+            (B, V) next-token logits.
+        """
+        T = int(positions.max()) + 1  # attend only over the filled part of the cache
+        # every row at the last position (always at batch 1): no mask. Compiled, several rows always
+        # take the masked path, so that two graphs (1 row / several) cover every step.
+        uniform = tokens.shape[0] == 1 or (not self.compiled and int(positions.min()) + 1 == T)
+        if self.lora is not None and slots is None:
+            slots = torch.zeros_like(tokens)
+        return self._step(tokens, positions, T, uniform, slots if self.lora is not None else None)
+
+    def warmup(self, set_threads: Callable[[int], None] = lambda batch: None) -> None:
+        """Compiles the decode graphs now (the first step of each would otherwise take that long).
+
+        Args:
+            set_threads: Called with the batch size before each graph, so that it is compiled
+                under the intra-op threads it will run with.
+
+        Writes only cache positions 1..2 of rows 0..1, which a request's prefill overwrites.
+        """
+        if not self.compiled:
+            return
+        device = self.k_cache[0].device
+        max_batch, max_len = self.k_cache[0].shape[0], self.k_cache[0].shape[2]
+        for B in (1, 2) if max_batch > 1 and max_len > 2 else (1,):
+            set_threads(B)
+            started = time.perf_counter()
+            positions = torch.arange(1, B + 1, device=device)
+            self.decode_one_token(torch.zeros(B, dtype=torch.long, device=device), positions)
+            log.info("compiled the decode step for %s in %.1f s", "1 request" if B == 1 else "batches",
+                     time.perf_counter() - started)
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, T: int, uniform: bool,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
+        mask = None
+        if not uniform:
+            # (B, 1, 1, T): row b sees cache positions 0..positions[b]; additive, built once per step
+            visible = (torch.arange(T, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+            mask = torch.zeros(visible.shape, dtype=self.k_cache[0].dtype, device=tokens.device)
+            mask.masked_fill_(~visible, float("-inf"))
+        x = self.embed_tokens(tokens[:, None])  # (B, 1, C)
+        rope = self._rope(x, positions[:, None])
+        for i, layer in enumerate(self.layers):
+            input_norm, post_attention_norm = self.norms[i]
+            q, k, v = self._heads(i, input_norm(x), rope, slots)
+            x = x + self._o_proj(i, self._attention(i, q, k, v, positions, T, mask), slots)
+            x = x + self._mlp(i, post_attention_norm(x), slots)
+        return self.lm_head(self.final_norm(x))[:, 0].float()
+
+    def _attention(
+        self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, T: int,
+        mask: torch.Tensor | None, row: int | None = None,
+    ) -> torch.Tensor:
+        """Writes k/v into layer `i`'s cache and attends q over cache positions 0..T-1.
+
+        Args:
+            q: (B, nh, S, hs) rotated queries; S = T for a prefill (B = 1), 1 for a decode step.
+            k, v: (B, n_kv, S, hs) new keys / values.
+            positions: (S,) prompt positions for a prefill; (B,) position of each row's token for
+                a decode step (rows 0..B-1).
+            T: attended cache length.
+            mask: (B, 1, 1, T) additive mask of a decode step whose rows are at different
+                positions; None when every row is at position T-1.
+            row: cache row of a prefill (causal over the prompt); None for a decode step.
+
+        Returns:
+            (B, S, nh * hs) attention output, heads concatenated.
+        """
+        k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+        scale = self.layers[i].self_attn.scaling
+        B, _, S, _ = q.shape
+        n_rep = self.n_head // self.n_kv_head
+        if row is not None:
+            k_cache[row, :, :S] = k[0]
+            v_cache[row, :, :S] = v[0]
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (1, nh, S, hs)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            return y.transpose(1, 2).reshape(1, S, -1)
+        if mask is None:  # one position for all rows: no index_put
+            k_cache[:B].index_copy_(2, positions[:1], k)
+            v_cache[:B].index_copy_(2, positions[:1], v)
+        else:
+            rows = torch.arange(B, device=q.device)
+            k_cache[rows, :, positions] = k[:, :, 0]
+            v_cache[rows, :, positions] = v[:, :, 0]
+        # GQA without repeat_kv: the n_rep query heads of a kv head act as its query length
+        q = q.view(B, self.n_kv_head, n_rep, self.head_dim)  # (B, n_kv, n_rep, hs)
+        y = F.scaled_dot_product_attention(q, k_cache[:B, :, :T], v_cache[:B, :, :T], attn_mask=mask, scale=scale)
+        return y.reshape(B, 1, -1)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copies the first `length` cache positions of row `src` into row `dst`."""
+        for k_cache, v_cache in zip(self.k_cache, self.v_cache):
+            k_cache[dst, :, :length] = k_cache[src, :, :length]
+            v_cache[dst, :, :length] = v_cache[src, :, :length]
+
+
+class HFRunner:
+    """Fallback for non-Llama architectures: plain HF forward, one `DynamicCache` per request.
+
+    Rows are decoded one after the other, so there is no batching speed-up, but any causal
+    LM that supports `past_key_values` works and produces exactly `generate`'s tokens.
+    """
+
+    def __init__(self, model: nn.Module, max_batch_size: int, max_seq_len: int):
+        self.model = model
+        self.max_seq_len = max_seq_len
+        self.caches: list[Any] = [None] * max_batch_size
+        # transformers renamed `past_key_values` to `cache` in 5.x
+        params = inspect.signature(model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    @torch.inference_mode()
+    def prefill(self, row: int, input_ids: torch.Tensor) -> torch.Tensor:
+        """Returns (V,) logits of the last prompt position of `input_ids` (T,)."""
+        out = self.model(input_ids=input_ids[None], use_cache=True)
+        self.caches[row] = out.past_key_values
+        return out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def decode_one_token(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Returns (B, V) logits for tokens (B,) at positions (B,) of rows 0..B-1."""
+        logits = []
+        for row in range(tokens.shape[0]):
+            out = self.model(
+                input_ids=tokens[row, None, None],
+                **{self.cache_kwarg: self.caches[row]},
+                position_ids=positions[row, None, None],
+                use_cache=True,
+            )
+            self.caches[row] = out.past_key_values
+            logits.append(out.logits[0, -1].float())
+        return torch.stack(logits)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Moves the cache of row `src` to row `dst`."""
+        self.caches[dst], self.caches[src] = self.caches[src], None
+
+
+def is_llama_family(model: nn.Module, max_seq_len: int) -> bool:
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in LLAMA_FAMILY:
+        return False
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if window is not None and window < max_seq_len:
+        return False  # the static cache has no sliding-window mask
+    inner = getattr(model, "model", None)
+    return all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) and hasattr(
+        model, "lm_head"
+    )
