@@ -6,6 +6,8 @@ thread-safe queues. Llama-family models (Llama, Mistral, Qwen2/3, SmolLM) run th
 gpt-fast style forward over the HF submodules with a preallocated KV cache, so that
 swapped-in linear layers, patched norms/MLPs and PEFT LoRA layers all still apply; any
 other architecture falls back to the plain HF forward with one `DynamicCache` per request.
+On a CUDA device the Llama-family forward is `ops.cuda_runner.CudaLlamaRunner` (CUDA graphs,
+FlashAttention, the compiled ops in the hot path).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ops.attention import AttentionChoice
 from ops.quantization import fuse_weight_only
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
@@ -137,7 +140,10 @@ class EngineConfig:
             with its C++ wrapper), so the per-layer Python and the small ops between the
             matmuls become one generated graph. Two graphs are compiled at engine start (one
             request / several), which takes tens of seconds per graph on a small CPU the first
-            time (Inductor caches them on disk). Ignored, with a warning, by the HF fallback.
+            time (Inductor caches them on disk). Ignored, with a warning, by the HF fallback, and
+            on a CUDA device, whose decode step is captured in CUDA graphs instead (`cuda_graphs`).
+        cuda_graphs: On a CUDA device, capture the Llama-family decode step in one CUDA graph per
+            batch bucket at warm-up (`ops.cuda_runner`); False decodes eagerly there.
     """
 
     max_batch_size: int = 8
@@ -148,6 +154,7 @@ class EngineConfig:
     fuse_qkv: bool = True
     force_hf_forward: bool = False
     compile: bool = False
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.single_stream_threads is not None and self.single_stream_threads < 1:
@@ -213,6 +220,7 @@ class LlamaRunner:
         self.norms = [(_fast_norm(layer.input_layernorm), _fast_norm(layer.post_attention_layernorm))
                       for layer in self.layers]
         self.final_norm = _fast_norm(self.norm)
+        self.attention = AttentionChoice("sdpa", f"torch SDPA over the KV cache on {param.device.type}")
         self.compiled = compile
         self._step = self._decode
         if compile:
@@ -543,17 +551,23 @@ class Engine:
         if max_pos is not None and cfg.max_seq_len > max_pos:
             cfg = dataclasses.replace(cfg, max_seq_len=max_pos)
         self.config = cfg
-        if not cfg.force_hf_forward and _is_llama_family(model, cfg.max_seq_len):
-            self.runner: LlamaRunner | HFRunner = LlamaRunner(
-                model, cfg.max_batch_size, cfg.max_seq_len, cfg.fuse_qkv, cfg.compile
+        self.device = next(model.parameters()).device
+        if not cfg.force_hf_forward and _is_llama_family(model, cfg.max_seq_len) and self.device.type == "cuda":
+            from ops.cuda_runner import CudaLlamaRunner  # imports this module: load it only when used
+
+            if cfg.compile:
+                log.info("EngineConfig.compile is not used on CUDA: the decode step is captured in CUDA graphs")
+            self.runner: LlamaRunner | HFRunner = CudaLlamaRunner(
+                model, cfg.max_batch_size, cfg.max_seq_len, cfg.fuse_qkv, cfg.cuda_graphs
             )
+        elif not cfg.force_hf_forward and _is_llama_family(model, cfg.max_seq_len):
+            self.runner = LlamaRunner(model, cfg.max_batch_size, cfg.max_seq_len, cfg.fuse_qkv, cfg.compile)
         else:
             if cfg.compile:
                 log.warning("EngineConfig.compile ignored: %s runs through the plain HF forward",
                             type(model).__name__)
             self.runner = HFRunner(model, cfg.max_batch_size, cfg.max_seq_len)
         self.eos_token_ids = self._eos_ids(model, tokenizer)
-        self.device = next(model.parameters()).device
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # index == KV cache row
         self._by_id: dict[int, _Sequence] = {}  # unfinished requests, for cancel() from any thread
@@ -569,6 +583,11 @@ class Engine:
     def backend(self) -> str:
         """"llama" (own forward with static KV cache) or "hf" (plain HF forward)."""
         return "llama" if isinstance(self.runner, LlamaRunner) else "hf"
+
+    @property
+    def attention(self) -> AttentionChoice | None:
+        """The attention the engine's own Llama-family forward runs; None: the HF forward's own."""
+        return getattr(self.runner, "attention", None)
 
     @property
     def num_running(self) -> int:
@@ -725,7 +744,7 @@ class Engine:
 
     @property
     def compiled(self) -> bool:
-        """Whether decode steps run through the compiled graph."""
+        """Whether decode steps run compiled: torch.compile's graphs (CPU) or captured CUDA graphs."""
         return isinstance(self.runner, LlamaRunner) and self.runner.compiled
 
     def close(self) -> None:
