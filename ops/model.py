@@ -162,6 +162,63 @@ def resolve(spec: str, storage: str | os.PathLike | None = None) -> ModelSource:
     return ModelSource("hf", spec, spec)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a served model runs, in which format, and why.
+
+    Attributes:
+        device: "cuda" or "cpu".
+        dtype: the float dtype name for :func:`load_model` ("bfloat16", "float32", ...).
+        format: what runs: the dtype of a float model, the method of a quantized artifact.
+        reason: one line on why (a fallback names what was not possible).
+    """
+
+    device: str
+    dtype: str
+    format: str
+    reason: str
+
+
+def choose_placement(spec: str, storage: str | os.PathLike | None = None, dtype: str = "auto",
+                     use_gpu: bool = True) -> Placement:
+    """Decides device and format for serving ``spec``, never choosing something that cannot run.
+
+    ``dtype="auto"`` is bfloat16 on CUDA (float16 where the GPU lacks bf16) and float32 on CPU. A
+    quantized artifact whose method has no CUDA kernels (``ops.quantization.device_blocker``) runs
+    on CPU, and the reason says so.
+
+    Args:
+        spec: any :func:`load_model` spec.
+        storage: artifact root.
+        dtype: "auto" or a name of :data:`DTYPES`.
+        use_gpu: run on a CUDA device when this process sees one.
+
+    Raises:
+        UserError: an unknown dtype or a spec that names no model.
+    """
+    if dtype != "auto":
+        torch_dtype(dtype)
+    cuda = use_gpu and torch.cuda.is_available()
+    where = "cuda" if cuda else "cpu"
+    why = ("use_gpu is on but this process sees no CUDA device (does the deployment ask for num_gpus?)"
+           if use_gpu and not cuda else f"use_gpu={'on' if use_gpu else 'off'}")
+    source = resolve(spec, storage)
+    if source.kind == "quantized":
+        from ops.quantization import device_blocker
+
+        manifest = json.loads((Path(source.path) / "quantization.json").read_text())
+        method = manifest.get("method", "")
+        blocker = device_blocker(method, manifest.get("settings", {}), where)
+        if blocker:
+            return Placement("cpu", "float32", method, f"on cpu: {blocker}")
+        return Placement(where, "bfloat16" if method == "bf16" else "float32", method,
+                         f"quantized artifact on {where} ({why})")
+    if dtype == "auto":
+        dtype = "float32" if not cuda else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        why += f"; dtype auto = {dtype} on {where}"
+    return Placement(where, dtype, str(torch_dtype(dtype)).removeprefix("torch."), why)
+
+
 def _hub_error(spec: str, exc: Exception) -> UserError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     where = "offline (HF_HUB_OFFLINE=1) and not in the local Hugging Face cache" if offline else \
