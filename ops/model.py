@@ -69,6 +69,22 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The training autocast dtype: bf16 where asked or (auto) on a bf16-capable GPU; None = plain fp32.
+
+    CPU autocast to bf16 is slower than fp32 on CPUs without bf16 units, so auto keeps fp32 there.
+
+    Args:
+        precision: "auto", "bf16" or "fp32".
+        device: the training device.
+    """
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def embedded_gguf(name: str) -> Path:
     """Path of the GGUF file of an embedded default model."""
     entry = EMBEDDED[name]
