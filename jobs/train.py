@@ -37,8 +37,9 @@ from cluster.runtime import cluster_cpus, cluster_gpus, init_ray, report_interva
 from cluster.storage import local_storage_root, resolve_storage, validate_name, writable_artifact
 from jobs.data import DataConfig, block_datasets
 from ops.errors import UserError
+from ops.attention import choose_attention
 from ops.lora import DEFAULT_TARGETS, add_lora, apply_adapter, check_target_modules, merge_adapter, trainable_parameters
-from ops.model import DEFAULT_MODEL, MANIFEST, load_model, load_tokenizer, resolve
+from ops.model import DEFAULT_MODEL, MANIFEST, autocast_dtype, load_model, load_tokenizer, resolve
 
 DESCRIPTION = __doc__
 FAIL_AT_STEP_ENV = "RAYLM_FAIL_AT_STEP"
@@ -75,6 +76,9 @@ class TrainConfig(DataConfig):
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 = no clipping)")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="autocast dtype; auto = bf16 on a GPU that supports it, fp32 on CPU")
+    attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
+        "auto", description="attention implementation of the model (ops.attention.choose_attention for the worker's "
+        "device and autocast dtype); auto = flash_attention_2 on a GPU with flash-attn, else sdpa")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     seed: int = Field(0, description="seed of weights init (LoRA), shuffling and dropout")
     max_tokens: int = Field(0, ge=0, description="use only the first N tokens of the corpus (0 = all)")
@@ -116,24 +120,19 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where asked or (auto) on a bf16-capable GPU; None means plain fp32.
+def build_model(cfg: TrainConfig, storage: str, device: torch.device, resume_dir: str | None,
+                attn_implementation: str | None = None) -> torch.nn.Module:
+    """Base model (or the checkpointed full model) in fp32, with LoRA added or restored.
 
-    CPU autocast to bf16 is slower than fp32 on CPUs without bf16 units, so auto keeps fp32 there.
+    Args:
+        attn_implementation: HF attention implementation (``ops.attention.choose_attention``).
     """
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-def build_model(cfg: TrainConfig, storage: str, device: torch.device, resume_dir: str | None) -> torch.nn.Module:
-    """Base model (or the checkpointed full model) in fp32, with LoRA added or restored."""
     if cfg.method == "full":
-        model = load_model(resume_dir or cfg.model, storage=storage, dtype="float32", device=str(device))
+        model = load_model(resume_dir or cfg.model, storage=storage, dtype="float32", device=str(device),
+                           attn_implementation=attn_implementation)
     else:
-        base = load_model(cfg.model, storage=storage, dtype="float32", device=str(device))
+        base = load_model(cfg.model, storage=storage, dtype="float32", device=str(device),
+                          attn_implementation=attn_implementation)
         model = apply_adapter(base, resume_dir, trainable=True) if resume_dir else add_lora(
             base, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     if cfg.gradient_checkpointing:
@@ -203,13 +202,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()  # Ray: this worker's device
     torch.manual_seed(cfg.seed)
+    amp = autocast_dtype(cfg.precision, device)
+    # Attention for the dtype the model computes in (the autocast one): flash-attn takes bf16, not fp32.
+    attention = choose_attention(cfg.attention, device, amp or torch.float32)
+    if rank == 0:
+        print(f"[train] device {device.type}, autocast {amp or 'off (fp32)'}, attention {attention.name} "
+              f"({attention.reason}), DDP backend {'nccl' if device.type == 'cuda' else 'gloo'}", flush=True)
 
     state: dict[str, Any] = {"step": 0, "tokens": 0, "epoch": 0, "batch_in_epoch": 0, "train_time_s": 0.0,
                              "history": [], "initial_val_perplexity": None}
     checkpoint = ray.train.get_checkpoint()  # Ray: resume point after a failure or a re-run
     with contextlib.ExitStack() as stack:
         resume_dir = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
-        model = build_model(cfg, config["storage_root"], device, resume_dir)
+        model = build_model(cfg, config["storage_root"], device, resume_dir, attention.name)
         saved = torch.load(Path(resume_dir) / STATE_FILE, map_location="cpu", weights_only=False) \
             if resume_dir else None
     if rank == 0:
@@ -240,7 +245,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Every attempt marks where it starts, so readers of the raw log can drop rolled-back steps.
         with (run_dir / HISTORY_FILE).open("a") as fh:
             fh.write(json.dumps({"event": "start", "step": state["step"]}) + "\n")
-    amp = autocast_dtype(cfg.precision, device)
 
     val_rows = [b["input_ids"] for b in ray.train.get_dataset_shard("val").iter_torch_batches(  # Ray: held-out
         batch_size=cfg.eval_batch_size, dtypes=torch.long)]
@@ -446,7 +450,7 @@ def build_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> tuple[Any,
     import ray.data
     import ray.train
     from ray.data import ExecutionOptions
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     storage = local_storage_root(cfg.storage)
     if cfg.method == "lora":
@@ -473,6 +477,8 @@ def build_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> tuple[Any,
         train_loop_config={**cfg.model_dump(), "run_dir": str(run_dir), "storage_root": storage},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        # NCCL all-reduces GPU tensors in place; gloo is the CPU collective library.
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=f"{resolve_storage(cfg.storage)}/runs",
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),

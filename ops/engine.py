@@ -5,6 +5,8 @@ decode_one_token -> sample -> emit); asyncio callers and plain scripts talk to i
 thread-safe queues. The forward itself lives in ops/runner.py (Llama-family models through
 `LlamaRunner` with a static KV cache, any other causal LM through `HFRunner`), sampling in
 ops/sampling.py and the OpenMP thread hygiene of the decode thread in ops/openmp.py.
+On a CUDA device the Llama-family forward is `ops.cuda_runner.CudaLlamaRunner` (CUDA graphs,
+FlashAttention, the compiled ops in the hot path).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ops.attention import AttentionChoice
 from ops.lora import DEFAULT_TARGETS
 from ops.multi_lora import AdapterRegistry, MultiLora
 from ops.openmp import release_openmp_workers, set_threads
@@ -144,12 +147,15 @@ class EngineConfig:
             with its C++ wrapper), so the per-layer Python and the small ops between the
             matmuls become one generated graph. Two graphs are compiled at engine start (one
             request / several), which takes tens of seconds per graph on a small CPU the first
-            time (Inductor caches them on disk). Ignored, with a warning, by the HF fallback.
+            time (Inductor caches them on disk). Ignored, with a warning, by the HF fallback, and
+            on a CUDA device, whose decode step is captured in CUDA graphs instead (`cuda_graphs`).
         max_adapters: LoRA adapters resident at once (slots of stacked weights, allocated at
             creation: ``max_adapters * adapter_slot_bytes``); 0 = no unmerged adapters. More
             registered adapters are loaded on use and the least recently used idle one is evicted.
         max_lora_rank: Largest adapter rank the slots hold (smaller ranks are zero-padded).
         lora_targets: Projections the slots cover; an adapter adapting others is refused.
+        cuda_graphs: On a CUDA device, capture the Llama-family decode step in one CUDA graph per
+            batch bucket at warm-up (`ops.cuda_runner`); False decodes eagerly there.
     """
 
     max_batch_size: int = 8
@@ -163,6 +169,7 @@ class EngineConfig:
     max_adapters: int = 0
     max_lora_rank: int = 16
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.single_stream_threads is not None and self.single_stream_threads < 1:
@@ -227,10 +234,24 @@ class Engine:
         if max_pos is not None and cfg.max_seq_len > max_pos:
             cfg = dataclasses.replace(cfg, max_seq_len=max_pos)
         self.config = cfg
-        if not cfg.force_hf_forward and is_llama_family(model, cfg.max_seq_len):
+        self.device = next(model.parameters()).device
+        llama = not cfg.force_hf_forward and is_llama_family(model, cfg.max_seq_len)
+        if llama and self.device.type == "cuda":
+            from ops.cuda_runner import CudaLlamaRunner  # imports ops.runner's CUDA-only pieces: load when used
+
+            if cfg.max_adapters:
+                raise ValueError(f"max_adapters={cfg.max_adapters}: unmerged LoRA slots run on CPU only; on CUDA "
+                                 "merge the adapter (valid there: max_adapters=0)")
+            if cfg.compile:
+                log.info("EngineConfig.compile is not used on CUDA: the decode step is captured in CUDA graphs")
+            self.adapters = None
+            self.runner: LlamaRunner | HFRunner = CudaLlamaRunner(
+                model, cfg.max_batch_size, cfg.max_seq_len, cfg.fuse_qkv, cfg.cuda_graphs
+            )
+        elif llama:
             lora = MultiLora(model, cfg.lora_targets, cfg.max_adapters, cfg.max_lora_rank) if cfg.max_adapters else None
             self.adapters = AdapterRegistry(lora) if lora is not None else None
-            self.runner: LlamaRunner | HFRunner = LlamaRunner(
+            self.runner = LlamaRunner(
                 model, cfg.max_batch_size, cfg.max_seq_len, cfg.fuse_qkv, cfg.compile, lora
             )
         else:
@@ -243,7 +264,6 @@ class Engine:
                             type(model).__name__)
             self.runner = HFRunner(model, cfg.max_batch_size, cfg.max_seq_len)
         self.eos_token_ids = self._eos_ids(model, tokenizer)
-        self.device = next(model.parameters()).device
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # index == KV cache row
         self._by_id: dict[int, _Sequence] = {}  # unfinished requests, for cancel() from any thread
@@ -260,6 +280,11 @@ class Engine:
     def backend(self) -> str:
         """"llama" (own forward with static KV cache) or "hf" (plain HF forward)."""
         return "llama" if isinstance(self.runner, LlamaRunner) else "hf"
+
+    @property
+    def attention(self) -> AttentionChoice | None:
+        """The attention the engine's own Llama-family forward runs; None: the HF forward's own."""
+        return getattr(self.runner, "attention", None)
 
     @property
     def num_running(self) -> int:
@@ -438,7 +463,7 @@ class Engine:
 
     @property
     def compiled(self) -> bool:
-        """Whether decode steps run through the compiled graph."""
+        """Whether decode steps run compiled: torch.compile's graphs (CPU) or captured CUDA graphs."""
         return isinstance(self.runner, LlamaRunner) and self.runner.compiled
 
     def close(self) -> None:

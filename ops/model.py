@@ -69,6 +69,22 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The training autocast dtype: bf16 where asked or (auto) on a bf16-capable GPU; None = plain fp32.
+
+    CPU autocast to bf16 is slower than fp32 on CPUs without bf16 units, so auto keeps fp32 there.
+
+    Args:
+        precision: "auto", "bf16" or "fp32".
+        device: the training device.
+    """
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def embedded_gguf(name: str) -> Path:
     """Path of the GGUF file of an embedded default model."""
     entry = EMBEDDED[name]
@@ -160,6 +176,63 @@ def resolve(spec: str, storage: str | os.PathLike | None = None) -> ModelSource:
         raise UserError(f"model path '{spec}' does not exist; valid: '{DEFAULT_MODEL}' (embedded), "
                         f"an existing local directory, or a Hugging Face id like 'org/name'")
     return ModelSource("hf", spec, spec)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a served model runs, in which format, and why.
+
+    Attributes:
+        device: "cuda" or "cpu".
+        dtype: the float dtype name for :func:`load_model` ("bfloat16", "float32", ...).
+        format: what runs: the dtype of a float model, the method of a quantized artifact.
+        reason: one line on why (a fallback names what was not possible).
+    """
+
+    device: str
+    dtype: str
+    format: str
+    reason: str
+
+
+def choose_placement(spec: str, storage: str | os.PathLike | None = None, dtype: str = "auto",
+                     use_gpu: bool = True) -> Placement:
+    """Decides device and format for serving ``spec``, never choosing something that cannot run.
+
+    ``dtype="auto"`` is bfloat16 on CUDA (float16 where the GPU lacks bf16) and float32 on CPU. A
+    quantized artifact whose method has no CUDA kernels (``ops.quantization.device_blocker``) runs
+    on CPU, and the reason says so.
+
+    Args:
+        spec: any :func:`load_model` spec.
+        storage: artifact root.
+        dtype: "auto" or a name of :data:`DTYPES`.
+        use_gpu: run on a CUDA device when this process sees one.
+
+    Raises:
+        UserError: an unknown dtype or a spec that names no model.
+    """
+    if dtype != "auto":
+        torch_dtype(dtype)
+    cuda = use_gpu and torch.cuda.is_available()
+    where = "cuda" if cuda else "cpu"
+    why = ("use_gpu is on but this process sees no CUDA device (does the deployment ask for num_gpus?)"
+           if use_gpu and not cuda else f"use_gpu={'on' if use_gpu else 'off'}")
+    source = resolve(spec, storage)
+    if source.kind == "quantized":
+        from ops.quantization import device_blocker
+
+        manifest = json.loads((Path(source.path) / "quantization.json").read_text())
+        method = manifest.get("method", "")
+        blocker = device_blocker(method, manifest.get("settings", {}), where)
+        if blocker:
+            return Placement("cpu", "float32", method, f"on cpu: {blocker}")
+        return Placement(where, "bfloat16" if method == "bf16" else "float32", method,
+                         f"quantized artifact on {where} ({why})")
+    if dtype == "auto":
+        dtype = "float32" if not cuda else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        why += f"; dtype auto = {dtype} on {where}"
+    return Placement(where, dtype, str(torch_dtype(dtype)).removeprefix("torch."), why)
 
 
 def _hub_error(spec: str, exc: Exception) -> UserError:

@@ -12,8 +12,14 @@ Methods (``method=``):
   dimension, activations in float (``torch.ops.aten._weight_int4pack_mm_for_cpu``).
 * ``bf16``: the whole model cast to bfloat16 (baseline).
 
-Every kernel is a stock PyTorch CPU op (no torchao, no ``torch.ao.quantization``, whose fbgemm
+Every kernel is a stock PyTorch op (no torchao, no ``torch.ao.quantization``, whose fbgemm
 dynamic path quantizes activations per tensor in 7 bits and is being retired in favour of torchao).
+
+On CUDA (:data:`CUDA_METHODS`): ``weight_only_int4`` runs torch's CUDA int4 kernel
+(``_weight_int4pack_mm``, bfloat16, compute capability 8.0+), its packed layout rebuilt from the
+portable nibbles when the module moves to the GPU; ``weight_only_int8`` keeps int8 weights and
+dequantizes them to bfloat16 inside each matmul (cuBLAS); ``bf16`` is a plain model. The int8 x int8
+methods stay on CPU: ``torch._int_mm`` on CUDA needs more than 16 rows, and decode has one per request.
 
 Tied embeddings: when ``lm_head`` shares its weight with the input embedding (SmolLM2) and
 ``lm_head`` is quantized, the embedding becomes a :class:`TiedEmbedding` that reads its rows from
@@ -36,6 +42,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ops.errors import UserError
@@ -44,6 +51,7 @@ FORMAT_VERSION = 2  # 2: int4 scales/mins in float32 (1: bf16 scales_and_zeros, 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "quantization.json"
 ComputeDtype = Literal["bfloat16", "float32"]
+CUDA_METHODS = ("weight_only_int4", "weight_only_int8", "bf16")
 HeadMode = Literal["quantize", "int8", "float"]
 
 
@@ -216,7 +224,12 @@ class Int8WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., K) -> (..., N) in ``x``'s dtype."""
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        if self.weight.is_cuda:
+            # No fast CUDA int8 weight-only kernel in torch: int8 -> compute dtype is exact (|q| <= 127),
+            # then one cuBLAS matmul; the per-channel scale applies to the output columns.
+            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -230,7 +243,8 @@ class Int8WeightOnlyLinear(nn.Module):
 
 
 class Int4WeightOnlyLinear(nn.Module):
-    """Group-wise asymmetric int4 weights, float activations (``_weight_int4pack_mm_for_cpu``).
+    """Group-wise asymmetric int4 weights, float activations (``_weight_int4pack_mm_for_cpu`` on CPU,
+    ``_weight_int4pack_mm`` on CUDA).
 
     Persistent buffers, in GGUF Q4_1's convention ``w = scale * q + min`` per group of
     ``group_size`` inputs: ``qweight`` (N, K // 2) uint8 portable nibbles, ``scales`` and ``mins``
@@ -241,6 +255,8 @@ class Int4WeightOnlyLinear(nn.Module):
     ``w = (q - 8) * scale + zero``. With ``compute_dtype=bfloat16`` (torch's only vectorized CPU
     int4 kernel) scales, zeros and activations are rounded to bfloat16 inside the matmul;
     ``float32`` computes with the exact weights.
+    The kernel operands follow the device: CPU and CUDA share the ``scales_and_zeros`` convention,
+    and the device-specific ``packed`` layout is rebuilt whenever the module moves to another device.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 32,
@@ -294,10 +310,24 @@ class Int4WeightOnlyLinear(nn.Module):
         self.repack()
 
     def repack(self) -> None:
-        """Rebuild the kernel operands (packed nibbles, scales and zeros) from the portable buffers."""
-        q = unpack_nibbles(self.qweight).to(torch.int32)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        # The kernel centres q on 8: w = (q - 8) * d + (m + 8 d) = d * q + m.
+        """Rebuild the kernel operands of ``qweight``'s device (packed nibbles, scales and zeros)."""
+        if self.qweight.is_meta:
+            return
+        self._packed_for = self.qweight.device.type
+        q = unpack_nibbles(self.qweight)  # (N, K) uint8 in [0, 15]
+        if self.qweight.is_cuda:
+            # The CUDA packer takes two values per byte with the even k in the HIGH nibble (the
+            # portable layout has it in the low one) and tiles k by 16 * inner_k_tiles.
+            k = self.in_features
+            tiles = next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
+            if tiles is None or self.out_features % 8:
+                raise UserError(f"weight_only_int4 on CUDA needs in_features % 32 == 0 and out_features % 8 == 0, "
+                                f"got {k} x {self.out_features}; valid on CUDA: weight_only_int8 or bf16 for this model")
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(((q[:, 0::2] << 4) | q[:, 1::2]).contiguous(),
+                                                                     tiles)
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        # The kernels centre q on 8: w = (q - 8) * d + (m + 8 d) = d * q + m.
         zeros = self.mins + 8 * self.scales
         sz = torch.stack([self.scales, zeros], dim=-1).transpose(0, 1)  # (G, N, 2)
         self.scales_and_zeros = sz.to(_dtype(self.compute_dtype)).contiguous()
@@ -311,10 +341,20 @@ class Int4WeightOnlyLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.repack()
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "Int4WeightOnlyLinear":
+        # `.to(device)` moves `packed` as bytes, but the CPU and CUDA layouts differ: rebuild it.
+        super()._apply(fn, recurse)
+        if self.qweight.device.type != getattr(self, "_packed_for", None):
+            self.repack()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., K) -> (..., N) in ``x``'s dtype."""
         x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        if self.packed.is_cuda:
+            y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self.packed, self.group_size, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -694,12 +734,18 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     The base architecture is built from the artifact's ``config.json`` without initializing
     weights, the same module swap as :func:`quantize` is applied, and the state dict is loaded.
 
+    On CUDA, float parameters become bfloat16 (:func:`place_quantized`).
+
     Raises:
-        UserError: a missing/corrupt artifact or a device the int kernels do not run on.
+        UserError: a missing/corrupt artifact or a device its kernels do not run on.
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers before 5.x kept it here
+        from transformers.modeling_utils import no_init_weights
 
     path = Path(path)
     if not (path / MANIFEST_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
@@ -707,8 +753,9 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     manifest = json.loads((path / MANIFEST_FILE).read_text())
     method = check_method(manifest.get("method", ""))
     s = parse_settings(method, manifest.get("settings", {}))
-    if method != "bf16" and torch.device(device).type != "cpu":
-        raise UserError(f"{method} artifacts run on CPU kernels; valid device: cpu (got {device})")
+    blocker = device_blocker(method, s, device)
+    if blocker:
+        raise UserError(f"quantized artifact '{path}' cannot run on {device}: {blocker}")
     config = AutoConfig.from_pretrained(path)
     dtype = torch.bfloat16 if method == "bf16" else torch.float32
     if method != "bf16" and manifest.get("tied_embedding") and not config.tie_word_embeddings:
@@ -727,7 +774,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     if result.unexpected_keys or set(result.missing_keys) - allowed:
         raise UserError(f"artifact '{path}' does not match its config: missing {result.missing_keys[:3]}, "
                         f"unexpected {result.unexpected_keys[:3]}")
-    return model.to(device).eval()
+    return place_quantized(model, device).eval()
 
 
 # ----------------------------------------------------------------------------- GGUF Q4_1 base
@@ -812,3 +859,51 @@ def int4_from_gguf(model: nn.Module, gguf_path: str | os.PathLike, *, verify: bo
                 raise UserError(f"Q4_1 weights of '{name}' in '{gguf_path}' differ from the model's; valid: the "
                                 f"GGUF the model was converted from")
     return qmodel
+
+
+def device_blocker(method: str, settings: BaseModel | dict[str, Any], device: str | torch.device) -> str:
+    """Why a model quantized with ``method`` cannot run on ``device``, or "" when it can.
+
+    Args:
+        method: one of :data:`METHODS`.
+        settings: the method's settings (validated model or dict).
+        device: the target device.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return ""
+    if device.type != "cuda":
+        return f"quantized models run on cpu or cuda, got {device.type}"
+    if method not in CUDA_METHODS:
+        return (f"{method} has no CUDA kernels here (torch._int_mm on CUDA needs more than 16 rows); "
+                f"valid on CUDA: {', '.join(CUDA_METHODS)}")
+    s = parse_settings(method, settings) if isinstance(settings, dict) else settings
+    if method == "weight_only_int4":
+        if s.compute_dtype != "bfloat16":
+            return (f"torch's CUDA int4 kernel computes in bfloat16, this artifact in {s.compute_dtype}; "
+                    f"valid on CUDA: weight_only_int4 with compute_dtype=bfloat16, weight_only_int8, bf16")
+        if torch.cuda.is_available() and torch.cuda.get_device_capability(device) < (8, 0):
+            major, minor = torch.cuda.get_device_capability(device)
+            return (f"torch's CUDA int4 kernel needs compute capability 8.0+, this GPU has {major}.{minor}; "
+                    f"valid here: weight_only_int8, bf16")
+    return ""
+
+
+def place_quantized(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """Move a quantized model to ``device``; on CUDA its float parameters become bfloat16.
+
+    The CUDA kernels compute in bfloat16, and so do the compiled norm ops and FlashAttention, which
+    need the norm weights and activations in one dtype. Buffers (scales, rotary tables) keep theirs.
+
+    Raises:
+        UserError: an int4 layer whose shape the CUDA packing cannot take.
+    """
+    model = model.to(device)
+    if torch.device(device).type == "cuda":
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(torch.bfloat16)
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if isinstance(emb, TiedEmbedding):
+            emb.dtype = torch.bfloat16
+    return model

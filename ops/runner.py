@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ops.attention import AttentionChoice
 from ops.multi_lora import MultiLora
 from ops.quantization import fuse_weight_only
 
@@ -79,6 +80,7 @@ class LlamaRunner:
         self.norms = [(_fast_norm(layer.input_layernorm), _fast_norm(layer.post_attention_layernorm))
                       for layer in self.layers]
         self.final_norm = _fast_norm(self.norm)
+        self.attention = AttentionChoice("sdpa", f"torch SDPA over the KV cache on {param.device.type}")
         self.compiled = compile
         self._step = self._decode
         if compile:

@@ -1,15 +1,18 @@
 """The RAG application on Ray Serve: Retriever + Generator deployments behind one FastAPI ingress.
 
     serve run serve/config.yaml                      # or: serve deploy serve/config.yaml
+    serve run serve/config.gpu.yaml                  # a GPU node: the Generator asks Ray for one GPU
     serve.run(build_app({"storage": "./artifacts", "index": "stdlib"}))   # from Python
 
 ``build_app(args)`` validates ``args`` (:class:`AppArgs`, unknown keys are errors) and binds:
 
 * ``Retriever``: embedder + FAISS index (``ops.retrieval``), concurrent queries batched with
   ``@serve.batch``;
-* ``Generator``: the model through the continuous-batching engine (``ops.engine``), attention
-  backend from ``ops.attention``, compiled ops from ``ops.patch``, LoRA adapters
-  from ``<storage>/adapters/<name>/`` loaded per request with ``@serve.multiplexed``;
+* ``Generator``: the model through the continuous-batching engine (``ops.engine``; on a GPU
+  ``ops.cuda_runner``: CUDA graphs, FlashAttention), attention backend from ``ops.attention``,
+  compiled ops from ``ops.patch``, device and format from ``ops.model.choose_placement``, LoRA
+  adapters from ``<storage>/adapters/<name>/`` loaded per request with ``@serve.multiplexed``;
+  with ``use_gpu`` on, its replicas ask Ray for ``num_gpus: 1``;
 * ``Ingress``: ``/v1/rag``, OpenAI-compatible ``/v1/chat/completions`` and ``/v1/completions``,
   ``/v1/models``, ``/healthz``; API key (required off loopback), body limits, 503 + Retry-After on
   full queues, 504 on timeout; ``raylm_*`` metrics (:mod:`serve.metrics`).
@@ -60,7 +63,11 @@ class AppArgs(BaseConfig):
     embedder: str | None = Field(None, description="override the embedder named in the index manifest")
     api_key: SecretStr | None = Field(None, description=f"require 'Authorization: Bearer <key>' (or env "
                                       f"{API_KEY_ENV}); needed when Serve's HTTP host is not loopback")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="generator weights dtype")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="generator weights dtype; auto = bfloat16 on a GPU, float32 on CPU")
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="give each Generator replica one GPU (ray_actor_options num_gpus: 1); auto = when "
+        "the Ray cluster has GPUs (without a running Ray: when this machine has a CUDA device)")
     attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field("auto", description="attention kernel")
     max_batch_size: int = Field(8, ge=1, description="requests decoded together per generator replica")
     max_queue: int = Field(32, ge=1, description="requests waiting per engine; more get 503 + Retry-After")
@@ -192,6 +199,35 @@ def op_path(model: Any) -> str:
            f"fused_add_rms_norm x{report.fused_layers})"
 
 
+def resolve_use_gpu(use_gpu: bool | str) -> tuple[bool, str]:
+    """Whether Generator replicas get a GPU, and why (``use_gpu: auto`` asks the cluster).
+
+    Serve builds the app on the cluster (``serve run`` / ``serve deploy``), where Ray is up; a
+    Python caller may build it before ``serve.run`` starts a local Ray, whose GPUs are then this
+    machine's, so those are counted instead of starting Ray here.
+    """
+    if use_gpu != "auto":
+        return bool(use_gpu), f"use_gpu={str(use_gpu).lower()}"
+    import ray
+
+    if ray.is_initialized():
+        gpus = ray.cluster_resources().get("GPU", 0)
+        return gpus > 0, f"use_gpu=auto: the Ray cluster has {gpus:g} GPUs"
+    import torch
+
+    gpus = torch.cuda.device_count()
+    return gpus > 0, f"use_gpu=auto: Ray is not running, this machine has {gpus} CUDA devices"
+
+
+def generator_actor_options(use_gpu: bool) -> dict[str, Any]:
+    """``ray_actor_options`` of the Generator: one CPU, and one GPU when ``use_gpu``.
+
+    A Serve config's ``deployments`` entry replaces these as a whole, so a YAML that serves on
+    GPUs must list ``num_gpus`` itself (serve/config.gpu.yaml).
+    """
+    return {"num_cpus": 1, "num_gpus": 1} if use_gpu else {"num_cpus": 1}
+
+
 @serve.deployment(name="Generator", max_ongoing_requests=16, health_check_period_s=10, health_check_timeout_s=30,
                   ray_actor_options={"num_cpus": 1})
 class Generator:
@@ -201,12 +237,20 @@ class Generator:
         import torch
 
         from ops.attention import choose_attention
-        from ops.model import load_tokenizer, torch_dtype
+        from ops.model import choose_placement, load_tokenizer, torch_dtype
 
         self.args = AppArgs.model_validate(args)
         self.model_id = self.args.model_id or default_model_id(self.args.model)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.attention = choose_attention(self.args.attention, device=self.device, dtype=torch_dtype(self.args.dtype))
+        # build_app resolves "auto"; a Generator built directly (tests) uses a GPU it can see
+        want_gpu = torch.cuda.is_available() if self.args.use_gpu == "auto" else self.args.use_gpu
+        self.placement = choose_placement(self.args.model, self.args.storage, self.args.dtype, want_gpu)
+        self.device = self.placement.device
+        if self.device == "cuda":
+            self.device_name = f"cuda ({torch.cuda.get_device_name()})"
+        else:
+            self.device_name = "cpu"
+        self.attention = choose_attention(self.args.attention, device=self.device,
+                                          dtype=torch_dtype(self.placement.dtype))
         self.tokenizer = load_tokenizer(self.args.model, storage=self.args.storage)
         from cluster.storage import local_cache_root
 
@@ -217,15 +261,16 @@ class Generator:
         self.metrics = GeneratorMetrics()
         self._adapter_counts: dict[str, tuple[int, int]] = {}  # name -> (loads, evictions) already counted
         threading.Thread(target=_sample_engines, args=(weakref.ref(self),), name="raylm-gauges", daemon=True).start()
-        log.info("generator ready: model=%s attention=%s (%s) ops=%s engine=%s", self.args.model,
-                 self.attention.name, self.attention.reason, self.op_path, self.engine.backend)
+        log.info("generator ready: model=%s device=%s format=%s (%s) attention=%s ops=%s engine=%s",
+                 self.args.model, self.device_name, self.placement.format, self.placement.reason,
+                 self.engine_attention().name, self.op_path, self.engine.backend)
 
     def _engine(self):
         from ops.engine import Engine, EngineConfig
         from ops.model import load_model
 
-        model = load_model(self.args.model, storage=self.args.storage, dtype=self.args.dtype, device=self.device,
-                           attn_implementation=self.attention.name)
+        model = load_model(self.args.model, storage=self.args.storage, dtype=self.placement.dtype,
+                           device=self.device, attn_implementation=self.attention.name)
         self.op_path = op_path(model)
         config = EngineConfig(max_batch_size=self.args.max_batch_size, max_queue=self.args.max_queue,
                               max_seq_len=self.args.max_seq_len, num_threads=self.args.num_threads,
@@ -331,13 +376,19 @@ class Generator:
                 return self._finished(delta.completion)
         raise RuntimeError("engine stream ended without a completion")
 
+    def engine_attention(self):
+        """The attention that runs: the engine's own forward's, else the HF model's implementation."""
+        return self.engine.attention or self.attention
+
     def info(self) -> dict:
         adapters = self.engine.adapter_stats()
         loaded = adapters["resident"]
+        attention = self.engine_attention()
         return {"adapter_loads": adapters["loads"], "adapter_evictions": adapters["evictions"],
-                "model": self.args.model, "attention": self.attention.name, "attention_reason": self.attention.reason,
+                "model": self.args.model, "attention": attention.name, "attention_reason": attention.reason,
                 "op_path": self.op_path, "engine_backend": self.engine.backend,
                 "engine_compiled": self.engine.compiled, "adapters_loaded": loaded,
+                "device": self.device_name, "format": f"{self.placement.format} ({self.placement.reason})",
                 "pid": os.getpid()}
 
 
@@ -493,6 +544,7 @@ class Ingress:
         return {"status": "ok", "model": self.args.model_id, "attention": info["attention"],
                 "attention_reason": info["attention_reason"], "op_path": info["op_path"],
                 "engine_backend": info["engine_backend"], "engine_compiled": info["engine_compiled"],
+                "device": info["device"], "format": info["format"],
                 "index": index["index"] if index else None,
                 "index_chunks": index["chunks"] if index else None, "adapters_loaded": info["adapters_loaded"],
                 "generator_pid": info["pid"]}
@@ -515,6 +567,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         require_key_off_loopback(serve_proxy_host(), parsed.api_key, "Serve's http_options.host")
     except LookupError:
         pass
+    parsed.use_gpu, why = resolve_use_gpu(parsed.use_gpu)
+    log.info("generator replicas %s a GPU (%s)", "get" if parsed.use_gpu else "do not get", why)
     dumped = parsed.model_dump()
     retriever = None
     if parsed.index:
@@ -523,4 +577,5 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
             raise ConfigError(f"index '{parsed.index}' not found at {index_dir}; build it with "
                               f"`python -m jobs.index name={parsed.index} storage={parsed.storage}` or set index: null")
         retriever = Retriever.bind(str(index_dir), parsed.embedder)
-    return Ingress.bind(Generator.bind(dumped), retriever, dumped)
+    generator = Generator.options(ray_actor_options=generator_actor_options(parsed.use_gpu)).bind(dumped)
+    return Ingress.bind(generator, retriever, dumped)

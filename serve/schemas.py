@@ -279,6 +279,8 @@ class Health(BaseModel):
     op_path: str
     engine_backend: str
     engine_compiled: bool
+    device: str | None = Field(None, description="where the generator runs, e.g. 'cuda (NVIDIA H200)' or 'cpu'")
+    format: str | None = Field(None, description="what runs (dtype or quantization method) and why")
     index: str | None
     index_chunks: int | None
     adapters_loaded: list[str]

@@ -22,7 +22,10 @@ def test_schema_and_ray_checks(config):
 def test_gpu_workers_and_project_install(config):
     gpu = [t for t in config["available_node_types"].values() if t.get("resources", {}).get("GPU")]
     assert gpu and gpu[0]["max_workers"] >= gpu[0]["min_workers"]
-    assert any('".[gpu]"' in c for c in config["setup_commands"])
+    # torch comes with the project on every node, before the workers build flash-attn against it
+    assert any("pip install -q -e ." in c for c in config["setup_commands"])
+    gpu_install = [c for c in config["worker_setup_commands"] if '".[gpu]"' in c]
+    assert gpu_install and all("--no-build-isolation" in c for c in gpu_install)
     start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-port=8265" in start
 

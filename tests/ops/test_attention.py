@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend
 
 from ops import attention
 from ops.attention import AttentionChoice, choose_attention
@@ -84,3 +85,49 @@ def test_forced_sdpa_without_sdpa_is_an_error(monkeypatch: pytest.MonkeyPatch) -
 def test_unknown_name_lists_valid_ones() -> None:
     with pytest.raises(ValueError, match="flash_attention_2, sdpa, eager"):
         choose_attention("flash3")
+
+
+# --------------------------------------------------------------------------- the engine's decode attention
+
+
+@pytest.fixture
+def h100(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+
+
+def test_decode_on_cpu_is_sdpa() -> None:
+    choice = attention.choose_decode_attention("cpu", torch.float32, 64)
+    assert choice.name == "sdpa" and "cpu" in choice.reason
+
+
+def test_decode_with_flash_attn_uses_its_kv_cache_kernel(h100, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: True)
+    monkeypatch.setattr(attention, "flash_attn_version", lambda: "2.8.3")
+    choice = attention.choose_decode_attention("cuda", torch.bfloat16, 64)
+    assert choice.name == "flash_attn_with_kvcache"
+    assert "flash-attn 2.8.3" in choice.reason and "prefill: torch SDPA flash kernel" in choice.reason
+
+
+def test_decode_without_flash_attn_says_why_sdpa_flash_is_not_used(h100, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: False)
+    choice = attention.choose_decode_attention("cuda", torch.bfloat16, 64)
+    assert choice.name == "sdpa_efficient"
+    assert "not installed" in choice.reason and "takes no attention mask" in choice.reason
+    assert attention.prefill_sdpa_backends("cuda", torch.bfloat16, 64) == [SDPBackend.FLASH_ATTENTION]
+
+
+@pytest.mark.parametrize(("dtype", "head_dim", "capability", "why"), [
+    (torch.float32, 64, (9, 0), "float16 or bfloat16"),
+    (torch.bfloat16, 12, (9, 0), "multiple of 8 up to 256"),
+    (torch.bfloat16, 320, (9, 0), "multiple of 8 up to 256"),
+    (torch.bfloat16, 64, (7, 5), "compute capability 8.0"),
+])
+def test_decode_where_flash_cannot_run_is_plain_sdpa(monkeypatch: pytest.MonkeyPatch, dtype, head_dim, capability,
+                                                     why) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: True)
+    choice = attention.choose_decode_attention("cuda", dtype, head_dim)
+    assert choice.name == "sdpa" and why in choice.reason
+    assert SDPBackend.MATH in attention.prefill_sdpa_backends("cuda", dtype, head_dim)

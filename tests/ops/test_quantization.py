@@ -182,3 +182,34 @@ def test_bad_input_is_one_line_user_error(tiny, method, settings, calibration, f
     with pytest.raises(UserError, match=fragment) as info:
         quantize(model, method, calibration=ids if calibration else None, **settings)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("method, settings, fragment", [
+    ("dynamic_int8", {}, "valid on CUDA: weight_only_int4, weight_only_int8, bf16"),
+    ("static_int8", {}, "valid on CUDA: weight_only_int4, weight_only_int8, bf16"),
+    ("weight_only_int4", {"compute_dtype": "float32"}, "computes in bfloat16"),
+])
+def test_cuda_refusals_name_what_runs_there(tiny, tmp_path, method, settings, fragment):
+    from ops.quantization import device_blocker, load_quantized
+
+    assert device_blocker(method, settings, "cpu") == ""
+    assert fragment in device_blocker(method, settings, "cuda")
+    model, tok, ids = tiny
+    calibration = ids if method == "static_int8" else None
+    path = save_quantized(quantize(model, method, calibration=calibration, **{**INT4, **settings}), tmp_path / "q",
+                          method, {**INT4, **settings}, "tiny")
+    with pytest.raises(UserError, match=fragment):  # refused before anything touches a GPU
+        load_quantized(path, device="cuda")
+
+
+def test_cuda_methods_have_no_refusal_here():
+    from ops.quantization import CUDA_METHODS, device_blocker
+
+    assert all(device_blocker(m, {}, "cuda") == "" for m in CUDA_METHODS)
+
+
+def test_moving_an_int4_layer_on_its_device_keeps_the_packing():
+    layer = Int4WeightOnlyLinear.from_float(torch.nn.Linear(64, 16), group_size=32)
+    packed = layer.packed
+    layer.to("cpu")
+    assert layer.packed is packed  # repacked only when the device type changes
