@@ -232,8 +232,10 @@ class LlamaRunner:
         # every row at the last position (always at batch 1): no mask. Compiled, several rows always
         # take the masked path, so that two graphs (1 row / several) cover every step.
         uniform = tokens.shape[0] == 1 or (not self.compiled and int(positions.min()) + 1 == T)
-        if self.lora is not None and slots is None:
-            slots = torch.zeros_like(tokens)
+        if self.lora is not None:
+            # Made here, inside inference mode, whether given or not: a tensor made outside it carries
+            # one more dispatch key, which the compiled graph's guards see as a new input (recompile).
+            slots = torch.zeros_like(tokens) if slots is None else slots.clone()
         return self._step(tokens, positions, T, uniform, slots if self.lora is not None else None)
 
     def warmup(self, set_threads: Callable[[int], None] = lambda batch: None) -> None:

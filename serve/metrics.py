@@ -53,10 +53,11 @@ TPOT = MetricSpec("histogram", "raylm_time_per_output_token_seconds", "decode ti
 TOKENS = MetricSpec("counter", "raylm_generated_tokens_total", "tokens generated", ("model",))
 QUEUE = MetricSpec("gauge", "raylm_queue_depth", "requests waiting for a batch row in an engine", ("model",))
 BATCH = MetricSpec("gauge", "raylm_running_batch_size", "requests decoding together in an engine", ("model",))
-ADAPTER_LOADS = MetricSpec("counter", "raylm_adapter_loads_total", "LoRA adapter engines loaded into a Generator "
-                           "replica", ("adapter",))
-ADAPTER_EVICTIONS = MetricSpec("counter", "raylm_adapter_evictions_total", "LoRA adapter engines unloaded "
-                               "(least recently used beyond the per-replica limit, or replica shutdown)", ("adapter",))
+ADAPTER_LOADS = MetricSpec("counter", "raylm_adapter_loads_total", "LoRA adapters loaded into a Generator "
+                           "replica's slots (first use, or again after an eviction)", ("adapter",))
+ADAPTER_EVICTIONS = MetricSpec("counter", "raylm_adapter_evictions_total", "LoRA adapters evicted from a slot "
+                               "(least recently used idle one, when a request needs an adapter and every slot "
+                               "is taken)", ("adapter",))
 SPECS = (REQUESTS, RETRIEVAL, TTFT, TPOT, TOKENS, QUEUE, BATCH, ADAPTER_LOADS, ADAPTER_EVICTIONS)
 
 

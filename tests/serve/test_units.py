@@ -75,7 +75,7 @@ def test_full_engine_queue_is_503_with_retry_after(tiny_model_dir, tmp_path):
     from serve.app import Generator
 
     gen = Generator.func_or_class({"storage": str(tmp_path), "model": str(tiny_model_dir), "max_batch_size": 1,
-                                   "max_queue": 1, "max_seq_len": 256, "index": None})
+                                   "max_queue": 1, "max_seq_len": 256, "index": None, "compile": False})
     payload = {"prompt": "The quick brown fox", "max_tokens": 200, "temperature": 0.0}
 
     async def flood() -> list[dict]:
@@ -134,17 +134,33 @@ def test_a_cancelled_generation_is_a_503_never_a_finish_reason():
     assert gen.metrics.tokens.calls == [("inc", 2, {"model": "tiny"})]
 
 
-def test_an_evicted_adapter_engine_closes_once_and_is_counted_once():
-    from serve.app import _AdapterEngine
+def test_adapter_loads_and_evictions_are_counted_once_per_event():
+    """The gauge thread turns the engine registry's running totals into counter increments."""
+    from collections import Counter
 
-    class FakeEngine:
-        closes = 0
+    from serve.app import Generator
+    from serve.metrics import GeneratorMetrics
+    from tests.serve.test_metrics import Recorder
 
-        def close(self) -> None:
-            self.closes += 1
+    class Registry:
+        loads_by_name, evictions_by_name = Counter(), Counter()
 
-    engine, closed = FakeEngine(), []
-    adapter = _AdapterEngine("tiny-lora", engine, closed.append)
-    adapter.__del__()  # Serve's eviction
-    adapter.__del__()  # garbage collection later
-    assert engine.closes == 1 and closed == ["tiny-lora"]
+    class Engine:
+        adapters, num_waiting, num_running = Registry(), 3, 2
+
+    gen = object.__new__(Generator.func_or_class)
+    gen.model_id, gen.engine, gen._adapter_counts = "tiny", Engine(), {}
+    gen.metrics = GeneratorMetrics(queue=Recorder(), batch=Recorder(), adapter_loads=Recorder(),
+                                   adapter_evictions=Recorder())
+    Registry.loads_by_name.update({"a": 2, "b": 1})
+    Registry.evictions_by_name.update({"a": 1})
+    gen.sample_engines()
+    gen.sample_engines()  # nothing new happened: nothing more is counted
+    Registry.loads_by_name.update({"b": 1})
+    gen.sample_engines()
+    assert sorted(gen.metrics.adapter_loads.calls, key=str) == [
+        ("inc", 1, {"adapter": "b"}), ("inc", 1, {"adapter": "b"}), ("inc", 2, {"adapter": "a"})]
+    assert gen.metrics.adapter_evictions.calls == [("inc", 1, {"adapter": "a"})]
+    assert gen.metrics.queue.calls[-1] == ("set", 3, {"model": "tiny"})
+    assert gen.metrics.batch.calls[-1] == ("set", 2, {"model": "tiny"})
+
