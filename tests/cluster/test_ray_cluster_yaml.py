@@ -30,5 +30,5 @@ def test_gpu_workers_and_project_install(config):
 def test_schema_rejects_a_typo(config):
     bad = copy.deepcopy(config)
     bad["max_wrokers"] = 3
-    with pytest.raises(jsonschema.ValidationError):
+    with pytest.raises(jsonschema.ValidationError, match=r"\('max_wrokers' was unexpected\)"):
         validate_config(prepare_config(bad))

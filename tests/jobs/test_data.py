@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pydantic import ValidationError
 
 from jobs.data import (block_datasets, DataConfig, pack_blocks, read_documents, read_squad, split_by_position,
                        text_pieces, token_stream)
@@ -45,7 +46,7 @@ def test_bad_sources(tmp_path, setup, fragment):
 
 
 def test_val_fraction_validated():
-    with pytest.raises(Exception, match="val_fraction"):
+    with pytest.raises(ValidationError, match=r"val_fraction must be in \(0, 1\), got 1.5"):
         DataConfig(val_fraction=1.5)
 
 
