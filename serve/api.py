@@ -28,9 +28,14 @@ ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "reques
                422: "invalid_request_error", 503: "overloaded_error", 504: "timeout_error"}
 
 
-def _error(status: int, message: str, param: str | None = None, retry_after: int | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "param": param,
+def _error_body(status: int, message: str, param: str | None = None) -> dict:
+    """The one error shape, for an error response and for an error event inside a stream."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "param": param,
                       "code": status}}
+
+
+def _error(status: int, message: str, param: str | None = None, retry_after: int | None = None) -> JSONResponse:
+    body = _error_body(status, message, param)
     headers = {"Retry-After": str(retry_after)} if retry_after else None
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
@@ -120,7 +125,8 @@ def make_api(ingress: Ingress) -> FastAPI:
             yield _sse({"sources": public, "model": model})
             async for event in events:
                 if "error" in event:
-                    yield _sse({"error": event["error"]})
+                    error = event["error"]
+                    yield _sse(_error_body(error["status"], error["message"], error["param"]))
                     break
                 if event["text"]:
                     yield _sse({"text": event["text"]})
@@ -174,7 +180,8 @@ def make_api(ingress: Ingress) -> FastAPI:
                 yield _sse({**head, "choices": [choice("", None, first=True)]})
             async for event in events:
                 if "error" in event:
-                    yield _sse({"error": event["error"]})
+                    error = event["error"]
+                    yield _sse(_error_body(error["status"], error["message"], error["param"]))
                     break
                 if event["text"]:
                     yield _sse({**head, "choices": [choice(event["text"], None)]})
