@@ -67,6 +67,7 @@ def test_pieces_cut_at_line_ends_and_keep_all_text():
     assert "".join(pieces) == "<eos>".join(d["text"] for d in docs)
 
 
+@pytest.mark.integration
 def test_token_stream_through_ray_data_equals_direct_tokenization(ray_local, tiny_model_dir, tiny_text_file):
     tok = load_tokenizer(str(tiny_model_dir))
     docs = read_documents(str(tiny_text_file)) * 3
@@ -76,6 +77,7 @@ def test_token_stream_through_ray_data_equals_direct_tokenization(ray_local, tin
     assert token_stream(docs, tok, max_tokens=50).tolist() == direct[:50]
 
 
+@pytest.mark.integration
 def test_block_datasets(ray_local, tiny_model_dir, tiny_text_file):
     tok = load_tokenizer(str(tiny_model_dir))
     train, val = block_datasets(DataConfig(data=str(tiny_text_file)), tok, block_size=32)

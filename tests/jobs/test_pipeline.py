@@ -74,6 +74,7 @@ def test_summary_markdown_has_one_row_per_model_and_question():
     assert "Retrieval hits: 1/1" in text
 
 
+@pytest.mark.subprocess
 @pytest.mark.integration
 def test_pipeline_via_job_submit_serves_its_model_and_reuses_artifacts_on_rerun(ray_head, tmp_path, tiny_model_dir,
                                                                                 tiny_text_file):

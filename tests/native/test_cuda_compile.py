@@ -12,6 +12,7 @@ from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 from ops.native_build import CUDA_SOURCES, NATIVE_DIR
 
 
+@pytest.mark.subprocess
 def test_cuda_sources_compile_with_nvcc(tmp_path: Path) -> None:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
