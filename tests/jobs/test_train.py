@@ -3,7 +3,6 @@ resume, export loading with plain PEFT, the smoke config through the entrypoint 
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
