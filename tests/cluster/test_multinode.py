@@ -15,7 +15,7 @@ import yaml
 
 from tests.conftest import REPO, _free_port
 from tests.jobs.test_train import TINY_OVERRIDES
-from tests.serve.conftest import tiny_documents, wait_ready
+from tests.serve.conftest import rag_reference, tiny_documents, wait_ready
 
 # A hang (a node or replica that never comes up) fails the test, and the fixture still shuts down.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -141,6 +141,8 @@ def test_serve_retriever_and_generator_on_two_nodes(cluster, tiny_model_dir, tmp
         assert r.status_code == 200, r.text
         body = r.json()
         assert len(body["sources"]) == 2 and all(s["text"] for s in body["sources"])
-        assert "answer" in body
+        # The generator on node a answers from the passages the retriever on node b found.
+        want = rag_reference(tiny_model_dir, "Who jumps over the lazy dog?", body["sources"], 4, 512)
+        assert body["answer"] == want["text"] and body["usage"]["completion_tokens"] == want["completion_tokens"]
     finally:
         serve.shutdown()

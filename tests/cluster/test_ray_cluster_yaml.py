@@ -41,5 +41,5 @@ def test_every_node_starts_with_token_auth(config):
 def test_schema_rejects_a_typo(config):
     bad = copy.deepcopy(config)
     bad["max_wrokers"] = 3
-    with pytest.raises(jsonschema.ValidationError):
+    with pytest.raises(jsonschema.ValidationError, match=r"\('max_wrokers' was unexpected\)"):
         validate_config(prepare_config(bad))

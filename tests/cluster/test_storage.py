@@ -1,5 +1,4 @@
-import os
-from pathlib import Path
+import re
 
 import pytest
 
@@ -36,7 +35,7 @@ def test_uris_pass_through():
 
 @pytest.mark.parametrize("name", ["", "..", "../x", "a/b", ".hidden"])
 def test_bad_names(name):
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=f"bad artifact name '{re.escape(name)}': use letters"):
         validate_name(name)
 
 
@@ -45,7 +44,7 @@ def test_writable_artifact_is_atomic(tmp_path):
         (out / "a.json").write_text("1")
         assert not (tmp_path / "reports" / "r").exists()
     assert (tmp_path / "reports" / "r" / "a.json").read_text() == "1"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="crash mid-write"):
         with writable_artifact(str(tmp_path), "reports", "r") as out:
             (out / "a.json").write_text("2")
             raise RuntimeError("crash mid-write")

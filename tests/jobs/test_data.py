@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pydantic import ValidationError
 
 from jobs.data import (block_datasets, DataConfig, pack_blocks, read_documents, read_squad, split_by_position,
                        text_pieces, token_stream)
@@ -45,7 +46,7 @@ def test_bad_sources(tmp_path, setup, fragment):
 
 
 def test_val_fraction_validated():
-    with pytest.raises(Exception, match="val_fraction"):
+    with pytest.raises(ValidationError, match=r"val_fraction must be in \(0, 1\), got 1.5"):
         DataConfig(val_fraction=1.5)
 
 
@@ -66,6 +67,7 @@ def test_pieces_cut_at_line_ends_and_keep_all_text():
     assert "".join(pieces) == "<eos>".join(d["text"] for d in docs)
 
 
+@pytest.mark.integration
 def test_token_stream_through_ray_data_equals_direct_tokenization(ray_local, tiny_model_dir, tiny_text_file):
     tok = load_tokenizer(str(tiny_model_dir))
     docs = read_documents(str(tiny_text_file)) * 3
@@ -75,6 +77,7 @@ def test_token_stream_through_ray_data_equals_direct_tokenization(ray_local, tin
     assert token_stream(docs, tok, max_tokens=50).tolist() == direct[:50]
 
 
+@pytest.mark.integration
 def test_block_datasets(ray_local, tiny_model_dir, tiny_text_file):
     tok = load_tokenizer(str(tiny_model_dir))
     train, val = block_datasets(DataConfig(data=str(tiny_text_file)), tok, block_size=32)

@@ -16,6 +16,7 @@ REPORT_KEYS = {"perplexity", "tokens", "window", "stride", "prefill_ms_per_token
                "size_mb", "model"}
 
 
+@pytest.mark.integration
 def test_report_matches_direct_transformers_loss(ray_local, tiny_model_dir, tiny_text_file, tmp_path):
     cfg = load_config(EvaluateConfig, overrides=[
         f"model={tiny_model_dir}", f"data={tiny_text_file}", f"storage={tmp_path}", "name=t", "window=256",
@@ -32,6 +33,7 @@ def test_report_matches_direct_transformers_loss(ray_local, tiny_model_dir, tiny
     assert saved["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
 
 
+@pytest.mark.subprocess
 def test_help_lists_keys():
     proc = run_module("jobs.evaluate", "--help")
     assert proc.returncode == 0
@@ -46,6 +48,7 @@ def _one_line_error(proc, fragment):
     assert len(errors) == 1 and fragment in errors[0], proc.stderr
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("args, fragment", [
     (["model=/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
     (["model=nobody/no-such-model-xyz"], "unknown model 'nobody/no-such-model-xyz'"),
@@ -60,6 +63,7 @@ def test_bad_input_is_one_line(args, fragment, tiny_model_dir, tmp_path):
     _one_line_error(proc, fragment)
 
 
+@pytest.mark.subprocess
 def test_empty_data_file(tiny_model_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -67,6 +71,7 @@ def test_empty_data_file(tiny_model_dir, tmp_path):
     _one_line_error(proc, "holds no text")
 
 
+@pytest.mark.subprocess
 def test_parquet_without_column(tiny_model_dir, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

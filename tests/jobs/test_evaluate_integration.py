@@ -10,7 +10,8 @@ import torch
 from ops.model import DEFAULT_MODEL, load_model, load_tokenizer
 from tests.conftest import REPO, run_module, shared_file
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# `ray job submit` to a loopback head: a child process and a Ray cluster.
+pytestmark = [pytest.mark.integration, pytest.mark.subprocess]
 SLICE = ["max_tokens=512", "window=256", "stride=128", "latency.new_tokens=4", "latency.repeats=1"]
 
 
@@ -18,6 +19,7 @@ def _report(storage, name):
     return json.loads((storage / "reports" / name / "report.json").read_text())
 
 
+@pytest.mark.slow
 def test_job_submit_matches_local_run_and_transformers(ray_head, embedded_storage):
     data = shared_file("wikitext2_valid.txt")
     name = f"submit-{uuid.uuid4().hex[:6]}"

@@ -11,6 +11,7 @@ from tests.conftest import run_module
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.subprocess
 @pytest.mark.integration
 def test_index_job_builds_a_searchable_index(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
@@ -35,6 +36,7 @@ def test_index_job_builds_a_searchable_index(tmp_path):
     assert store.search_text(["how do plants make energy from light"], 1)[0][0].doc_id == "r1"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("args, message", [
     (["index.type=lsh"], "index.type"),
     (["chunk.size=100", "chunk.overlap=100"], "chunk.overlap"),
@@ -48,6 +50,7 @@ def test_index_job_bad_input_is_one_line_exit_2(tmp_path, args, message):
     assert len(error_lines) == 1 and message in error_lines[0] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.subprocess
 def test_index_job_help_lists_every_key():
     proc = run_module("jobs.index", "--help")
     assert proc.returncode == 0

@@ -10,6 +10,7 @@ SMALL = ["max_tokens=256", "window=64", "stride=32", "calibration.samples=4", "c
          "latency.repeats=1", "latency.prompt_tokens=16", "latency.new_tokens=4"]
 
 
+@pytest.mark.subprocess
 @pytest.mark.integration
 def test_quantize_then_evaluate(tiny_model_dir, tiny_text_file, tmp_path):
     storage, bench = tmp_path / "st", tmp_path / "bench"
@@ -34,6 +35,7 @@ def test_quantize_then_evaluate(tiny_model_dir, tiny_text_file, tmp_path):
     assert evaluated["perplexity"] == pytest.approx(rows["static_int8"]["perplexity"], rel=1e-6)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("args, fragment", [
     (["methods=[int3]"], "unknown method 'int3'"),
     (["methods=[weight_only_int4]", "weight_only_int4.group_size=64"], "group_size=64 does not divide"),

@@ -3,7 +3,6 @@ resume, export loading with plain PEFT, the smoke config through the entrypoint 
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ def _single_error_line(proc: subprocess.CompletedProcess, fragment: str) -> None
     assert len(errors) == 1 and fragment in errors[0], proc.stderr[-2000:]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("override, fragment", [
     ("method=foo", "bad value for 'method'"),
     ("num_workers=0", "num_workers must be >= 1, got 0"),
@@ -36,6 +36,7 @@ def test_bad_input_is_one_line(tiny_model_dir, tiny_text_file, tmp_path, overrid
     _single_error_line(proc, fragment)
 
 
+@pytest.mark.subprocess
 @pytest.mark.integration
 @pytest.mark.parametrize("override, fragment", [
     ("num_workers=64", "num_workers=64 x cpus_per_worker=1 needs 64 CPUs"),
@@ -72,6 +73,7 @@ def dedup_by_resumption(lines: list[dict]) -> list[int]:
     return steps
 
 
+@pytest.mark.subprocess
 @pytest.mark.integration
 def test_smoke_survives_lost_worker_and_resumes_by_name(tiny_model_dir, tiny_text_file, tmp_path):
     args = ("--config", "configs/train_lora_smoke.yaml", f"model={tiny_model_dir}", f"data={tiny_text_file}",
@@ -142,6 +144,7 @@ def test_two_workers_match_one_worker_with_double_batch(ray_local, tiny_model_di
     assert metrics["best_val_perplexity"] <= metrics["initial_val_perplexity"]
 
 
+@pytest.mark.subprocess
 @pytest.mark.integration
 def test_smoke_through_ray_job_submit(ray_head, tiny_model_dir, tiny_text_file, tmp_path):
     # The head runs `python` from this virtualenv (tests/conftest.py RayHead puts it first on PATH).

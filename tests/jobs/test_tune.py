@@ -1,7 +1,9 @@
-"""The sweep through its real entrypoint on a loopback cluster, on the tiny model (integration)."""
+"""jobs.tune: sweeps through the real entrypoint (a child process with its own local Ray) on the
+tiny model, and the report's rules and config checks in-process."""
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -12,11 +14,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from ray.tune.schedulers import ASHAScheduler
+
 from cluster.config import ConfigError, load_config
 from jobs.tune import TuneJobConfig, choose_winner, pareto_front
 from tests.conftest import REPO
-
-pytestmark = pytest.mark.integration
 
 
 def _config(tmp_path, tiny_model_dir, tiny_text_file, name):
@@ -38,12 +40,45 @@ def _config(tmp_path, tiny_model_dir, tiny_text_file, name):
     return path
 
 
+def _tune_config_on_disk(run_dir: Path):
+    """The TuneConfig Tune itself saved for the sweep (tuner.pkl): the scheduler and searcher it ran."""
+    return pickle.loads((run_dir / "tuner.pkl").read_bytes())["_tune_config"]
+
+
+def _experiment_trials(run_dir: Path) -> dict[str, dict]:
+    """Tune's own record of each trial (status, last result) from the newest experiment_state-*.json,
+    which Tune rewrites every ~10 s while a sweep runs and which `Tuner.restore` resumes from."""
+    states = sorted(run_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+    except ValueError:  # read while Tune was writing it
+        return {}
+    trials = {}
+    for trial_json, metadata_json in data["trial_data"]:
+        trial, metadata = json.loads(trial_json), json.loads(metadata_json)
+        trials[trial["trial_id"]] = {"status": trial["status"], "last_result": metadata["last_result"]}
+    return trials
+
+
+def _final_results(run_dir: Path) -> dict[str, dict]:
+    """Each finished trial's final result as Tune wrote it to the trial's result.json."""
+    finals = {}
+    for path in run_dir.glob("*/result.json"):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        finals.update({r["trial_id"]: r for r in lines if "quant_perplexity" in r})
+    return finals
+
+
 def _run(config, storage, *extra, timeout=900):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
     return subprocess.run([sys.executable, "-m", "jobs.tune", "--config", str(config), f"storage={storage}", *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.integration
+@pytest.mark.subprocess
 def test_sweep_reports_failed_trials_and_exports_a_servable_winner(tmp_path, tiny_model_dir, tiny_text_file):
     config = _config(tmp_path, tiny_model_dir, tiny_text_file, "sweep")
     proc = _run(config, tmp_path)
@@ -54,13 +89,28 @@ def test_sweep_reports_failed_trials_and_exports_a_servable_winner(tmp_path, tin
     summary = json.loads((report / "summary.json").read_text())
     assert len(rows) == len(table) == summary["trials"] == 3
     assert sorted(table["trial_id"]) == sorted(r["trial_id"] for r in rows)
+    assert isinstance(_tune_config_on_disk(tmp_path / "runs" / "sweep").scheduler, ASHAScheduler)
     failed = [r for r in rows if r["status"] == "ERROR"]
     assert len(failed) == summary["failed"] == 1 and failed[0]["quant"] == "bad_int4"
     assert all("group_size" in r["error"] for r in failed)
     finished = [r for r in rows if r["status"] == "TERMINATED"]
     assert summary["finished"] == len(finished) == 2
-    assert set(summary["pareto"]) == set(pareto_front(rows))
-    assert summary["winner"]["trial_id"] == choose_winner(rows, 0.02)["trial_id"]
+    # The report against Tune's own results: same numbers; front and winner recomputed here by a
+    # sweep over perplexity order (the rule itself is checked on hand values below).
+    tune_results = _final_results(tmp_path / "runs" / "sweep")
+    assert set(tune_results) == {r["trial_id"] for r in finished}
+    for r in finished:
+        for key in ("quant_perplexity", "decode_ms_per_token", "size_mb", "adapter"):
+            assert r[key] == tune_results[r["trial_id"]][key], key
+    front, fastest = set(), float("inf")
+    for r in sorted(tune_results.values(), key=lambda r: (r["quant_perplexity"], r["decode_ms_per_token"])):
+        if r["decode_ms_per_token"] < fastest:
+            front.add(r["trial_id"])
+            fastest = r["decode_ms_per_token"]
+    assert set(summary["pareto"]) == front
+    best = min(r["quant_perplexity"] for r in tune_results.values())
+    eligible = [r for r in tune_results.values() if r["quant_perplexity"] <= best * 1.02]
+    assert summary["winner"]["trial_id"] == min(eligible, key=lambda r: r["decode_ms_per_token"])["trial_id"]
     md = (report / "trials.md").read_text()
     assert all(r["trial_id"] in md for r in rows) and "**winner**" in md
     assert (report / "pareto.png").stat().st_size > 1000
@@ -96,42 +146,83 @@ def test_sweep_reports_failed_trials_and_exports_a_servable_winner(tmp_path, tin
     assert left and all(name.removeprefix("sweep-") in {r["trial_id"] for r in new_rows} for name in left)
 
 
+@pytest.mark.integration
+@pytest.mark.subprocess
 def test_interrupted_sweep_restores_and_finishes_only_the_rest(tmp_path, tiny_model_dir, tiny_text_file):
     config = _config(tmp_path, tiny_model_dir, tiny_text_file, "cut")
+    quant = "space.quant=[none,wo_int8,bf16]"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.tune", "--config", str(config), f"storage={tmp_path}",
-                             "space.quant=[none,wo_int8,bf16]"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    adapters = tmp_path / "adapters"
-
-    def finished_trials() -> dict[str, float]:
-        """Adapters (and their mtimes) of trials whose final, measured result Tune has recorded."""
-        done = {}
-        for result in (tmp_path / "runs" / "cut").glob("*/result.json"):
-            lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-            for r in lines:
-                if "quant_perplexity" in r:
-                    done[r["adapter"]] = os.path.getmtime(r["adapter"])
-        return done
-
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.tune", "--config", str(config), f"storage={tmp_path}", quant],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    run_dir = tmp_path / "runs" / "cut"
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline and not finished_trials():
-            time.sleep(2)
-        time.sleep(12)  # Tune saves its experiment state every few seconds
+        # Interrupt once Tune's saved state records a finished trial: what a restore starts from.
+        deadline = time.monotonic() + 600
+        while not [t for t in _experiment_trials(run_dir).values() if t["status"] == "TERMINATED"]:
+            assert proc.poll() is None, f"the sweep exited with {proc.returncode} before a trial finished"
+            assert time.monotonic() < deadline, "no finished trial in Tune's experiment state within 600 s"
+            time.sleep(1)  # poll interval
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()  # the driver's local Ray cluster was in its process group and is gone too
-    done_before = finished_trials()
-    assert 1 <= len(done_before) < 3
-    again = _run(config, tmp_path, "space.quant=[none,wo_int8,bf16]")
+    saved = _experiment_trials(run_dir)
+    done_before = {tid: t["last_result"]["adapter"] for tid, t in saved.items() if t["status"] == "TERMINATED"}
+    # One trial runs at a time on 2 CPUs and the sweep was killed as soon as one was recorded.
+    assert 1 <= len(done_before) < 3, saved
+    mtimes = {adapter: os.path.getmtime(adapter) for adapter in done_before.values()}
+
+    again = _run(config, tmp_path, quant)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming sweep cut" in again.stdout
     rows = json.loads((tmp_path / "reports" / "cut" / "trials.json").read_text())
-    assert len(rows) == 3 and all(r["status"] == "TERMINATED" for r in rows)
-    for adapter, mtime in done_before.items():
-        assert os.path.getmtime(adapter) == mtime, f"{adapter} was trained again"
-    assert len(list(adapters.glob("cut-*"))) == 3 + 1  # three trials and the exported winner
+    assert sorted(r["quant"] for r in rows) == ["bf16", "none", "wo_int8"]
+    assert all(r["status"] == "TERMINATED" for r in rows), rows
+    assert {r["trial_id"] for r in rows} >= set(done_before)  # the same trials, not a new sweep
+    for trial_id, adapter in done_before.items():
+        assert os.path.getmtime(adapter) == mtimes[adapter], f"{trial_id} was trained again"
+        assert [r["adapter"] for r in rows if r["trial_id"] == trial_id] == [adapter]
+    assert {p.name for p in (tmp_path / "adapters").glob("cut-*")} == {f"cut-{r['trial_id']}" for r in rows} | {
+        "cut-best"}
+
+
+@pytest.mark.integration
+@pytest.mark.subprocess
+def test_optuna_search_with_fifo_scheduler(tmp_path, tiny_model_dir, tiny_text_file):
+    config = _config(tmp_path, tiny_model_dir, tiny_text_file, "opt")
+    proc = _run(config, tmp_path, "search=optuna", "scheduler=fifo", "num_samples=2", "space.lora_r=[2,4]",
+                "space.quant=[none]")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "reports" / "opt" / "trials.json").read_text())
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows), rows
+    run_dir = tmp_path / "runs" / "opt"
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    tune_config = _tune_config_on_disk(run_dir)
+    assert type(tune_config.scheduler) is FIFOScheduler and isinstance(tune_config.search_alg, OptunaSearch)
+    # Optuna's own study proposed both trials and was told each one's quantized perplexity.
+    (searcher_state,) = run_dir.glob("searcher-state-*.pkl")
+    study = pickle.loads(searcher_state.read_bytes())["_ot_study"]
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert sorted((t.params["lora_r"], t.value) for t in study.trials) == sorted(
+        (r["lora_r"], r["quant_perplexity"]) for r in rows)
+
+
+@pytest.mark.integration
+@pytest.mark.subprocess
+def test_random_search_draws_num_samples_trials_from_the_space(tmp_path, tiny_model_dir, tiny_text_file):
+    config = _config(tmp_path, tiny_model_dir, tiny_text_file, "rnd")
+    # fifo: ASHA could stop the worse trial early, and this test counts finished trials.
+    proc = _run(config, tmp_path, "search=random", "scheduler=fifo", "num_samples=2", "space.lora_r=[2,4]",
+                "space.quant=[none,wo_int8]")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "reports" / "rnd" / "trials.json").read_text())
+    # A grid over this space would be 4 trials (8 with num_samples=2): random draws 2 points.
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows), rows
+    assert all(r["lora_r"] in (2, 4) and r["quant"] in ("none", "wo_int8") for r in rows), rows
+    tune_config = _tune_config_on_disk(tmp_path / "runs" / "rnd")
+    assert tune_config.search_alg is None and tune_config.num_samples == 2  # Tune's random variant generator
 
 
 @pytest.mark.parametrize("override, fragment", [
@@ -151,6 +242,22 @@ def test_the_training_learning_rate_applies_unless_the_space_sweeps_it():
     assert param_space(load_config(TuneJobConfig, None, ["train.lr=2e-3"]))["lr"] == 2e-3
     swept = param_space(load_config(TuneJobConfig, None, ["train.lr=2e-3", "space.lr=[1e-3,3e-3]"]))["lr"]
     assert swept == {"grid_search": [1e-3, 3e-3]}
+
+
+def _row(trial_id, ppl, ms):
+    return {"trial_id": trial_id, "quant_perplexity": ppl, "decode_ms_per_token": ms}
+
+
+def test_pareto_front_and_winner_on_hand_checked_trials():
+    rows = [_row("a", 10.0, 5.0),   # best perplexity
+            _row("b", 10.1, 3.0),   # 1% worse, fastest: on the front
+            _row("c", 11.0, 4.0),   # b is better on both: dominated
+            _row("d", 12.0, 3.0),   # ties b on latency, worse perplexity: dominated
+            _row("e", None, None)]  # failed trial: never on the front
+    assert sorted(pareto_front(rows)) == ["a", "b"]
+    assert choose_winner(rows, 0.02)["trial_id"] == "b"   # 10.1 <= 10.0 * 1.02, and faster
+    assert choose_winner(rows, 0.005)["trial_id"] == "a"  # 10.1 > 10.05: only a qualifies
+    assert choose_winner([_row("e", None, None)], 0.02) is None
 
 
 def test_a_fresh_sweep_clears_only_the_earlier_trials_artifacts(tmp_path):

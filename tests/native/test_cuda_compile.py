@@ -40,6 +40,7 @@ def includes(tmp_path_factory) -> list[str]:
     return paths
 
 
+@pytest.mark.subprocess  # nvcc in a child process, about a minute per architecture on 2 CPUs
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", CUDA_SOURCES)
 def test_cuda_sources_compile_with_nvcc(tmp_path: Path, includes: list[str], source: str, arch: str) -> None:

@@ -1,13 +1,15 @@
 """Tests of ops/engine.py on a tiny random Llama (fast) and the embedded SmolLM2 (slow)."""
 
 import asyncio
+import math
 import os
+from collections import Counter
 
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from ops.engine import Engine, EngineConfig, QueueFullError, Request
+from ops.engine import Engine, EngineConfig, QueueFullError, Request, sample
 from ops.model import DEFAULT_MODEL, embedded_gguf, load_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -134,6 +136,72 @@ def test_top_k_one_is_greedy(engine):
     assert top1.token_ids == greedy.token_ids
 
 
+# Fixed next-token logits for the sampler tests: probabilities 0.40, 0.25, 0.15, 0.10, 0.06, 0.04
+# placed at shuffled token ids, so that a nucleus mapped back to the wrong ids would show.
+PROBS = {5: 0.40, 1: 0.25, 6: 0.15, 0: 0.10, 3: 0.06, 7: 0.04, 2: 0.0, 4: 0.0}
+LOGITS = torch.tensor([math.log(PROBS[i]) if PROBS[i] else -30.0 for i in range(8)])
+DRAWS = 4000
+
+
+def draw(request: Request, n: int = DRAWS) -> Counter:
+    generator = torch.Generator().manual_seed(1234)
+    return Counter(sample(LOGITS.clone(), request, generator) for _ in range(n))
+
+
+def assert_frequencies(counts: Counter, expected: dict[int, float], n: int = DRAWS) -> None:
+    """Each token's empirical frequency within 5 standard errors of its expected probability:
+    a correct sampler fails this with probability < 1e-5 per token for any seed."""
+    for token, p in expected.items():
+        bound = 5 * math.sqrt(max(p * (1 - p), 1e-4) / n)
+        assert abs(counts[token] / n - p) <= bound, (token, counts[token] / n, p)
+
+
+def softmax(values: dict[int, float], temperature: float = 1.0) -> dict[int, float]:
+    weights = {t: math.exp(v / temperature) for t, v in values.items()}
+    total = sum(weights.values())
+    return {t: w / total for t, w in weights.items()}
+
+
+@pytest.mark.parametrize("top_p, nucleus", [
+    (0.3, {5}),              # the most likely token alone already covers 0.3
+    (0.6, {5, 1}),           # 0.40 < 0.6: the token that crosses top_p (0.25 more) is kept
+    (0.75, {5, 1, 6}),       # 0.65 < 0.75, and 0.80 of mass lies before token 0
+    (0.95, {5, 1, 6, 0, 3}),  # 0.90 < 0.95 < 0.96
+])
+def test_top_p_samples_only_the_nucleus_in_proportion(top_p, nucleus):
+    counts = draw(Request(prompt="x", temperature=1.0, top_p=top_p))
+    assert set(counts) == nucleus  # every nucleus token drawn, nothing outside it
+    mass = sum(PROBS[t] for t in nucleus)
+    assert_frequencies(counts, {t: PROBS[t] / mass for t in nucleus})
+
+
+def test_top_k_samples_only_the_k_most_likely_in_proportion():
+    counts = draw(Request(prompt="x", temperature=1.0, top_k=3))
+    assert set(counts) == {5, 1, 6}
+    assert_frequencies(counts, {t: PROBS[t] / 0.80 for t in (5, 1, 6)})
+
+
+def test_temperature_one_samples_the_softmax():
+    counts = draw(Request(prompt="x", temperature=1.0))
+    assert_frequencies(counts, {t: p for t, p in PROBS.items()})
+
+
+def test_low_temperature_concentrates_on_the_argmax():
+    # 0.01 scales the 0.47 logit gap between the two most likely tokens to 47: exp(-47) ~ 4e-21.
+    counts = draw(Request(prompt="x", temperature=0.01), n=500)
+    assert counts == Counter({5: 500})
+
+
+def test_high_temperature_spreads_to_softmax_of_scaled_logits():
+    support = {t: float(LOGITS[t]) for t, p in PROBS.items() if p}
+    hot = softmax(support, temperature=2.5)
+    # The test can tell T=2.5 from T=1: the least likely token is 2.5x as likely here.
+    assert hot[7] > 2 * PROBS[7]
+    counts = draw(Request(prompt="x", temperature=2.5))
+    assert_frequencies(counts, hot)
+    assert counts[2] + counts[4] < 5  # exp(-30 / 2.5) ~ 6e-6 each
+
+
 def test_chat_template_applied(engine, tokenizer):
     messages = [{"role": "user", "content": "What is 2+2?"}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -227,6 +295,7 @@ def test_single_stream_threads_keeps_greedy_output(tiny_model, tokenizer):
         EngineConfig(single_stream_threads=0)
 
 
+@pytest.mark.slow  # torch.compile builds two graphs: minutes on 2 CPUs
 def test_compiled_decode_matches_hf_generate(tiny_model, tokenizer):
     """The compiled decode graphs (1 request / a batch of different lengths) say what the model says."""
     cfg = EngineConfig(max_batch_size=4, max_seq_len=128, compile=True)
@@ -252,13 +321,26 @@ def test_compile_failure_falls_back_to_eager(tiny_model, tokenizer, monkeypatch)
     assert out.token_ids == hf_greedy(tiny_model, tokenizer, PROMPTS[0], 8)
 
 
-def test_release_openmp_workers_keeps_torch_working():
+def test_release_openmp_workers_frees_this_threads_team_and_torch_rebuilds_it():
     from ops.engine import release_openmp_workers
 
+    maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
+    if "libgomp" not in maps:
+        pytest.skip("no libgomp in this process (not a Linux torch wheel): the release is a no-op here")
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
     a, b = torch.randn(256, 256), torch.randn(256, 256)
-    before = a @ b  # with >1 thread this builds this thread's OpenMP team
-    released = release_openmp_workers()
-    assert isinstance(released, bool)
-    if os.path.exists("/proc/self/maps") and "libgomp" in open("/proc/self/maps").read():
-        assert released  # Linux torch wheels bundle libgomp
-    assert torch.equal(a @ b, before)  # the team is rebuilt on demand
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        before = a @ b  # this thread's OpenMP team: one worker thread beside this one
+        with_team = threads()
+        assert release_openmp_workers() is True
+        released = threads()
+        assert released <= with_team - 1, "the worker thread is still alive"
+        assert torch.equal(a @ b, before)
+        assert threads() == released + 1  # the team is rebuilt on demand
+    finally:
+        torch.set_num_threads(previous)

@@ -48,9 +48,13 @@ def test_sliding_window_scores_each_token_once_with_context(model):
     assert ppl.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
 
 
-@pytest.mark.parametrize("window, stride", [(16, 0), (16, 17), (1, 1)])
-def test_bad_window(model, window, stride):
-    with pytest.raises(UserError):
+@pytest.mark.parametrize("window, stride, fragment", [
+    (16, 0, r"stride=0 must be between 1 and window \(16\)"),
+    (16, 17, r"stride=17 must be between 1 and window \(16\)"),
+    (1, 1, r"window=1 is too small; valid: an integer >= 2"),
+])
+def test_bad_window(model, window, stride, fragment):
+    with pytest.raises(UserError, match=fragment):
         sliding_window_perplexity(model, _ids(40, 10), window, stride)
 
 

@@ -1,9 +1,10 @@
-import time
+import shutil
 
 import pytest
 import torch
 
 from ops.errors import UserError
+from ops import model as model_module
 from ops.model import (DEFAULT_MODEL, load_model, load_tokenizer, model_size_bytes, parameter_count, resolve)
 
 
@@ -52,17 +53,49 @@ def test_directory_without_model(tmp_path):
         resolve(str(tmp_path))
 
 
+class Converted(Exception):
+    """Raised by a stand-in for the GGUF lookup: reaching it means the cache was not used."""
+
+
+def refuse_conversion(monkeypatch) -> None:
+    def convert(name):
+        raise Converted(name)
+
+    monkeypatch.setattr(model_module, "embedded_gguf", convert)
+
+
+def test_embedded_name_loads_from_a_complete_cache_without_converting(tiny_model_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "models" / DEFAULT_MODEL
+    shutil.copytree(tiny_model_dir, cache)
+    weights = cache / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    refuse_conversion(monkeypatch)
+    model = load_model(DEFAULT_MODEL, storage=tmp_path)
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2  # the cached tiny model
+    assert load_tokenizer(DEFAULT_MODEL, storage=tmp_path).eos_token == "<|im_end|>"
+    assert weights.stat().st_mtime_ns == mtime
+
+
+def test_an_incomplete_cache_is_converted_again(tiny_model_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "models" / DEFAULT_MODEL
+    cache.mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "config.json", cache)  # an interrupted copy: no weights
+    refuse_conversion(monkeypatch)
+    with pytest.raises(Converted, match=DEFAULT_MODEL):
+        load_model(DEFAULT_MODEL, storage=tmp_path)
+
+
 @pytest.mark.slow
-def test_embedded_default_cached_load_is_fast(embedded_storage):
-    t0 = time.perf_counter()
+def test_embedded_default_loads_from_its_converted_cache(embedded_storage, monkeypatch):
+    weights = embedded_storage / "models" / DEFAULT_MODEL / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    refuse_conversion(monkeypatch)
     model = load_model(DEFAULT_MODEL, storage=embedded_storage)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 5.0, f"cached load took {elapsed:.1f}s"
+    assert weights.stat().st_mtime_ns == mtime
     cfg = model.config
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.vocab_size) == (576, 30, 9, 3, 49152)
     assert 134e6 < parameter_count(model) < 135e6
-    assert (embedded_storage / "models" / DEFAULT_MODEL / "model.safetensors").is_file()
     tok = load_tokenizer(DEFAULT_MODEL, storage=embedded_storage)
     assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                                              add_generation_prompt=True)

@@ -42,11 +42,15 @@ def build_test_index(storage: Path, name: str) -> None:
 
 def save_tiny_adapter(model_dir: Path, out: Path) -> None:
     """A PEFT LoRA adapter on the tiny model, registered like the training job registers one."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    # Seeded and scaled up (alpha = 8 r): this adapter changes the tiny model's greedy answers, so
+    # tests can tell it from the base.
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
                                                   init_lora_weights=False))
     peft_model.save_pretrained(out)
     (out / "manifest.json").write_text(json.dumps({"kind": "adapter", "base_model": str(model_dir)}))
@@ -58,6 +62,54 @@ def serve_storage(tmp_path_factory, tiny_model_dir) -> Path:
     build_test_index(storage, "test")
     save_tiny_adapter(tiny_model_dir, storage / "adapters" / "tiny-lora")
     return storage
+
+
+def greedy_reference(model_dir: Path, max_tokens: int, *, prompt: str | None = None,
+                     messages: list[dict] | None = None, adapter: Path | None = None) -> dict:
+    """What the app must answer at temperature 0, computed with plain transformers (the oracle of
+    the HTTP tests): ``text``, ``prompt_tokens``, ``completion_tokens`` and ``finish_reason``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    if messages is not None:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    else:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
+    tokens = out[0, ids.shape[1]:].tolist()
+    stopped = tok.eos_token_id in tokens
+    if stopped:
+        tokens = tokens[: tokens.index(tok.eos_token_id) + 1]
+    return {"text": tok.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=True),
+            "prompt_tokens": ids.shape[1], "completion_tokens": len(tokens),
+            "finish_reason": "stop" if stopped else "length"}
+
+
+def rag_reference(model_dir: Path, question: str, sources: list[dict], max_tokens: int, max_seq_len: int,
+                  adapter: Path | None = None) -> dict:
+    """:func:`greedy_reference` for a /v1/rag answer: the app's prompt from ``question`` and the
+    ``sources`` it returned, trimmed to the same token budget."""
+    from transformers import AutoTokenizer
+
+    from serve.app import DEFAULT_SYSTEM_PROMPT, rag_messages
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def count(messages: list[dict]) -> int:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    messages = rag_messages(question, sources, DEFAULT_SYSTEM_PROMPT, count, max_seq_len - max_tokens)
+    return greedy_reference(model_dir, max_tokens, messages=messages, adapter=adapter)
 
 
 def wait_ready(base_url: str, deadline_s: float = 180.0) -> None:

@@ -11,33 +11,56 @@ import time
 import httpx
 import pytest
 
-from tests.serve.conftest import API_KEY, SQUAD
+from tests.serve.conftest import API_KEY, SQUAD, greedy_reference, rag_reference
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MAX_SEQ_LEN = 512  # the rag_app fixture's max_seq_len
 
 
 def post(base: str, path: str, body=None, headers=AUTH, **kwargs) -> httpx.Response:
     return httpx.post(f"{base}{path}", json=body, headers=headers, timeout=60, **kwargs)
 
 
-def test_openai_client_chat_with_and_without_stream(rag_app):
+def test_openai_client_chat_with_and_without_stream(rag_app, tiny_model_dir, serve_storage):
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{rag_app}/v1", api_key=API_KEY)
     assert {m.id for m in client.models.list().data} == {"tiny", "tiny-lora"}
     messages = [{"role": "user", "content": "The quick brown fox"}]
     reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
-    assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+    want = greedy_reference(tiny_model_dir, 8, messages=messages)
+    assert reply.choices[0].message.content == want["text"]
+    assert reply.choices[0].finish_reason == want["finish_reason"]
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (want["prompt_tokens"],
+                                                                         want["completion_tokens"])
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
                                                  stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == reply.choices[0].message.content  # greedy: same text either way
     assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
     adapted = client.chat.completions.create(model="tiny-lora", messages=messages, max_tokens=8, temperature=0)
-    assert adapted.model == "tiny-lora" and adapted.usage.completion_tokens >= 1
-    text = client.completions.create(model="tiny", prompt="To be, or not", max_tokens=4, temperature=0)
-    assert text.choices[0].text is not None and text.usage.prompt_tokens > 0
+    want_adapted = greedy_reference(tiny_model_dir, 8, messages=messages, adapter=serve_storage / "adapters" /
+                                    "tiny-lora")
+    assert want_adapted["text"] != want["text"]  # so the comparison below tells the adapter from the base
+    assert adapted.model == "tiny-lora" and adapted.choices[0].message.content == want_adapted["text"]
+
+
+def test_completions_with_and_without_stream_answer_what_transformers_does(rag_app, tiny_model_dir):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{rag_app}/v1", api_key=API_KEY)
+    prompt = "To be, or not"
+    want = greedy_reference(tiny_model_dir, 6, prompt=prompt)
+    text = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0)
+    assert text.object == "text_completion" and text.choices[0].text == want["text"]
+    assert (text.usage.prompt_tokens, text.usage.completion_tokens) == (want["prompt_tokens"],
+                                                                       want["completion_tokens"])
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, stream=True))
+    assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks) == want["text"]
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + [want["finish_reason"]]
+    assert chunks[-1].usage.completion_tokens == want["completion_tokens"]
 
 
 def test_healthz_names_attention_and_op_path(rag_app):
@@ -48,14 +71,34 @@ def test_healthz_names_attention_and_op_path(rag_app):
     assert "/v1/rag" in httpx.get(f"{rag_app}/openapi.json", timeout=30).json()["paths"]
 
 
-def test_rag_stream_sends_sources_then_text_then_done(rag_app):
-    with httpx.stream("POST", f"{rag_app}/v1/rag", json={"question": "What is the university's patron saint?",
-                      "max_tokens": 6, "stream": True}, headers=AUTH, timeout=60) as r:
+def test_rag_stream_sends_sources_then_text_then_done(rag_app, tiny_model_dir):
+    question = "What is the university's patron saint?"
+    with httpx.stream("POST", f"{rag_app}/v1/rag", json={"question": question, "max_tokens": 6, "stream": True},
+                      headers=AUTH, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
-    first, last = json.loads(events[0]), json.loads(events[-2])
-    assert len(first["sources"]) == 4 and "answer" in last and last["usage"]["completion_tokens"] >= 1
+    first, *texts, last = [json.loads(e) for e in events[:-1]]
+    assert len(first["sources"]) == 4 and all(set(t) == {"text"} for t in texts)
+    want = rag_reference(tiny_model_dir, question, first["sources"], 6, MAX_SEQ_LEN)
+    assert last["answer"] == "".join(t["text"] for t in texts) == want["text"]
+    assert last["finish_reason"] == want["finish_reason"]
+    assert last["usage"]["completion_tokens"] == want["completion_tokens"]
+    assert last["sources"] == first["sources"] and last["model"] == "tiny"
+
+
+def test_rag_with_an_adapter_answers_with_the_adapter(rag_app, tiny_model_dir, serve_storage):
+    question = "Who jumps over the lazy dog?"
+    r = post(rag_app, "/v1/rag", {"question": question, "max_tokens": 6, "adapter": "tiny-lora"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    adapter = serve_storage / "adapters" / "tiny-lora"
+    want = rag_reference(tiny_model_dir, question, body["sources"], 6, MAX_SEQ_LEN, adapter=adapter)
+    base = rag_reference(tiny_model_dir, question, body["sources"], 6, MAX_SEQ_LEN)
+    assert want["text"] != base["text"]  # so the comparison below tells the adapter from the base
+    assert body["model"] == "tiny-lora" and body["answer"] == want["text"]
+    assert body["usage"]["completion_tokens"] == want["completion_tokens"]
+    assert "tiny-lora" in httpx.get(f"{rag_app}/healthz", timeout=30).json()["adapters_loaded"]
 
 
 def test_rag_recall_at_5_on_squad_notre_dame(rag_app):
@@ -121,33 +164,35 @@ def test_invalid_json_is_422_and_app_keeps_serving(rag_app):
     assert good.status_code == 200 and good.json()["sources"]
 
 
-def test_killed_generator_replica_is_replaced(rag_app):
-    """SIGKILL the generator's process while requests stream; Serve restarts it and requests succeed."""
-    import threading
-
+def test_killed_generator_replica_is_replaced(rag_app, tiny_model_dir):
+    """SIGKILL the generator's process while a request streams from it: that request ends with a
+    503 error event (never a 500), Serve starts a new replica and requests succeed again."""
     pid = httpx.get(f"{rag_app}/healthz", timeout=30).json()["generator_pid"]
-    statuses: list[int] = []
-
-    def load() -> None:
-        for _ in range(6):
-            try:
-                statuses.append(post(rag_app, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                     "max_tokens": 32, "temperature": 0}).status_code)
-            except httpx.HTTPError:
-                statuses.append(-1)
-
-    worker = threading.Thread(target=load)
-    worker.start()
-    time.sleep(0.5)
-    os.kill(pid, signal.SIGKILL)
-    worker.join(timeout=300)
-    assert all(s in (200, 503) for s in statuses), statuses  # in-flight ones fail as 503, never 500
+    messages = [{"role": "user", "content": "hi"}]
+    # The tiny model never says EOS here, so the request is still decoding when the kill lands.
+    assert greedy_reference(tiny_model_dir, 480, messages=messages)["finish_reason"] == "length"
+    body = {"messages": messages, "max_tokens": 480, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{rag_app}/v1/chat/completions", json=body, headers=AUTH, timeout=120) as r:
+        assert r.status_code == 200
+        events = (json.loads(line[len("data: "):]) for line in r.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]")
+        for event in events:
+            if event["choices"][0]["delta"].get("content"):
+                break  # a generated token arrived: the request is in flight on that replica
+        os.kill(pid, signal.SIGKILL)
+        rest = list(events)
+    assert rest and rest[-1]["error"]["code"] == 503, rest[-3:]
+    assert rest[-1]["error"]["type"] == "overloaded_error"
+    assert rest[-1]["error"]["message"].startswith("replica unavailable")
+    assert not any(e.get("choices", [{}])[0].get("finish_reason") for e in rest[:-1])  # it did not finish
     deadline = time.monotonic() + 180
     while True:
-        r = post(rag_app, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        r = post(rag_app, "/v1/chat/completions", {"messages": messages, "max_tokens": 4, "temperature": 0})
         if r.status_code == 200:
             break
         assert r.status_code == 503, r.text
         assert time.monotonic() < deadline, "generator was not replaced within 180 s"
-        time.sleep(2)
+        time.sleep(1)  # poll interval while Serve starts the replacement
+    assert r.json()["choices"][0]["message"]["content"] == greedy_reference(tiny_model_dir, 4,
+                                                                            messages=messages)["text"]
     assert httpx.get(f"{rag_app}/healthz", timeout=30).json()["generator_pid"] != pid

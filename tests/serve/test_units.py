@@ -48,7 +48,7 @@ def test_schemas_bounds():
         schemas.RagRequest(question="   ")
     with pytest.raises(ValidationError, match="max_tokens"):
         schemas.RagRequest(question="q", max_tokens=10**6)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match="unknown\n  Extra inputs are not permitted"):
         schemas.RagRequest(question="q", unknown=1)
     req = schemas.ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], stop="END", extra_field=1)
     assert req.stop == ["END"] and req.token_budget(7) == 7
