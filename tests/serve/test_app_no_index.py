@@ -87,4 +87,4 @@ def test_a_generation_longer_than_request_timeout_s_is_a_504(no_index_app, tiny_
                    "temperature": 0}, timeout=60)
     assert r.status_code == 504, r.text
     assert r.json()["error"] == {"message": f"request took longer than request_timeout_s={HURRIED_TIMEOUT_S}",
-                                 "type": "timeout_error", "param": None, "code": 504}
+                                 "type": "server_error", "param": None, "code": "timeout"}
