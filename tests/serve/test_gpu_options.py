@@ -60,8 +60,14 @@ def test_build_app_sets_the_generator_gpu_request(tmp_path, use_gpu: bool, optio
 def test_use_gpu_auto_asks_the_running_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     import ray
 
+    import serve.app
+
+    def no_serve() -> str:
+        raise LookupError("no Serve instance runs on this cluster")
+
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    monkeypatch.setattr(serve.app, "serve_proxy_host", no_serve)  # the cluster is faked: no Serve to ask
     assert resolve_use_gpu("auto") == (True, "use_gpu=auto: the Ray cluster has 2 GPUs")
     assert _generator_options(build_app({"storage": str(tmp_path), "index": None}))["num_gpus"] == 1
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0})
