@@ -247,7 +247,16 @@ def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = argv
+        _fail_if_ray_started(module)
     return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+
+
+def _fail_if_ray_started(module: str) -> None:
+    """An in-process entrypoint that got as far as starting Ray would leave a cluster behind."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and not _LOCAL_RAY.started:
+        ray.shutdown()
+        pytest.fail(f"`{module}` started Ray inside run_cli; run it with run_module (marker subprocess)")
 
 
 def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 600,

@@ -10,7 +10,7 @@ from cluster.config import load_config
 from jobs.evaluate import EvaluateConfig, evaluate, main
 from ops.lora import add_lora
 from ops.model import load_model, load_tokenizer
-from tests.conftest import run_module
+from tests.conftest import run_cli, run_module
 
 REPORT_KEYS = {"perplexity", "tokens", "window", "stride", "prefill_ms_per_token", "decode_ms_per_token",
                "size_mb", "model"}
@@ -33,9 +33,8 @@ def test_report_matches_direct_transformers_loss(ray_local, tiny_model_dir, tiny
     assert saved["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
 
 
-@pytest.mark.subprocess
 def test_help_lists_keys():
-    proc = run_module("jobs.evaluate", "--help")
+    proc = run_cli("jobs.evaluate", "--help")
     assert proc.returncode == 0
     for key in ("model", "data", "window", "stride", "max_tokens", "latency.new_tokens", "storage"):
         assert f"  {key} " in proc.stdout
@@ -48,7 +47,6 @@ def _one_line_error(proc, fragment):
     assert len(errors) == 1 and fragment in errors[0], proc.stderr
 
 
-@pytest.mark.subprocess
 @pytest.mark.parametrize("args, fragment", [
     (["model=/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
     (["model=nobody/no-such-model-xyz"], "unknown model 'nobody/no-such-model-xyz'"),
@@ -59,7 +57,7 @@ def _one_line_error(proc, fragment):
 ])
 def test_bad_input_is_one_line(args, fragment, tiny_model_dir, tmp_path):
     base = [f"model={tiny_model_dir}", f"storage={tmp_path}"]
-    proc = run_module("jobs.evaluate", *base, *args, timeout=120)
+    proc = run_cli("jobs.evaluate", *base, *args)
     _one_line_error(proc, fragment)
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_module
+from tests.conftest import run_cli, run_module
 
 ENV = {"OMP_NUM_THREADS": "1"}
 
@@ -36,7 +36,6 @@ def test_index_job_builds_a_searchable_index(tmp_path):
     assert store.search_text(["how do plants make energy from light"], 1)[0][0].doc_id == "r1"
 
 
-@pytest.mark.subprocess
 @pytest.mark.parametrize("args, message", [
     (["index.type=lsh"], "index.type"),
     (["chunk.size=100", "chunk.overlap=100"], "chunk.overlap"),
@@ -44,15 +43,14 @@ def test_index_job_builds_a_searchable_index(tmp_path):
     (["chunk.sizee=10"], "unknown config key"),
 ])
 def test_index_job_bad_input_is_one_line_exit_2(tmp_path, args, message):
-    proc = run_module("jobs.index", f"storage={tmp_path}", *args, env=ENV, timeout=120)
+    proc = run_cli("jobs.index", f"storage={tmp_path}", *args)
     assert proc.returncode == 2, proc.stderr[-1000:]
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0] and "Traceback" not in proc.stderr
 
 
-@pytest.mark.subprocess
 def test_index_job_help_lists_every_key():
-    proc = run_module("jobs.index", "--help")
+    proc = run_cli("jobs.index", "--help")
     assert proc.returncode == 0
     for key in ("chunk.size", "chunk.overlap", "index.type", "embedder", "data", "name", "storage"):
         assert key in proc.stdout

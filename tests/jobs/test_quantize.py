@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_module
+from tests.conftest import run_cli, run_module
 
 SMALL = ["max_tokens=256", "window=64", "stride=32", "calibration.samples=4", "calibration.seq_len=32",
          "latency.repeats=1", "latency.prompt_tokens=16", "latency.new_tokens=4"]
@@ -35,15 +35,14 @@ def test_quantize_then_evaluate(tiny_model_dir, tiny_text_file, tmp_path):
     assert evaluated["perplexity"] == pytest.approx(rows["static_int8"]["perplexity"], rel=1e-6)
 
 
-@pytest.mark.subprocess
 @pytest.mark.parametrize("args, fragment", [
     (["methods=[int3]"], "unknown method 'int3'"),
     (["methods=[weight_only_int4]", "weight_only_int4.group_size=64"], "group_size=64 does not divide"),
     (["methods=[static_int8]", "calibration.data=/nonexistent/calib.txt"], "data '/nonexistent/calib.txt' does not exist"),
 ])
 def test_bad_input_is_one_error_line(tiny_model_dir, tiny_text_file, tmp_path, args, fragment):
-    proc = run_module("jobs.quantize", f"model={tiny_model_dir}", f"data={tiny_text_file}",
-                      f"storage={tmp_path}", "benchmark_dir=null", *args)
+    proc = run_cli("jobs.quantize", f"model={tiny_model_dir}", f"data={tiny_text_file}",
+                   f"storage={tmp_path}", "benchmark_dir=null", *args)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
