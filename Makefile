@@ -41,8 +41,8 @@ ray-up: setup
 	  $(VENV)/bin/ray get-auth-token --generate >/dev/null
 	@$(VENV)/bin/ray status --address 127.0.0.1:6379 >/dev/null 2>&1 || \
 	  $(VENV)/bin/ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 \
-	    --port=6379 --dashboard-port=8265 --disable-usage-stats >/dev/null && \
-	  echo "ray: loopback cluster at 127.0.0.1:6379, jobs at $(RAY_ADDRESS_HTTP)"
+	    --port=6379 --dashboard-port=8265 --metrics-export-port=8080 --disable-usage-stats >/dev/null && \
+	  echo "ray: loopback cluster at 127.0.0.1:6379 (token auth on), jobs at $(RAY_ADDRESS_HTTP), metrics at http://127.0.0.1:8080/metrics"
 
 demo: ray-up
 	$(PY) -m cluster.submit --address $(RAY_ADDRESS_HTTP) -- python -m jobs.pipeline $(ARGS)
