@@ -116,7 +116,8 @@ def test_serve_retriever_and_generator_on_two_nodes(cluster, tiny_model_dir, tmp
     assert config["proxy_location"] == "HeadOnly"  # every node is 127.0.0.1: one proxy per node would clash
     (app,) = config["applications"]
     app["args"].update(storage=str(tmp_path), model=str(tiny_model_dir), model_id="tiny", index="tiny",
-                       api_key=API_KEY, max_seq_len=512, num_threads=1, request_timeout_s=30)
+                       api_key=API_KEY, max_seq_len=512, num_threads=1, request_timeout_s=30,
+                       compile=False)  # compiling costs a minute on 2 CPUs; tests/ops covers it
     # The Serve controller builds the app in its own task: give it this checkout's import path.
     app["runtime_env"]["env_vars"].update(local_runtime_env()["env_vars"])
     deployments = {d["name"]: d for d in app["deployments"]}

@@ -18,20 +18,17 @@ LONG_TOKENS = 480
 
 
 @pytest.fixture(scope="module")
-def no_index_app(tmp_path_factory, tiny_model_dir):
-    """Two apps without an index: "plain" at / and "hurried" (request_timeout_s=0.05) at /hurried.
-    Yields their base URLs; Serve and Ray are always shut down."""
-    import ray
+def no_index_app(ray_local, tmp_path_factory, tiny_model_dir):
+    """Two apps without an index: "plain" at / and "hurried" (request_timeout_s=0.05) at /hurried, on
+    the shared in-process cluster. Yields their base URLs; Serve is always shut down."""
     from ray import serve
 
-    from cluster.runtime import init_ray
     from serve.app import build_app
 
     storage = tmp_path_factory.mktemp("no-index-storage")
     args = {"storage": str(storage), "model": str(tiny_model_dir), "model_id": "tiny", "index": None,
-            "max_seq_len": 512, "num_threads": 1}
+            "max_seq_len": 512, "num_threads": 1, "compile": False}  # compiled decode: tested in tests/ops
     port = free_port()
-    init_ray(num_cpus=2)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({**args, "request_timeout_s": 30}), name="plain", route_prefix="/", blocking=False)
@@ -43,7 +40,6 @@ def no_index_app(tmp_path_factory, tiny_model_dir):
         yield base
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 def wait_routed(url: str, deadline_s: float = 60.0) -> None:
