@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ops.rag_prompt import cited_passages
 from serve import schemas
 from serve.app import ApiError, _sse, registered_adapters
 
@@ -107,6 +108,7 @@ def make_api(ingress: Ingress) -> FastAPI:
 
         def finish(completion: dict) -> dict:
             return {"answer": completion["text"], "sources": public, "model": model,
+                    "citations": cited_passages(completion["text"], [s["text"] for s in sources]),
                     "finish_reason": completion["finish_reason"], "usage": _usage(completion),
                     "timings": {"retrieve_s": retrieve_s, "generate_s": time.monotonic() - t0 - retrieve_s,
                                 "total_s": time.monotonic() - t0,
