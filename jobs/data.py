@@ -73,11 +73,8 @@ class QASection(BaseConfig):
 class DataConfig(CorpusConfig):
     """Where text comes from and how it is split for training and evaluation."""
 
-    task: Task = Field("lm", description="lm: language modelling on the text; rag_qa: retrieval-augmented QA from a "
-                       "SQuAD .json (passages + question -> short answer, loss on the answer only)")
     val_fraction: float = Field(0.1, description="held out for validation: the last fraction of the token stream "
                                 "(lm), or that fraction of the paragraphs (rag_qa)")
-    qa: QASection = Field(default_factory=QASection)
 
     @field_validator("val_fraction")
     @classmethod
@@ -423,14 +420,14 @@ def qa_splits(cfg: DataConfig, seed: int = 0) -> tuple[list[dict], list[dict], l
             train_ids, val_ids)
 
 
-def qa_datasets(cfg: DataConfig, tokenizer, block_size: int, seed: int = 0):
+def qa_datasets(cfg: DataConfig, qa: QASection, tokenizer, block_size: int, seed: int = 0):
     """Ray Datasets of ``{"input_ids", "labels", "attention_mask"}`` rows for training and validation."""
     import ray
 
     docs, train_q, val_q, train_ids, val_ids = qa_splits(cfg, seed)
     sets = []
     for name, qs, ids, s in (("train", train_q, train_ids, seed), ("validation", val_q, val_ids, seed + 1)):
-        examples = qa_examples(docs, qs, ids, cfg.qa, seed=s)
+        examples = qa_examples(docs, qs, ids, qa, seed=s)
         rows = [r for r in (encode_qa(e, tokenizer, block_size) for e in examples) if r is not None]
         if not rows:
             raise UserError(f"no {name} QA example fits block_size={block_size} tokens; raise block_size")

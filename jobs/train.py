@@ -34,7 +34,7 @@ from cluster.cli import run_job
 from cluster.config import BaseConfig, save_config
 from cluster.runtime import cluster_cpus, cluster_gpus, init_ray, report_interval_s
 from cluster.storage import local_storage_root, resolve_storage, validate_name, writable_artifact
-from jobs.data import IGNORE_INDEX, DataConfig, block_datasets, qa_datasets
+from jobs.data import IGNORE_INDEX, DataConfig, QASection, Task, block_datasets, qa_datasets
 from ops.errors import UserError
 from ops.lora import DEFAULT_TARGETS, add_lora, apply_adapter, check_target_modules, merge_adapter, trainable_parameters
 from ops.model import DEFAULT_MODEL, MANIFEST, load_model, load_tokenizer, resolve
@@ -56,6 +56,9 @@ class LoraSection(BaseConfig):
 
 
 class TrainConfig(DataConfig):
+    task: Task = Field("lm", description="lm: language modelling on the text; rag_qa: retrieval-augmented QA from a "
+                       "SQuAD .json (passages + question -> short answer, loss on the answer only)")
+    qa: QASection = Field(default_factory=QASection)
     method: Literal["full", "lora"] = Field("lora", description="full fine-tune (baseline) or LoRA")
     model: str = Field(DEFAULT_MODEL, description="base model spec: embedded name, HF id or local directory")
     name: str = Field("train", description="run name: <storage>/runs/<name>/, adapters|models/<name>/")
@@ -487,7 +490,7 @@ def build_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> tuple[Any,
     use_gpu = check_resources(cfg)
     tokenizer = load_tokenizer(cfg.model, storage=storage)
     if cfg.task == "rag_qa":
-        train_ds, val_ds = qa_datasets(cfg, tokenizer, cfg.block_size, cfg.seed)
+        train_ds, val_ds = qa_datasets(cfg, cfg.qa, tokenizer, cfg.block_size, cfg.seed)
     else:
         train_ds, val_ds = block_datasets(cfg, tokenizer, cfg.block_size, cfg.max_tokens or None)
     if cfg.val_blocks:

@@ -41,11 +41,12 @@ def squad(tmp_path) -> Path:
 
 
 def test_split_by_paragraph_keeps_validation_paragraphs_out_of_training(squad):
-    cfg = DataConfig(data=str(squad), task="rag_qa", val_fraction=0.25, qa=QASection(passages=4, copies=3))
+    cfg = DataConfig(data=str(squad), val_fraction=0.25)
+    qa = QASection(passages=4, copies=3)
     docs, train_q, val_q, train_ids, val_ids = qa_splits(cfg, seed=0)
     assert len(val_ids) == 3 and len(train_ids) == 9 and not set(train_ids) & set(val_ids)
     assert {q["doc_id"] for q in val_q} == set(val_ids) and {q["doc_id"] for q in train_q} == set(train_ids)
-    examples = qa_examples(docs, train_q, train_ids, cfg.qa, seed=0)
+    examples = qa_examples(docs, train_q, train_ids, qa, seed=0)
     assert len(examples) == 3 * len(train_q)
     val_texts = {d["text"] for d in docs if d["id"] in set(val_ids)}
     for e in examples:
@@ -59,7 +60,7 @@ def test_split_by_paragraph_keeps_validation_paragraphs_out_of_training(squad):
     # Seeded: the same split and examples every time; another seed splits differently.
     assert split_paragraphs(docs, 0.25, 0) == (train_ids, val_ids)
     assert split_paragraphs(docs, 0.25, 1) != (train_ids, val_ids)
-    assert qa_examples(docs, train_q, train_ids, cfg.qa, seed=0) == examples
+    assert qa_examples(docs, train_q, train_ids, qa, seed=0) == examples
 
 
 def test_training_target_is_the_first_annotated_answer(squad):
@@ -91,7 +92,7 @@ def test_encode_puts_loss_on_the_answer_tokens_only(squad, tiny_model_dir):
 
 def test_rag_qa_needs_a_squad_file(tiny_text_file):
     with pytest.raises(UserError, match="SQuAD"):
-        qa_splits(DataConfig(data=str(tiny_text_file), task="rag_qa"))
+        qa_splits(DataConfig(data=str(tiny_text_file)))
 
 
 @pytest.mark.integration
