@@ -33,7 +33,7 @@ def test_defaults_assemble_a_lora_training_and_an_index_of_the_same_corpus():
     (["train.name=x"], "unknown config key 'train.name'"),  # the pipeline's own name= names everything
     (["train.num_workers=0"], "train: num_workers must be >= 1"),
     (["train.lora.r=0"], "train: lora.r must be >= 1"),
-    (["index.chunk.overlap=5000"], "index: chunk.overlap (5000) must be smaller than chunk.size"),
+    (["index.chunk.size=200", "index.chunk.overlap=5000"], "index: chunk.overlap (5000) must be smaller than chunk.size"),
     (["quantize.methods=[int3]"], "unknown quantization method 'int3'"),
     (["quantize.methods=[]"], "give at least one method"),
     (["eval.window=64", "eval.stride=65"], "stride=65 must be between 1 and window (64)"),
