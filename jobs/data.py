@@ -373,7 +373,12 @@ def qa_examples(docs: list[dict], questions: list[dict], doc_ids: list[str], qa:
 
 
 def encode_qa(example: dict, tokenizer, block_size: int) -> dict[str, np.ndarray] | None:
-    """Token ids and labels of one chat example, padded to ``block_size``; loss on the answer only.
+    """Token ids and labels of one chat example, left-padded to ``block_size``; loss on the answer only.
+
+    Left padding puts every row's answer at the end, so training computes logits for the last
+    few positions only (the vocabulary projection of a whole 1k-token row is a fifth of the
+    forward pass and most of its memory). RoPE attention depends on relative positions only, so
+    the shift does not change what the model computes for the real tokens.
 
     The prompt is rendered as the serving engine renders it (chat template with the generation
     prompt, then tokenized without special tokens), so training sees the served token sequence.
@@ -400,12 +405,12 @@ def encode_qa(example: dict, tokenizer, block_size: int) -> dict[str, np.ndarray
         passages = passages[:drop] + passages[drop + 1:]
         messages[-1]["content"] = rag_user_message(example["question"], [t for _, t in passages])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    n = len(ids)
+    start = block_size - len(ids)
     out = {"input_ids": np.full(block_size, pad, np.int64), "labels": np.full(block_size, IGNORE_INDEX, np.int64),
            "attention_mask": np.zeros(block_size, np.int64)}
-    out["input_ids"][:n] = ids
-    out["labels"][len(prompt_ids):n] = answer_ids
-    out["attention_mask"][:n] = 1
+    out["input_ids"][start:] = ids
+    out["labels"][start + len(prompt_ids):] = answer_ids
+    out["attention_mask"][start:] = 1
     return out
 
 

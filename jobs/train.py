@@ -146,32 +146,53 @@ def build_model(cfg: TrainConfig, storage: str, device: torch.device, resume_dir
     return model
 
 
+def answer_nll(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor,
+               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of the labelled tokens of left-padded rows, and how many there are.
+
+    Only the positions from the earliest label on get logits (``logits_to_keep``): the
+    vocabulary projection of every prompt position would cost memory and time for no loss.
+
+    Args:
+        ids, labels, mask: (B, T); labels are ``IGNORE_INDEX`` except at the answer tokens,
+            which end every row.
+    """
+    labelled = labels != IGNORE_INDEX  # (B, T)
+    first = int(torch.where(labelled.any(dim=1), labelled.int().argmax(dim=1), ids.shape[1] - 1).min())
+    keep = ids.shape[1] - first + 1
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # (B, keep, V)
+    target = labels[:, -keep:][:, 1:]  # logits at position t predict the token at t + 1
+    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), reduction="sum",
+                          ignore_index=IGNORE_INDEX)
+    return nll, (target != IGNORE_INDEX).sum()
+
+
 @torch.no_grad()
 def validation_nll(model: torch.nn.Module, blocks: torch.Tensor, rank: int, world: int, batch_size: int,
                    amp: torch.dtype | None, labels: torch.Tensor | None = None,
                    mask: torch.Tensor | None = None) -> float:
     """Mean next-token NLL over ``blocks`` (N, T); each rank scores rows ``rank::world``.
 
-    With ``labels`` (N, T), only positions whose label is not ``IGNORE_INDEX`` count (the answer
-    tokens of QA examples); ``mask`` (N, T) is their attention mask.
+    With ``labels`` and ``mask`` (N, T), rows are left-padded QA examples and only the answer
+    tokens count (:func:`answer_nll`).
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (nll_sum, tokens)
-    rows = range(rank, len(blocks), world)
-    mine = list(rows)
+    mine = list(range(rank, len(blocks), world))
     for i in range(0, len(mine), batch_size):
         idx = mine[i:i + batch_size]
         ids, target, attn = _trimmed(blocks[idx], None if labels is None else labels[idx],
                                      None if mask is None else mask[idx], device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(input_ids=ids, attention_mask=attn).logits  # (B, T, V)
-        target = (ids if target is None else target)[:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), reduction="sum",
-                              ignore_index=IGNORE_INDEX)
-        counted = (target != IGNORE_INDEX).sum().double()
-        sums += torch.stack([nll.double(), counted.to(device)])
+            if target is None:
+                logits = model(input_ids=ids).logits  # (B, T, V)
+                nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+                counted = torch.tensor(ids[:, 1:].numel())
+            else:
+                nll, counted = answer_nll(model, ids, target, attn)
+        sums += torch.stack([nll.double(), counted.double().to(device)])
     if world > 1:
         dist.all_reduce(sums)
     model.train(was_training)
@@ -180,10 +201,10 @@ def validation_nll(model: torch.nn.Module, blocks: torch.Tensor, rank: int, worl
 
 def _trimmed(ids: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tensor | None,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Move a batch to ``device``, cut to its longest row when it carries padding (``mask``)."""
+    """Move a batch to ``device``; left-padded rows (``mask``) lose the padding columns all rows share."""
     if mask is not None:
         n = int(mask.sum(dim=1).max())
-        ids, labels, mask = ids[:, :n], labels[:, :n] if labels is not None else None, mask[:, :n]
+        ids, labels, mask = ids[:, -n:], labels[:, -n:] if labels is not None else None, mask[:, -n:]
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     return to(ids), to(labels), to(mask)
 
@@ -318,8 +339,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
             with contextlib.nullcontext() if sync else model.no_sync():
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss = model(input_ids=ids, attention_mask=mask,
-                                 labels=ids if labels is None else labels).loss / cfg.grad_accum
+                    if labels is None:
+                        loss = model(input_ids=ids, labels=ids).loss
+                    else:
+                        nll, count = answer_nll(model, ids, labels, mask)
+                        loss = nll / count.clamp(min=1)
+                    loss = loss / cfg.grad_accum
                 loss.backward()
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(

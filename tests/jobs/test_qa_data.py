@@ -77,17 +77,42 @@ def test_encode_puts_loss_on_the_answer_tokens_only(squad, tiny_model_dir):
     row = encode_qa(example, tok, 512)
     n = int(row["attention_mask"].sum())
     answer = row["labels"][row["labels"] != IGNORE_INDEX]
+    # Left-padded: the answer ends the row, the prompt before it carries no loss.
     assert tok.decode(answer) == example["answer"] + tok.eos_token
-    assert (row["labels"][:n - len(answer)] == IGNORE_INDEX).all() and (row["labels"][n:] == IGNORE_INDEX).all()
+    assert (row["labels"][-len(answer):] == answer).all() and (row["labels"][:-len(answer)] == IGNORE_INDEX).all()
+    assert (row["attention_mask"][:512 - n] == 0).all() and (row["attention_mask"][512 - n:] == 1).all()
     prompt = tok.apply_chat_template(example["messages"], add_generation_prompt=True, tokenize=False)
-    assert tok.decode(row["input_ids"][:n - len(answer)]) == prompt  # what the serving engine feeds the model
+    assert tok.decode(row["input_ids"][512 - n:-len(answer)]) == prompt  # what the serving engine feeds the model
     # Too long for block_size: distractors go first, the question's paragraph stays.
     full = n
     short = encode_qa(example, tok, full - 1)
     if len(example["passages"]) > 1:
-        kept = tok.decode(short["input_ids"][:int(short["attention_mask"].sum())])
+        kept = tok.decode(short["input_ids"][short["attention_mask"] == 1])
         assert next(d["text"] for d in docs if d["id"] == example["doc_id"]) in kept
     assert encode_qa(example, tok, 8) is None
+
+
+def test_answer_nll_equals_full_logits_loss(tiny_model_dir, squad):
+    """Logits for the answer positions only give the same loss as the full forward."""
+    import torch
+    import torch.nn.functional as F
+
+    from jobs.train import answer_nll
+    from ops.model import load_model
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir), dtype="float32")
+    docs, questions = read_squad(squad)
+    examples = qa_examples(docs, questions[:3], [d["id"] for d in docs], QASection(passages=2), seed=0)
+    rows = [encode_qa(e, tok, 400) for e in examples]
+    ids, labels, mask = (torch.from_numpy(np.stack([r[k] for r in rows])) for k in ("input_ids", "labels",
+                                                                                   "attention_mask"))
+    with torch.no_grad():
+        nll, count = answer_nll(model, ids, labels, mask)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        full = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum",
+                               ignore_index=IGNORE_INDEX)
+    assert int(count) == int((labels != IGNORE_INDEX).sum()) and float(nll) == pytest.approx(float(full), rel=1e-5)
 
 
 def test_rag_qa_needs_a_squad_file(tiny_text_file):
