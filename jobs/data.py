@@ -111,7 +111,8 @@ def detect_format(source: str, fmt: str = "auto") -> str:
 
 def read_documents(source: str, fmt: str = "auto", text_field: str = "text",
                    max_docs: int | None = None) -> list[dict[str, Any]]:
-    """Read a corpus into ``[{"id", "text", "source"}]`` in source order.
+    """Read a corpus into ``[{"id", "text", "source"}]`` in source order, plus ``title`` where the
+    source has one (SQuAD article titles, a JSONL ``title`` field, a Parquet ``title`` column).
 
     Raises:
         UserError: missing path, empty corpus, missing field/column, malformed file.
@@ -164,8 +165,10 @@ def _read_jsonl(path: Path, field: str) -> list[dict]:
             if not isinstance(row, dict) or field not in row:
                 keys = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise UserError(f"'{path}' line {lineno} has no field '{field}'; it has {keys} (set text_field)")
-            docs.append({"id": str(row.get("id", f"{path.name}:{lineno}")), "text": str(row[field]),
-                         "source": str(path)})
+            doc = {"id": str(row.get("id", f"{path.name}:{lineno}")), "text": str(row[field]), "source": str(path)}
+            if row.get("title"):
+                doc["title"] = str(row["title"])
+            docs.append(doc)
     return docs
 
 
@@ -178,16 +181,19 @@ def _read_parquet(path: Path, column: str) -> list[dict]:
         raise UserError(f"'{path}' is not a readable Parquet file ({type(exc).__name__})") from None
     if column not in schema.names:
         raise UserError(f"Parquet file '{path}' has no column '{column}'; columns: {schema.names} (set text_field)")
-    cols = [column] + (["id"] if "id" in schema.names and column != "id" else [])
+    cols = [column] + [c for c in ("id", "title") if c in schema.names and c != column]
     table = pq.read_table(path, columns=cols).to_pydict()
     ids = table.get("id") or [f"{path.name}:{i}" for i in range(len(table[column]))]
-    return [{"id": str(i), "text": str(t), "source": str(path)} for i, t in zip(ids, table[column]) if t is not None]
+    titles = table.get("title") or [None] * len(ids)
+    return [{"id": str(i), "text": str(t), "source": str(path), **({"title": str(h)} if h else {})}
+            for i, t, h in zip(ids, table[column], titles) if t is not None]
 
 
 def read_squad(path: Path) -> tuple[list[dict], list[dict]]:
     """Documents (one per context paragraph) and questions of a SQuAD v1.1-format file.
 
-    Document id = ``<article title>:<paragraph index>``; each question carries ``doc_id`` (its
+    Document id = ``<article title>:<paragraph index>``, ``title`` the article title with spaces
+    (chunks are prefixed with it, see :func:`ops.retrieval.chunk_documents`); each question carries ``doc_id`` (its
     paragraph), ``answers`` (the distinct gold strings, sorted) and ``answer`` (the first annotated
     one, the training target).
     """
@@ -202,7 +208,7 @@ def read_squad(path: Path) -> tuple[list[dict], list[dict]]:
         title = article.get("title", "untitled")
         for i, para in enumerate(article.get("paragraphs", [])):
             doc_id = f"{title}:{i}"
-            docs.append({"id": doc_id, "text": para["context"], "source": str(path)})
+            docs.append({"id": doc_id, "text": para["context"], "source": str(path), "title": title.replace("_", " ")})
             for qa in para.get("qas", []):
                 texts = [a["text"] for a in qa.get("answers", [])]
                 questions.append({"id": qa.get("id"), "question": qa["question"], "doc_id": doc_id,
@@ -319,6 +325,13 @@ def block_datasets(cfg: DataConfig, tokenizer, block_size: int, max_tokens: int 
 # task=rag_qa: SQuAD questions -> chat examples with retrieved-style passages
 # ---------------------------------------------------------------------------------------------
 
+def passage_text(doc: dict) -> str:
+    """A paragraph as the index stores and serves it: prefixed with its title when it has one."""
+    from ops.retrieval import titled
+
+    return titled(doc.get("title"), doc["text"])
+
+
 def split_paragraphs(docs: list[dict], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
     """Paragraph ids for training and for validation: a seeded shuffle, ``val_fraction`` held out.
 
@@ -364,7 +377,7 @@ def qa_examples(docs: list[dict], questions: list[dict], doc_ids: list[str], qa:
             chosen += rng.choice(rest, size=n - n_hard, replace=False).tolist() if n > n_hard else []
             rows = [gold] + chosen
             rng.shuffle(rows)
-            passages = [split[i]["text"] for i in rows]
+            passages = [passage_text(split[i]) for i in rows]
             examples.append({"messages": [{"role": "system", "content": RAG_SYSTEM_PROMPT},
                                           {"role": "user", "content": rag_user_message(q["question"], passages)}],
                              "answer": q["answer"], "question": q["question"], "doc_id": q["doc_id"],

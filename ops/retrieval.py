@@ -190,25 +190,46 @@ def chunk_text_tokens(text: str, tokenizer: Any, size: int, overlap: int) -> lis
     return chunks
 
 
+def titled(title: str | None, text: str) -> str:
+    """``"<title>: <text>"``, or ``text`` without a title.
+
+    Passages carry their document's title (as DPR indexes "title + passage"): a paragraph rarely
+    names what it is about ("The university's library ..."), the question usually does ("...
+    at Notre Dame?"), and the title lets BM25 and the embedding connect the two and tell a
+    document's paragraphs from unrelated ones. The generator sees it too.
+    """
+    return f"{title}: {text}" if title else text
+
+
 def chunk_documents(docs: Sequence[dict], size: int, overlap: int, tokenizer: Any = None) -> list[dict]:
-    """Split ``[{"id","text","source"}]`` documents into chunk rows for the store.
+    """Split ``[{"id","text","source"[,"title"]}]`` documents into chunk rows for the store.
 
     Args:
-        docs: documents.
+        docs: documents; a ``title`` is prefixed to each of its chunks (:func:`titled`) and the
+            prefix counts against ``size``.
         size: chunk length: tokens of ``tokenizer`` when given, else characters.
         overlap: shared between consecutive chunks, same unit as ``size``.
         tokenizer: the embedder's tokenizer, to cut by tokens (:func:`chunk_text_tokens`).
 
-    A chunk's id is ``<doc id>#<k>``; ``metadata`` keeps ``doc_id``, ``chunk`` and ``start`` (offset
-    in characters) so a hit can be traced to its document.
+    A chunk's id is ``<doc id>#<k>``; ``metadata`` keeps ``doc_id``, ``chunk``, ``start`` (offset
+    in characters of the document text) and ``title`` so a hit can be traced to its document.
     """
     rows = []
     for doc in docs:
-        pieces = chunk_text_tokens(doc["text"], tokenizer, size, overlap) if tokenizer is not None else \
-            chunk_text(doc["text"], size, overlap)
+        title = doc.get("title")
+        used = (_token_count(tokenizer, titled(title, "")) if tokenizer is not None else len(titled(title, ""))) \
+            if title else 0
+        if used > size // 2:  # a title that long would crowd out the text: keep it in metadata only
+            title, used = None, 0
+        budget = size - used
+        lap = min(overlap, budget - 1)
+        pieces = chunk_text_tokens(doc["text"], tokenizer, budget, lap) if tokenizer is not None else \
+            chunk_text(doc["text"], budget, lap)
         for k, (start, piece) in enumerate(pieces):
-            rows.append({"id": f"{doc['id']}#{k}", "text": piece, "source": doc.get("source", ""),
-                         "metadata": {"doc_id": doc["id"], "chunk": k, "start": start}})
+            meta = {"doc_id": doc["id"], "chunk": k, "start": start,
+                    **({"title": doc["title"]} if doc.get("title") else {})}
+            rows.append({"id": f"{doc['id']}#{k}", "text": titled(title, piece), "source": doc.get("source", ""),
+                         "metadata": meta})
     return rows
 
 

@@ -50,6 +50,19 @@ def test_token_chunks_cut_at_words_and_short_text_is_one_chunk(embedder):
     assert docs[1]["id"] == "a#1" and docs[1]["metadata"]["start"] == text.index(docs[1]["text"])
 
 
+def test_titled_chunks_carry_the_title_within_the_limit(embedder):
+    tok = embedder.tokenizer
+    text = " ".join(f"word{i}" for i in range(500))
+    rows = chunk_documents([{"id": "a", "text": text, "source": "f", "title": "Some Article"}], 40, 8, tokenizer=tok)
+    assert len(rows) > 3 and all(r["text"].startswith("Some Article: word") for r in rows)
+    assert max(len(tok(r["text"], add_special_tokens=False)["input_ids"]) for r in rows) <= 40
+    assert rows[0]["metadata"]["title"] == "Some Article" and rows[1]["metadata"]["start"] == text.index(
+        rows[1]["text"].removeprefix("Some Article: "))
+    # A title that would take most of a chunk stays in the metadata only.
+    long = chunk_documents([{"id": "b", "text": text, "source": "f", "title": "x " * 30}], 40, 8, tokenizer=tok)
+    assert long[0]["text"].startswith("word0") and long[0]["metadata"]["title"] == "x " * 30
+
+
 def test_rrf_sums_reciprocal_ranks():
     fused = reciprocal_rank_fusion([[3, 1, 2], [1, 4]], k=60)
     assert [r for r, _ in fused] == [1, 3, 4, 2]
