@@ -8,8 +8,9 @@ held-out paragraphs of the same paragraph split ``task=rag_qa`` trains with (``v
 seed 0), so a model fine-tuned by ``configs/rag_lora.yaml`` on this file never saw them.
 
 Retrieval (in-process, the Serve Retriever's code): recall@1, recall@5, MRR@10 by document for
-today's baseline (dense on 1000-character chunks, many of them longer than MiniLM reads) and for
-token-aware chunks searched dense, BM25 and hybrid; embedding throughput of both chunkings.
+the earlier baseline (dense on 1000-character chunks, some longer than MiniLM reads) and for
+token-aware chunks, without and with the document title prefixed (what ``jobs.index`` builds),
+searched dense, BM25 and hybrid; embedding throughput of each chunking.
 Answers (through ``/v1/rag`` of a local Serve app, top_k 5, max_tokens 24, greedy): exact match,
 F1, contains-gold (SQuAD normalisation), recall@5 of the sources and p50 latency, for the base
 model and the tuned one (``--tuned``: a quantized/adapter artifact or model dir).
@@ -70,7 +71,8 @@ def retrieval(docs: list[dict], questions: list[dict], model) -> tuple[dict, dic
     queries = [q["question"] for q in questions]
     limit = embedder_token_limit(model)
 
-    char_chunks = chunk_documents(docs, 1000, 100)
+    untitled = [{k: v for k, v in d.items() if k != "title"} for d in docs]
+    char_chunks = chunk_documents(untitled, 1000, 100)
     lengths = [len(model.tokenizer(c["text"], verbose=False)["input_ids"]) for c in char_chunks]
     vectors, rate = embed_timed(model, [c["text"] for c in char_chunks])
     base = RetrievalStore.build(char_chunks, vectors, embedder_name="all-minilm-l6-v2", embedder=model, bm25=False)
@@ -80,17 +82,19 @@ def retrieval(docs: list[dict], questions: list[dict], model) -> tuple[dict, dic
         "chunks_per_s": rate}
     print(f"[bench.rag_quality] baseline: {result['baseline dense, 1000-char chunks']}", flush=True)
 
-    token_chunks = chunk_documents(docs, limit, 32, tokenizer=model.tokenizer)
-    vectors, rate = embed_timed(model, [c["text"] for c in token_chunks])
-    store = RetrievalStore.build(token_chunks, vectors, embedder_name="all-minilm-l6-v2", embedder=model)
-    for mode in ("dense", "bm25", "hybrid"):
-        t0 = time.perf_counter()
-        hits = store.search_text(queries, 30, mode=mode)
-        label = f"{mode}, {limit}-token chunks"
-        result[label] = {**rank_metrics([doc_ranking(h) for h in hits], gold), "chunks": len(token_chunks),
-                         "truncated_chunks": 0, "chunks_per_s": rate,
-                         "search_ms_per_query": 1e3 * (time.perf_counter() - t0) / len(queries)}
-        print(f"[bench.rag_quality] {label}: {result[label]}", flush=True)
+    # Token chunks without and with the title prefix (what jobs.index builds), to show each step.
+    for with_title in (False, True):
+        token_chunks = chunk_documents(docs if with_title else untitled, limit, 32, tokenizer=model.tokenizer)
+        vectors, rate = embed_timed(model, [c["text"] for c in token_chunks])
+        store = RetrievalStore.build(token_chunks, vectors, embedder_name="all-minilm-l6-v2", embedder=model)
+        for mode in ("dense", "bm25", "hybrid"):
+            t0 = time.perf_counter()
+            hits = store.search_text(queries, 30, mode=mode)
+            label = f"{mode}, {limit}-token chunks{', titled' if with_title else ''}"
+            result[label] = {**rank_metrics([doc_ranking(h) for h in hits], gold), "chunks": len(token_chunks),
+                             "truncated_chunks": 0, "chunks_per_s": rate,
+                             "search_ms_per_query": 1e3 * (time.perf_counter() - t0) / len(queries)}
+            print(f"[bench.rag_quality] {label}: {result[label]}", flush=True)
     return result, store.manifest, token_chunks, vectors
 
 
@@ -197,7 +201,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="rag-bench-") as tmp:
             storage = Path(tmp)
             (storage / "models").symlink_to((args.storage / "models").resolve(), target_is_directory=True)
-            store = RetrievalStore.build(chunks, vectors, embedder_name="all-minilm-l6-v2")
+            store = RetrievalStore.build(chunks, vectors, embedder_name="all-minilm-l6-v2")  # titled, hybrid
             store.save(storage / "indexes" / "bench")
             resolved = {k: str(Path(v).resolve()) if Path(v).exists() else v for k, v in models.items()}
             report["answers"] = answers(storage, resolved, held_out, args.port)
