@@ -421,9 +421,10 @@ def summary_markdown(s: dict[str, Any]) -> str:
     t = s["train"]
     lines += ["", f"Training: {t['steps']} steps, {t['tokens']:,} tokens, {t['tokens_per_s']:.0f} tokens/s on "
               f"{t['num_workers']} workers; its own validation perplexity {t['initial_val_perplexity']:.3f} -> "
-              f"{t['best_val_perplexity']:.3f}. Served: `{served['model']}`.", "",
-              "| question | retrieval hit | top source | answer tokens | latency s | time to first token s |",
-              "|---|---|---|---|---|---|"]
+              f"{t['best_val_perplexity']:.3f}. Served: `{served['model']}`."]
+    if s["answers"]:
+        lines += ["", "| question | retrieval hit | top source | answer tokens | latency s | time to first token s |",
+                  "|---|---|---|---|---|---|"]
     for a in s["answers"]:
         top = a["sources"][0]["doc_id"] if a["sources"] else "-"
         hit = "-" if a["hit"] is None else ("yes" if a["hit"] else "no")
