@@ -157,6 +157,8 @@ def write(report: dict) -> None:
     for label, m in r["retrieval"].items():
         lines.append(f"| {label} | {m['chunks']} | {m['truncated_chunks']} | {m['chunks_per_s']:.1f} | "
                      f"{m['recall@1']:.3f} | {m['recall@5']:.3f} | {m['mrr@10']:.3f} |")
+    lines += ["", "Embedding rates are one process's, measured when each chunking was first embedded (`--cache` "
+              "reuses vectors and rate); on a shared machine they vary with its load and compare only within a run."]
     if r.get("answers"):
         lines += ["", f"## Answers through `/v1/rag` (hybrid retrieval, top_k {TOP_K}, max_tokens {MAX_TOKENS}, "
                   "greedy)", "", "| model | exact match | F1 | contains gold | recall@5 | p50 latency s |",
