@@ -8,9 +8,17 @@ Sources (``data=``):
 * ``.parquet`` (text in column ``text_field``);
 * ``.json`` in SQuAD format (one document per context paragraph).
 
-Split: the token stream (documents in source order, separated by the tokenizer's EOS token) is
-cut by position: the first ``1 - val_fraction`` of tokens train, the last ``val_fraction``
-validate. Deterministic, and no validation text leaks into training.
+Tasks (``task=``):
+
+* ``lm``: language modelling. The token stream (documents in source order, separated by the
+  tokenizer's EOS token) is cut by position: the first ``1 - val_fraction`` of tokens train, the
+  last ``val_fraction`` validate. Deterministic, and no validation text leaks into training.
+* ``rag_qa``: retrieval-augmented QA from a SQuAD-format file. Paragraphs are split (seeded)
+  into training and validation paragraphs; each question becomes a chat example whose user turn
+  holds numbered passages (its own paragraph plus distractor paragraphs of the same split, half
+  of them the BM25-closest ones, in shuffled positions) and whose assistant turn is the short
+  gold answer; the loss covers the answer tokens only. The prompt is ``ops.rag_prompt``'s, the
+  one the Serve app asks with. No validation paragraph appears in any training example.
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst")
 # Text is tokenized in pieces of about this many characters so Ray Data can spread the work.
 CHUNK_CHARS = 64_000
 Format = Literal["auto", "text", "jsonl", "parquet", "squad", "stdlib"]
+Task = Literal["lm", "rag_qa"]
+# Label of tokens that carry no loss (prompt and padding), as in Hugging Face models.
+IGNORE_INDEX = -100
 
 
 # A corpus given on the command line: relative paths resolve against the launch directory.
@@ -49,10 +60,21 @@ class CorpusConfig(BaseConfig):
     text_field: str = Field("text", description="JSONL field / Parquet column holding the text")
 
 
+class QASection(BaseConfig):
+    """How ``task=rag_qa`` turns SQuAD questions into chat examples."""
+
+    passages: int = Field(5, ge=1, le=20, description="most passages per example: the question's paragraph plus "
+                          "distractors (match the serving top_k); each example draws 1..passages")
+    hard_negatives: float = Field(0.5, ge=0.0, le=1.0, description="fraction of distractors that are the BM25-closest "
+                                  "other paragraphs of the split (the rest are random ones)")
+    copies: int = Field(1, ge=1, le=16, description="examples per question, each with its own distractors and order")
+
+
 class DataConfig(CorpusConfig):
     """Where text comes from and how it is split for training and evaluation."""
 
-    val_fraction: float = Field(0.1, description="last fraction of the token stream held out for validation")
+    val_fraction: float = Field(0.1, description="held out for validation: the last fraction of the token stream "
+                                "(lm), or that fraction of the paragraphs (rag_qa)")
 
     @field_validator("val_fraction")
     @classmethod
@@ -89,7 +111,8 @@ def detect_format(source: str, fmt: str = "auto") -> str:
 
 def read_documents(source: str, fmt: str = "auto", text_field: str = "text",
                    max_docs: int | None = None) -> list[dict[str, Any]]:
-    """Read a corpus into ``[{"id", "text", "source"}]`` in source order.
+    """Read a corpus into ``[{"id", "text", "source"}]`` in source order, plus ``title`` where the
+    source has one (SQuAD article titles, a JSONL ``title`` field, a Parquet ``title`` column).
 
     Raises:
         UserError: missing path, empty corpus, missing field/column, malformed file.
@@ -142,8 +165,10 @@ def _read_jsonl(path: Path, field: str) -> list[dict]:
             if not isinstance(row, dict) or field not in row:
                 keys = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise UserError(f"'{path}' line {lineno} has no field '{field}'; it has {keys} (set text_field)")
-            docs.append({"id": str(row.get("id", f"{path.name}:{lineno}")), "text": str(row[field]),
-                         "source": str(path)})
+            doc = {"id": str(row.get("id", f"{path.name}:{lineno}")), "text": str(row[field]), "source": str(path)}
+            if row.get("title"):
+                doc["title"] = str(row["title"])
+            docs.append(doc)
     return docs
 
 
@@ -156,17 +181,21 @@ def _read_parquet(path: Path, column: str) -> list[dict]:
         raise UserError(f"'{path}' is not a readable Parquet file ({type(exc).__name__})") from None
     if column not in schema.names:
         raise UserError(f"Parquet file '{path}' has no column '{column}'; columns: {schema.names} (set text_field)")
-    cols = [column] + (["id"] if "id" in schema.names and column != "id" else [])
+    cols = [column] + [c for c in ("id", "title") if c in schema.names and c != column]
     table = pq.read_table(path, columns=cols).to_pydict()
     ids = table.get("id") or [f"{path.name}:{i}" for i in range(len(table[column]))]
-    return [{"id": str(i), "text": str(t), "source": str(path)} for i, t in zip(ids, table[column]) if t is not None]
+    titles = table.get("title") or [None] * len(ids)
+    return [{"id": str(i), "text": str(t), "source": str(path), **({"title": str(h)} if h else {})}
+            for i, t, h in zip(ids, table[column], titles) if t is not None]
 
 
 def read_squad(path: Path) -> tuple[list[dict], list[dict]]:
     """Documents (one per context paragraph) and questions of a SQuAD v1.1-format file.
 
-    Document id = ``<article title>:<paragraph index>``; each question carries ``doc_id`` (its
-    paragraph) and ``answers`` (gold strings).
+    Document id = ``<article title>:<paragraph index>``, ``title`` the article title with spaces
+    (chunks are prefixed with it, see :func:`ops.retrieval.chunk_documents`); each question carries ``doc_id`` (its
+    paragraph), ``answers`` (the distinct gold strings, sorted) and ``answer`` (the first annotated
+    one, the training target).
     """
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -179,10 +208,11 @@ def read_squad(path: Path) -> tuple[list[dict], list[dict]]:
         title = article.get("title", "untitled")
         for i, para in enumerate(article.get("paragraphs", [])):
             doc_id = f"{title}:{i}"
-            docs.append({"id": doc_id, "text": para["context"], "source": str(path)})
+            docs.append({"id": doc_id, "text": para["context"], "source": str(path), "title": title.replace("_", " ")})
             for qa in para.get("qas", []):
+                texts = [a["text"] for a in qa.get("answers", [])]
                 questions.append({"id": qa.get("id"), "question": qa["question"], "doc_id": doc_id,
-                                  "answers": sorted({a["text"] for a in qa.get("answers", [])})})
+                                  "answers": sorted(set(texts)), "answer": texts[0] if texts else None})
     return docs, questions
 
 
@@ -289,3 +319,137 @@ def block_datasets(cfg: DataConfig, tokenizer, block_size: int, max_tokens: int 
     log.info("data: %d train blocks, %d validation blocks of %d tokens", len(train), len(val), block_size)
     to_ds = lambda blocks: ray.data.from_items([{"input_ids": b} for b in blocks])  # noqa: E731
     return to_ds(train), to_ds(val)
+
+
+# ---------------------------------------------------------------------------------------------
+# task=rag_qa: SQuAD questions -> chat examples with retrieved-style passages
+# ---------------------------------------------------------------------------------------------
+
+def passage_text(doc: dict) -> str:
+    """A paragraph as the index stores and serves it: prefixed with its title when it has one."""
+    from ops.retrieval import titled
+
+    return titled(doc.get("title"), doc["text"])
+
+
+def split_paragraphs(docs: list[dict], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Paragraph ids for training and for validation: a seeded shuffle, ``val_fraction`` held out.
+
+    Returns:
+        ``(train_ids, val_ids)``, disjoint, each in source order; at least one of each when there
+        are two or more paragraphs.
+    """
+    ids = [d["id"] for d in docs]
+    if len(ids) < 2:
+        raise UserError(f"task=rag_qa needs at least 2 paragraphs to split, got {len(ids)}")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_val = min(len(ids) - 1, max(1, int(round(len(ids) * val_fraction))))
+    val = set(order[:n_val].tolist())
+    return [i for k, i in enumerate(ids) if k not in val], [i for k, i in enumerate(ids) if k in val]
+
+
+def qa_examples(docs: list[dict], questions: list[dict], doc_ids: list[str], qa: QASection,
+                seed: int = 0) -> list[dict]:
+    """Chat examples for the questions of paragraphs ``doc_ids``; distractors come from ``doc_ids`` only.
+
+    Returns:
+        ``[{"messages": [system, user], "answer", "question", "doc_id", "passages", "passage_ids"}]``.
+    """
+    from ops.rag_prompt import RAG_SYSTEM_PROMPT, rag_user_message
+    from ops.retrieval import BM25Index
+
+    rng = np.random.default_rng(seed)
+    split = [d for d in docs if d["id"] in set(doc_ids)]
+    position = {d["id"]: i for i, d in enumerate(split)}
+    bm25 = BM25Index.build([d["text"] for d in split]) if len(split) > 1 else None
+    examples = []
+    for q in questions:
+        if q["doc_id"] not in position or not q.get("answer"):
+            continue
+        gold = position[q["doc_id"]]
+        others = [i for i in range(len(split)) if i != gold]
+        close = [r for r, _ in bm25.search([q["question"]], qa.passages + 1)[0] if r != gold] if bm25 else []
+        for _ in range(qa.copies):
+            n = min(int(rng.integers(1, qa.passages + 1)) - 1, len(others))
+            n_hard = min(int(round(n * qa.hard_negatives)), len(close))
+            chosen = close[:n_hard]
+            rest = [i for i in others if i not in chosen]
+            chosen += rng.choice(rest, size=n - n_hard, replace=False).tolist() if n > n_hard else []
+            rows = [gold] + chosen
+            rng.shuffle(rows)
+            passages = [passage_text(split[i]) for i in rows]
+            examples.append({"messages": [{"role": "system", "content": RAG_SYSTEM_PROMPT},
+                                          {"role": "user", "content": rag_user_message(q["question"], passages)}],
+                             "answer": q["answer"], "question": q["question"], "doc_id": q["doc_id"],
+                             "passages": passages, "passage_ids": [split[i]["id"] for i in rows]})
+    return examples
+
+
+def encode_qa(example: dict, tokenizer, block_size: int) -> dict[str, np.ndarray] | None:
+    """Token ids and labels of one chat example, left-padded to ``block_size``; loss on the answer only.
+
+    Left padding puts every row's answer at the end, so training computes logits for the last
+    few positions only (the vocabulary projection of a whole 1k-token row is a fifth of the
+    forward pass and most of its memory). RoPE attention depends on relative positions only, so
+    the shift does not change what the model computes for the real tokens.
+
+    The prompt is rendered as the serving engine renders it (chat template with the generation
+    prompt, then tokenized without special tokens), so training sees the served token sequence.
+    Passages are dropped from the end until the example fits; None when even one does not.
+
+    Returns:
+        ``{"input_ids", "labels", "attention_mask"}``, each (block_size,) int64.
+    """
+    from ops.rag_prompt import rag_user_message
+
+    messages = [dict(m) for m in example["messages"]]
+    passages = list(zip(example["passage_ids"], example["passages"]))
+    while True:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(example["answer"] + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
+        ids = prompt_ids + answer_ids
+        if len(ids) <= block_size:
+            break
+        if len(passages) <= 1:
+            return None
+        # Drop the last distractor (never the question's own paragraph).
+        drop = max(i for i, (pid, _) in enumerate(passages) if pid != example["doc_id"])
+        passages = passages[:drop] + passages[drop + 1:]
+        messages[-1]["content"] = rag_user_message(example["question"], [t for _, t in passages])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    start = block_size - len(ids)
+    out = {"input_ids": np.full(block_size, pad, np.int64), "labels": np.full(block_size, IGNORE_INDEX, np.int64),
+           "attention_mask": np.zeros(block_size, np.int64)}
+    out["input_ids"][start:] = ids
+    out["labels"][start + len(prompt_ids):] = answer_ids
+    out["attention_mask"][start:] = 1
+    return out
+
+
+def qa_splits(cfg: DataConfig, seed: int = 0) -> tuple[list[dict], list[dict], list[dict], list[str], list[str]]:
+    """Documents, training and validation questions and paragraph ids of a ``task=rag_qa`` corpus."""
+    if detect_format(cfg.data, cfg.data_format) != "squad":
+        raise UserError(f"task=rag_qa reads a SQuAD-format .json (data_format=squad); '{cfg.data}' is not one")
+    docs, questions = read_squad(Path(cfg.data).expanduser())
+    train_ids, val_ids = split_paragraphs(docs, cfg.val_fraction, seed)
+    train_set, val_set = set(train_ids), set(val_ids)
+    return (docs, [q for q in questions if q["doc_id"] in train_set], [q for q in questions if q["doc_id"] in val_set],
+            train_ids, val_ids)
+
+
+def qa_datasets(cfg: DataConfig, qa: QASection, tokenizer, block_size: int, seed: int = 0):
+    """Ray Datasets of ``{"input_ids", "labels", "attention_mask"}`` rows for training and validation."""
+    import ray
+
+    docs, train_q, val_q, train_ids, val_ids = qa_splits(cfg, seed)
+    sets = []
+    for name, qs, ids, s in (("train", train_q, train_ids, seed), ("validation", val_q, val_ids, seed + 1)):
+        examples = qa_examples(docs, qs, ids, qa, seed=s)
+        rows = [r for r in (encode_qa(e, tokenizer, block_size) for e in examples) if r is not None]
+        if not rows:
+            raise UserError(f"no {name} QA example fits block_size={block_size} tokens; raise block_size")
+        log.info("rag_qa %s: %d paragraphs, %d questions, %d examples (%d longer than block_size dropped)",
+                 name, len(ids), len(qs), len(rows), len(examples) - len(rows))
+        sets.append(ray.data.from_items(rows))
+    return sets[0], sets[1]

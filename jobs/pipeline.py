@@ -16,6 +16,11 @@ Steps, each a library call of the job that owns it:
    ``http://<serve.host>:<serve.port>``, ask ``questions`` through HTTP and print each answer with
    its sources, then a summary table. The endpoint stays up (``make stop`` ends it).
 
+With ``data=`` a SQuAD-format .json the pipeline fine-tunes for RAG (``jobs.train`` ``task=rag_qa``:
+passages + question -> short answer, split by paragraph) and step 5 asks the held-out paragraphs'
+questions through ``/v1/rag``, first with the base model, then with the fine-tuned one, and
+reports exact match, F1, contains-gold and retrieval recall before and after.
+
 A second run reuses the adapter, quantized model and index when their recorded config matches
 (``rebuild=all`` or ``rebuild=[train,index]`` forces steps); evaluation and the questions always
 run. Reads: the base model and corpus. Writes: ``<storage>/adapters/<name>/``,
@@ -43,11 +48,12 @@ from cluster.cli import run_job
 from cluster.config import BaseConfig, save_config
 from cluster.runtime import init_ray
 from cluster.storage import local_storage_root, validate_name, writable_artifact
-from jobs.data import DEFAULT_CORPUS, CorpusSpec, read_documents, split_by_position, token_stream
+from jobs.data import DEFAULT_CORPUS, CorpusSpec, detect_format, qa_splits, read_documents, split_by_position, token_stream
 from jobs.index import IndexConfig
 from jobs.train import TrainConfig
 from ops.errors import UserError
 from ops.metrics import check_window, measure_latency, sliding_window_perplexity
+from ops.qa_metrics import score_answers
 from ops.model import DEFAULT_MODEL, load_model, load_tokenizer, model_size_bytes
 from ops.quantization import METHODS, check_method
 from serve.security import API_KEY_ENV, require_key_off_loopback
@@ -82,7 +88,8 @@ def section_of(job_config: type[BaseConfig], drop: tuple[str, ...], defaults: di
     return create_model(title, __base__=BaseConfig, **fields)
 
 
-TrainSection = section_of(TrainConfig, OWNED + ("method", "merge"), DEFAULT_TRAIN, "TrainSection")
+# `task` follows the corpus: a SQuAD .json trains rag_qa, anything else lm.
+TrainSection = section_of(TrainConfig, OWNED + ("method", "merge", "task"), DEFAULT_TRAIN, "TrainSection")
 IndexSection = section_of(IndexConfig, ("data", "data_format", "text_field", "storage"), DEFAULT_INDEX,
                           "IndexSection")
 
@@ -146,6 +153,13 @@ class ServeSection(BaseConfig):
         return str(self.app["api_key"]) if self.app.get("api_key") else os.environ.get(API_KEY_ENV) or None
 
 
+class QAEvalSection(BaseConfig):
+    questions: int = Field(0, ge=0, description="SQuAD data: held-out questions asked through /v1/rag before and "
+                           "after fine-tuning (0 = all of the held-out paragraphs' questions)")
+    before: bool = Field(True, description="SQuAD data: also serve the base model and ask it first (the 'before' "
+                         "row)")
+
+
 class PipelineConfig(BaseConfig):
     model: str = Field(DEFAULT_MODEL, description="base model: embedded name, HF id or local directory")
     data: CorpusSpec = Field(DEFAULT_CORPUS, description="corpus for training, evaluation and the index")
@@ -159,6 +173,7 @@ class PipelineConfig(BaseConfig):
     eval: EvalSection = Field(default_factory=EvalSection)
     quantize: QuantizeSection = Field(default_factory=QuantizeSection)
     serve: ServeSection = Field(default_factory=ServeSection)
+    qa_eval: QAEvalSection = Field(default_factory=QAEvalSection)
     questions: list[Question] = Field(default_factory=lambda: [dict(q) for q in DEFAULT_QUESTIONS],
                                       validate_default=True, description="asked through the endpoint at the end "
                                       "(list of {question, expect}; empty = none)")
@@ -177,14 +192,25 @@ class PipelineConfig(BaseConfig):
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":
         validate_name(self.name)
+        if self.rag_qa and [q.model_dump() for q in self.questions] == DEFAULT_QUESTIONS:
+            self.questions = []  # the stdlib demo questions mean nothing to a SQuAD corpus
         self.train_config()  # errors in the train/index sections surface at parse time, one line each
         self.index_config()
         return self
 
+    @property
+    def rag_qa(self) -> bool:
+        """Whether ``data`` is a SQuAD file, which switches training to ``task=rag_qa``."""
+        try:
+            return detect_format(self.data, self.train.data_format) == "squad"
+        except UserError:
+            return False
+
     def train_config(self) -> TrainConfig:
         """The LoRA training job this pipeline runs."""
         return _validated(TrainConfig, {**self.train.model_dump(), "method": "lora", "model": self.model,
-                                        "data": self.data, "name": self.name, "storage": self.storage}, "train")
+                                        "data": self.data, "name": self.name, "storage": self.storage,
+                                        "task": "rag_qa" if self.rag_qa else "lm"}, "train")
 
     def index_config(self) -> IndexConfig:
         """The index job this pipeline runs (same corpus as the training)."""
@@ -333,12 +359,13 @@ def step_index(cfg: PipelineConfig, storage: str) -> tuple[str, dict, bool]:
     return icfg.name, json.loads((out / "manifest.json").read_text()), built
 
 
-def deploy(cfg: PipelineConfig, storage: str, model: str, index_name: str) -> str:
+def deploy(cfg: PipelineConfig, storage: str, model: str, index_name: str, model_id: str | None = None) -> str:
     from ray import serve
 
     from serve.app import build_app
 
-    args = {**cfg.serve.app, "storage": storage, "model": model, "model_id": cfg.name, "index": index_name}
+    args = {**cfg.serve.app, "storage": storage, "model": model, "model_id": model_id or cfg.name,
+            "index": index_name}
     # Serve first, so build_app checks the host its proxy really binds (an earlier instance's, if any).
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     app = build_app(args)
@@ -367,6 +394,21 @@ def ask(url: str, question: Question, cfg: PipelineConfig) -> dict[str, Any]:
     return answer
 
 
+def ask_squad(url: str, cfg: PipelineConfig, questions: list[dict]) -> dict[str, Any]:
+    """Ask SQuAD questions through ``/v1/rag``; exact match, F1, contains-gold, recall and latency."""
+    answers = []
+    for q in questions:
+        a = ask(url, Question(question=q["question"]), cfg)
+        answers.append({"question": q["question"], "gold": q["answers"], "answer": a["answer"].strip(),
+                        "citations": a.get("citations", []), "retrieved": [s["doc_id"] for s in a["sources"]],
+                        "doc_id": q["doc_id"], "client_s": a["client_s"]})
+    scores = score_answers([a["answer"] for a in answers], [a["gold"] for a in answers])
+    latencies = sorted(a["client_s"] for a in answers)
+    return {**scores, f"recall@{cfg.serve.top_k}": sum(a["doc_id"] in a["retrieved"] for a in answers) /
+            max(1, len(answers)), "recall@1": sum(a["retrieved"][:1] == [a["doc_id"]] for a in answers) /
+            max(1, len(answers)), "p50_s": latencies[len(latencies) // 2] if latencies else None, "answers": answers}
+
+
 def retrieval_hit(doc_ids: list[str], expect: list[str]) -> bool | None:
     """Whether a retrieved document id is, or lies under, an expected one (``json`` covers
     ``json.dumps`` but not ``jsonschema``); None when nothing is expected."""
@@ -390,17 +432,54 @@ def summary_markdown(s: dict[str, Any]) -> str:
     t = s["train"]
     lines += ["", f"Training: {t['steps']} steps, {t['tokens']:,} tokens, {t['tokens_per_s']:.0f} tokens/s on "
               f"{t['num_workers']} workers; its own validation perplexity {t['initial_val_perplexity']:.3f} -> "
-              f"{t['best_val_perplexity']:.3f}. Served: `{served['model']}`.", "",
-              "| question | retrieval hit | top source | answer tokens | latency s | time to first token s |",
-              "|---|---|---|---|---|---|"]
+              f"{t['best_val_perplexity']:.3f}. Served: `{served['model']}`."]
+    if s["answers"]:
+        lines += ["", "| question | retrieval hit | top source | answer tokens | latency s | time to first token s |",
+                  "|---|---|---|---|---|---|"]
     for a in s["answers"]:
         top = a["sources"][0]["doc_id"] if a["sources"] else "-"
         hit = "-" if a["hit"] is None else ("yes" if a["hit"] else "no")
         lines.append(f"| {a['question']} | {hit} | {top} | {a['usage']['completion_tokens']} | {a['client_s']:.2f} "
                      f"| {f(a['timings'].get('time_to_first_token_s'), '.2f')} |")
+    if s.get("qa"):
+        qa = s["qa"]
+        lines += ["", f"RAG QA through `/v1/rag` on {qa['questions']} questions of the {qa['val_paragraphs']} held-out "
+                  f"paragraphs (training saw the other {qa['train_paragraphs']}); top_k {qa['top_k']}, max_tokens "
+                  f"{qa['max_tokens']}, greedy.", "",
+                  "| model | exact match | F1 | contains gold | recall@1 | recall@k | p50 s |", "|---|---|---|---|---|---|---|"]
+        recall_k = f"recall@{qa['top_k']}"
+        for label, row in qa["rows"].items():
+            lines.append(f"| {label} | {row['exact_match']:.3f} | {row['f1']:.3f} | {row['contains_gold']:.3f} | "
+                         f"{row['recall@1']:.3f} | {row[recall_k]:.3f} | {f(row['p50_s'], '.2f')} |")
     lines += ["", f"Retrieval hits: {s['retrieval_hits']}; steps built this run: {', '.join(s['built']) or 'none'}; "
               f"wall time {s['wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
+
+
+def evaluate_rag_qa(cfg: PipelineConfig, storage: str, model_spec: str, index_name: str) -> tuple[dict, str]:
+    """SQuAD data: held-out questions through /v1/rag with the base model, then the fine-tuned one.
+
+    Returns:
+        ``(qa summary, url of the app left running with the fine-tuned model)``.
+    """
+    tcfg = cfg.train_config()
+    _, _, val_q, train_ids, val_ids = qa_splits(tcfg, tcfg.seed)
+    questions = val_q[: cfg.qa_eval.questions or None]
+    rows = {}
+    if cfg.qa_eval.before:
+        url = deploy(cfg, storage, cfg.model, index_name, model_id="base")
+        rows["base"] = ask_squad(url, cfg, questions)
+        log(f"qa: base: {_qa_line(rows['base'])}")
+    url = deploy(cfg, storage, model_spec, index_name)
+    rows["fine-tuned"] = ask_squad(url, cfg, questions)
+    log(f"qa: fine-tuned: {_qa_line(rows['fine-tuned'])}")
+    return {"questions": len(questions), "train_paragraphs": len(train_ids), "val_paragraphs": len(val_ids),
+            "top_k": cfg.serve.top_k, "max_tokens": cfg.serve.max_tokens, "rows": rows}, url
+
+
+def _qa_line(row: dict) -> str:
+    return (f"exact match {row['exact_match']:.3f}, F1 {row['f1']:.3f}, contains gold {row['contains_gold']:.3f}, "
+            f"recall@1 {row['recall@1']:.3f} on {row['questions']} held-out questions")
 
 
 def main(cfg: PipelineConfig) -> dict[str, Any]:
@@ -451,7 +530,11 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
 
     log("step 5/5 serve and ask")
     model_spec = served_model or str(adapter)
-    url = deploy(cfg, storage, model_spec, index_name)
+    qa = None
+    if cfg.rag_qa:
+        qa, url = evaluate_rag_qa(cfg, storage, model_spec, index_name)
+    else:
+        url = deploy(cfg, storage, model_spec, index_name)
     answers = []
     for i, q in enumerate(cfg.questions, 1):
         a = ask(url, q, cfg)
@@ -470,7 +553,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         "base": base_row, "tuned": tuned_row, "quantized": qrows,
         "served": {"model": model_spec, "url": url, "index": index_name,
                    "index_chunks": index_manifest.get("num_chunks")},
-        "answers": answers, "retrieval_hits": f"{sum(a['hit'] for a in scored)}/{len(scored)}",
+        "answers": answers, "retrieval_hits": f"{sum(a['hit'] for a in scored)}/{len(scored)}", "qa": qa,
         "built": built, "wall_s": time.perf_counter() - t_start,
     }
     table = summary_markdown(summary)

@@ -35,7 +35,7 @@ from cluster.config import BaseConfig, save_config
 from cluster.resources import require_free
 from cluster.runtime import cluster_cpus, cluster_gpus, init_ray, report_interval_s
 from cluster.storage import local_storage_root, resolve_storage, validate_name, writable_artifact
-from jobs.data import DataConfig, block_datasets
+from jobs.data import IGNORE_INDEX, DataConfig, QASection, Task, block_datasets, qa_datasets
 from ops.errors import UserError
 from ops.attention import choose_attention
 from ops.lora import DEFAULT_TARGETS, add_lora, apply_adapter, check_target_modules, merge_adapter, trainable_parameters
@@ -58,6 +58,9 @@ class LoraSection(BaseConfig):
 
 
 class TrainConfig(DataConfig):
+    task: Task = Field("lm", description="lm: language modelling on the text; rag_qa: retrieval-augmented QA from a "
+                       "SQuAD .json (passages + question -> short answer, loss on the answer only)")
+    qa: QASection = Field(default_factory=QASection)
     method: Literal["full", "lora"] = Field("lora", description="full fine-tune (baseline) or LoRA")
     model: str = Field(DEFAULT_MODEL, description="base model spec: embedded name, HF id or local directory")
     name: str = Field("train", description="run name: <storage>/runs/<name>/, adapters|models/<name>/")
@@ -65,7 +68,8 @@ class TrainConfig(DataConfig):
     num_workers: int = Field(2, description="Ray Train workers (DDP ranks)")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker")
     use_gpu: bool | Literal["auto"] = Field("auto", description="one GPU per worker; auto = when the cluster has GPUs")
-    block_size: int = Field(256, ge=2, description="tokens per training sequence")
+    block_size: int = Field(256, ge=2, description="tokens per training sequence (task=rag_qa: the longest example; "
+                            "longer ones lose distractor passages until they fit)")
     batch_size: int = Field(8, ge=1, description="sequences per worker per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_steps: int = Field(200, ge=1, description="optimizer steps")
@@ -142,25 +146,67 @@ def build_model(cfg: TrainConfig, storage: str, device: torch.device, resume_dir
     return model
 
 
+def answer_nll(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor,
+               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of the labelled tokens of left-padded rows, and how many there are.
+
+    Only the positions from the earliest label on get logits (``logits_to_keep``): the
+    vocabulary projection of every prompt position would cost memory and time for no loss.
+
+    Args:
+        ids, labels, mask: (B, T); labels are ``IGNORE_INDEX`` except at the answer tokens,
+            which end every row.
+    """
+    labelled = labels != IGNORE_INDEX  # (B, T)
+    first = int(torch.where(labelled.any(dim=1), labelled.int().argmax(dim=1), ids.shape[1] - 1).min())
+    keep = ids.shape[1] - first + 1
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # (B, keep, V)
+    target = labels[:, -keep:][:, 1:]  # logits at position t predict the token at t + 1
+    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), reduction="sum",
+                          ignore_index=IGNORE_INDEX)
+    return nll, (target != IGNORE_INDEX).sum()
+
+
 @torch.no_grad()
 def validation_nll(model: torch.nn.Module, blocks: torch.Tensor, rank: int, world: int, batch_size: int,
-                   amp: torch.dtype | None) -> float:
-    """Mean next-token NLL over all ``blocks`` (N, T); each rank scores rows ``rank::world``."""
+                   amp: torch.dtype | None, labels: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None) -> float:
+    """Mean next-token NLL over ``blocks`` (N, T); each rank scores rows ``rank::world``.
+
+    With ``labels`` and ``mask`` (N, T), rows are left-padded QA examples and only the answer
+    tokens count (:func:`answer_nll`).
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (nll_sum, tokens)
-    mine = blocks[rank::world]
+    mine = list(range(rank, len(blocks), world))
     for i in range(0, len(mine), batch_size):
-        ids = mine[i:i + batch_size].to(device)  # (B, T)
+        idx = mine[i:i + batch_size]
+        ids, target, attn = _trimmed(blocks[idx], None if labels is None else labels[idx],
+                                     None if mask is None else mask[idx], device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = model(input_ids=ids).logits  # (B, T, V)
-        nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-        sums += torch.stack([nll.double(), torch.tensor(ids[:, 1:].numel(), dtype=torch.float64, device=device)])
+            if target is None:
+                logits = model(input_ids=ids).logits  # (B, T, V)
+                nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+                counted = torch.tensor(ids[:, 1:].numel())
+            else:
+                nll, counted = answer_nll(model, ids, target, attn)
+        sums += torch.stack([nll.double(), counted.double().to(device)])
     if world > 1:
         dist.all_reduce(sums)
     model.train(was_training)
-    return (sums[0] / sums[1]).item()
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+def _trimmed(ids: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tensor | None,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Move a batch to ``device``; left-padded rows (``mask``) lose the padding columns all rows share."""
+    if mask is not None:
+        n = int(mask.sum(dim=1).max())
+        ids, labels, mask = ids[:, -n:], labels[:, -n:] if labels is not None else None, mask[:, -n:]
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(ids), to(labels), to(mask)
 
 
 def _global_mean(value: float, device: torch.device, world: int, flag: bool = False) -> tuple[float, bool]:
@@ -246,30 +292,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with (run_dir / HISTORY_FILE).open("a") as fh:
             fh.write(json.dumps({"event": "start", "step": state["step"]}) + "\n")
 
-    val_rows = [b["input_ids"] for b in ray.train.get_dataset_shard("val").iter_torch_batches(  # Ray: held-out
-        batch_size=cfg.eval_batch_size, dtypes=torch.long)]
-    val_blocks = torch.cat(val_rows)  # (N_val, T)
+    val_batches = list(ray.train.get_dataset_shard("val").iter_torch_batches(  # Ray: held-out
+        batch_size=cfg.eval_batch_size, dtypes=torch.long))
+    val_blocks = torch.cat([b["input_ids"] for b in val_batches])  # (N_val, T)
+    # task=rag_qa rows carry labels (answer tokens only) and an attention mask (padding).
+    val_labels = torch.cat([b["labels"] for b in val_batches]) if "labels" in val_batches[0] else None
+    val_mask = torch.cat([b["attention_mask"] for b in val_batches]) if "attention_mask" in val_batches[0] else None
+
+    def val_perplexity() -> float:
+        return math.exp(validation_nll(raw_model, val_blocks, rank, world, cfg.eval_batch_size, amp, val_labels,
+                                       val_mask))
+
     if state["initial_val_perplexity"] is None:
-        state["initial_val_perplexity"] = math.exp(
-            validation_nll(raw_model, val_blocks, rank, world, cfg.eval_batch_size, amp))
+        state["initial_val_perplexity"] = val_perplexity()
         if rank == 0:
             print(f"[train] step 0 val_perplexity={state['initial_val_perplexity']:.4f}", flush=True)
 
     train_shard = ray.train.get_dataset_shard("train")  # Ray: this worker's data
     stride = cfg.shard == "stride"
     fetch = cfg.batch_size * world if stride else cfg.batch_size
-    tokens_per_step = cfg.batch_size * world * cfg.grad_accum * cfg.block_size
-
     def micro_batches():
-        """Endless (B, T) micro-batches, continuing the epoch where the checkpoint left it."""
+        """Endless micro-batches ``{"input_ids": (B, T), ...}``, continuing the epoch where the checkpoint left it."""
         while True:
             batches = train_shard.iter_torch_batches(batch_size=fetch, drop_last=True, dtypes=torch.long)
             for i, batch in enumerate(batches):
                 if i < state["batch_in_epoch"]:
                     continue
                 state["batch_in_epoch"] = i + 1
-                ids = batch["input_ids"]
-                yield ids[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] if stride else ids
+                yield {k: v[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] if stride else v
+                       for k, v in batch.items()}
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
 
@@ -283,14 +334,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # step until the controller collects the previous one). Validation steps are always reported.
     gap_s, t_reported = report_interval_s(), -math.inf
     while state["step"] < cfg.max_steps:
-        loss_sum = 0.0
+        loss_sum, step_tokens = 0.0, 0
         for micro in range(cfg.grad_accum):
-            ids = next(stream).to(device)  # (B, T)
+            batch = next(stream)
+            ids, labels, mask = _trimmed(batch["input_ids"], batch.get("labels"), batch.get("attention_mask"),
+                                         device)  # (B, T)
+            step_tokens += ids.numel() if mask is None else int(mask.sum())
             # DDP all-reduces gradients only on the last micro-batch of a step.
             sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
             with contextlib.nullcontext() if sync else model.no_sync():
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss = model(input_ids=ids, labels=ids).loss / cfg.grad_accum
+                    if labels is None:
+                        loss = model(input_ids=ids, labels=ids).loss
+                    else:
+                        nll, count = answer_nll(model, ids, labels, mask)
+                        loss = nll / count.clamp(min=1)
+                    loss = loss / cfg.grad_accum
                 loss.backward()
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -307,6 +366,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                               rank == 0 and time.perf_counter() - t_reported >= gap_s)
         now = time.perf_counter()
         elapsed, t_prev = now - t_prev, now
+        tokens_per_step = step_tokens * world
         state["tokens"] += tokens_per_step
         state["train_time_s"] += elapsed
         metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
@@ -314,8 +374,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         evaluate = step % cfg.eval_every == 0 or step == cfg.max_steps
         if evaluate:
-            metrics["val_perplexity"] = math.exp(
-                validation_nll(raw_model, val_blocks, rank, world, cfg.eval_batch_size, amp))
+            metrics["val_perplexity"] = val_perplexity()
         state["history"].append(metrics)
         if rank == 0:
             extra = f" val_perplexity={metrics['val_perplexity']:.4f}" if evaluate else ""
@@ -460,14 +519,17 @@ def build_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> tuple[Any,
     ray.data.DataContext.get_current().enable_progress_bars = False
     use_gpu = check_resources(cfg)
     tokenizer = load_tokenizer(cfg.model, storage=storage)
-    train_ds, val_ds = block_datasets(cfg, tokenizer, cfg.block_size, cfg.max_tokens or None)
+    if cfg.task == "rag_qa":
+        train_ds, val_ds = qa_datasets(cfg, cfg.qa, tokenizer, cfg.block_size, cfg.seed)
+    else:
+        train_ds, val_ds = block_datasets(cfg, tokenizer, cfg.block_size, cfg.max_tokens or None)
     if cfg.val_blocks:
         val_ds = val_ds.limit(cfg.val_blocks)
     if cfg.shuffle:
         train_ds = train_ds.random_shuffle(seed=cfg.seed)
     train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
     if train_ds.count() < cfg.batch_size * cfg.num_workers:
-        raise UserError(f"{train_ds.count()} training blocks of {cfg.block_size} tokens make no global batch of "
+        raise UserError(f"{train_ds.count()} training rows of {cfg.block_size} tokens make no global batch of "
                         f"batch_size={cfg.batch_size} x num_workers={cfg.num_workers}; valid: a smaller batch_size, "
                         f"num_workers or block_size, or more data (max_tokens={cfg.max_tokens})")
     run_dir = Path(storage) / "runs" / cfg.name

@@ -6,8 +6,8 @@
 
 ``build_app(args)`` validates ``args`` (:class:`AppArgs`, unknown keys are errors) and binds:
 
-* ``Retriever``: embedder + FAISS index (``ops.retrieval``), concurrent queries batched with
-  ``@serve.batch``;
+* ``Retriever``: embedder + FAISS + BM25 (``ops.retrieval``; hybrid search by default, optional
+  cross-encoder reranking), concurrent queries batched with ``@serve.batch``;
 * ``Generator``: the model through the continuous-batching engine (``ops.engine``; on a GPU
   ``ops.cuda_runner``: CUDA graphs, FlashAttention), attention backend from ``ops.attention``,
   compiled ops from ``ops.patch``, device and format from ``ops.model.choose_placement``, LoRA
@@ -39,6 +39,8 @@ from ray.serve.handle import DeploymentHandle
 from cluster.config import BaseConfig, ConfigError, _format_validation_error
 from cluster.storage import local_storage_root, validate_name
 from ops.model import DEFAULT_MODEL
+from ops.rag_prompt import RAG_SYSTEM_PROMPT
+from ops.rag_prompt import rag_messages as _rag_prompt_messages
 from serve import schemas
 from serve.errors import ApiError
 from serve.metrics import GeneratorMetrics, IngressMetrics
@@ -48,8 +50,8 @@ log = logging.getLogger("ray.serve")
 
 # Seconds between two readings of the engine's queue depth, batch size and adapter counters.
 GAUGE_PERIOD_S = 1.0
-DEFAULT_SYSTEM_PROMPT = ("Answer the question using only the numbered context passages. "
-                         "Be brief; say you do not know when the context does not contain the answer.")
+# The prompt RAG fine-tuning (jobs.data, task=rag_qa) trains with: keep them the same.
+DEFAULT_SYSTEM_PROMPT = RAG_SYSTEM_PROMPT
 
 
 class AppArgs(BaseConfig):
@@ -61,6 +63,11 @@ class AppArgs(BaseConfig):
     model_id: str | None = Field(None, description="model id in /v1/models (default: last part of `model`)")
     index: str | None = Field("stdlib", description="index name under <storage>/indexes/ (null: no retrieval)")
     embedder: str | None = Field(None, description="override the embedder named in the index manifest")
+    search: Literal["hybrid", "dense", "bm25"] = Field("hybrid", description="retrieval: dense + BM25 fused by "
+                                                       "reciprocal rank, or one of them (an index without BM25 "
+                                                       "searches dense)")
+    reranker: str | None = Field(None, description="local cross-encoder directory to rerank retrieved passages "
+                                 "(null: no reranking)")
     api_key: SecretStr | None = Field(None, description=f"require 'Authorization: Bearer <key>' (or env "
                                       f"{API_KEY_ENV}); needed when Serve's HTTP host is not loopback")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -172,20 +179,8 @@ def adapter_dir(storage: str, name: str, base: str | None = None) -> Path:
 
 def rag_messages(question: str, sources: list[dict], system: str, count_tokens: Callable[[list[dict]], int],
                  budget: int) -> list[dict]:
-    """Chat messages for a RAG answer, trimming passages until the prompt fits ``budget`` tokens."""
-    texts = [s["text"] for s in sources]
-    messages: list[dict] = []
-    for _ in range(5):
-        context = "\n\n".join(f"[{i + 1}] {t}" for i, t in enumerate(texts))
-        user = f"Context:\n{context}\n\nQuestion: {question}" if texts else f"Question: {question}"
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-        n = count_tokens(messages)
-        if n <= budget or not texts:
-            return messages
-        scale = 0.9 * budget / n
-        texts = [t[: int(len(t) * scale)] for t in texts]
-        texts = [t for t in texts if t.strip()]
-    return messages
+    """Chat messages for a RAG answer (``ops.rag_prompt``), trimming passages until the prompt fits ``budget``."""
+    return _rag_prompt_messages(question, [s["text"] for s in sources], system, count_tokens, budget)
 
 
 def op_path(model: Any) -> str:
@@ -412,23 +407,27 @@ def _sample_engines(generator: weakref.ref) -> None:
 @serve.deployment(name="Retriever", max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=30,
                   ray_actor_options={"num_cpus": 0.5})
 class Retriever:
-    """Embedder + FAISS index; concurrent queries are embedded and searched as one batch."""
+    """Embedder + FAISS + BM25; concurrent queries are embedded and searched as one batch."""
 
-    def __init__(self, index_dir: str, embedder: str | None = None):
+    def __init__(self, index_dir: str, embedder: str | None = None, search: str = "hybrid",
+                 reranker: str | None = None):
         from ops.retrieval import RetrievalStore
 
-        self.store = RetrievalStore.load(index_dir, embedder)
+        self.store = RetrievalStore.load(index_dir, embedder, reranker=reranker)
         self.name = Path(index_dir).name
+        # An index built before BM25 existed searches dense (the store logged why).
+        self.mode = search if self.store.bm25 is not None else "dense"
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def search(self, queries: list[tuple[str, int]]) -> list[list[dict]]:
         """Each query is ``(text, k)``; returns its hits as ``{"id","doc_id","score","text","source"}``."""
         k = max(q[1] for q in queries)
-        hits = await asyncio.to_thread(self.store.search_text, [q[0] for q in queries], k)
+        hits = await asyncio.to_thread(self.store.search_text, [q[0] for q in queries], k, self.mode)
         return [[h.to_dict() for h in row[:qk]] for row, (_, qk) in zip(hits, queries)]
 
     def info(self) -> dict:
-        return {"index": self.name, "chunks": len(self.store), **self.store.manifest}
+        return {"index": self.name, "chunks": len(self.store), **self.store.manifest, "search": self.mode,
+                "reranker": self.store.reranker.path if self.store.reranker else None}
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=30,
@@ -576,6 +575,6 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         if not (index_dir / "manifest.json").is_file():
             raise ConfigError(f"index '{parsed.index}' not found at {index_dir}; build it with "
                               f"`python -m jobs.index name={parsed.index} storage={parsed.storage}` or set index: null")
-        retriever = Retriever.bind(str(index_dir), parsed.embedder)
+        retriever = Retriever.bind(str(index_dir), parsed.embedder, parsed.search, parsed.reranker)
     generator = Generator.options(ray_actor_options=generator_actor_options(parsed.use_gpu)).bind(dumped)
     return Ingress.bind(generator, retriever, dumped)

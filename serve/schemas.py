@@ -60,7 +60,8 @@ class RagRequest(GenerationParams):
 class Source(BaseModel):
     id: str = Field(..., description="chunk id (<document id>#<chunk>)")
     doc_id: str = Field(..., description="document the chunk came from")
-    score: float = Field(..., description="cosine similarity to the question")
+    score: float = Field(..., description="ranking score: reciprocal-rank-fusion score (hybrid search), cosine "
+                         "similarity (dense), BM25 score (bm25) or cross-encoder score (reranked)")
     text: str
 
 
@@ -73,6 +74,8 @@ class Usage(BaseModel):
 class RagResponse(BaseModel):
     answer: str
     sources: list[Source]
+    citations: list[int] = Field(default_factory=list, description="indices into `sources` (0-based) of the passages "
+                                 "that contain the answer (SQuAD-normalised, whole words)")
     usage: Usage
     timings: dict[str, float] = Field(..., description="retrieve_s, generate_s, total_s, time_to_first_token_s")
     model: str

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Literal
 
 from fastapi.responses import StreamingResponse
 
+from ops.rag_prompt import cited_passages
 from serve import schemas
 from serve.errors import ApiError, sse
 
@@ -53,6 +54,7 @@ async def rag(ingress: Ingress, body: schemas.RagRequest) -> dict | StreamingRes
 
     def finish(completion: dict) -> dict:
         return {"answer": completion["text"], "sources": public, "model": model,
+                "citations": cited_passages(completion["text"], [s["text"] for s in sources]),
                 "finish_reason": completion["finish_reason"], "usage": usage(completion),
                 "timings": {"retrieve_s": retrieve_s, "generate_s": time.monotonic() - t0 - retrieve_s,
                             "total_s": time.monotonic() - t0,

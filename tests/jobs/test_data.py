@@ -89,5 +89,5 @@ def test_block_datasets(ray_local, tiny_model_dir, tiny_text_file):
 def test_squad_reader():
     docs, questions = read_squad(shared_file("squad_notre_dame.json"))
     assert len(docs) == 55 and len(questions) == 269
-    assert docs[0]["id"] == "University_of_Notre_Dame:0"
+    assert docs[0]["id"] == "University_of_Notre_Dame:0" and docs[0]["title"] == "University of Notre Dame"
     assert all(q["answers"] for q in questions)

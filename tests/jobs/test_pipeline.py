@@ -33,7 +33,7 @@ def test_defaults_assemble_a_lora_training_and_an_index_of_the_same_corpus():
     (["train.name=x"], "unknown config key 'train.name'"),  # the pipeline's own name= names everything
     (["train.num_workers=0"], "train: num_workers must be >= 1"),
     (["train.lora.r=0"], "train: lora.r must be >= 1"),
-    (["index.chunk.overlap=5000"], "index: chunk.overlap (5000) must be smaller than chunk.size"),
+    (["index.chunk.size=200", "index.chunk.overlap=5000"], "index: chunk.overlap (5000) must be smaller than chunk.size"),
     (["quantize.methods=[int3]"], "unknown quantization method 'int3'"),
     (["quantize.methods=[]"], "give at least one method"),
     (["eval.window=64", "eval.stride=65"], "stride=65 must be between 1 and window (64)"),
@@ -145,3 +145,28 @@ def test_pipeline_via_job_submit_serves_its_model_and_reuses_artifacts_on_rerun(
     finally:
         subprocess.run([str(Path(ray_head.ray).with_name("serve")), "shutdown", "--address", ray_head.dashboard,
                         "-y"], env=ray_head.env, capture_output=True, timeout=120)
+
+
+def test_squad_data_switches_to_rag_qa_and_the_summary_reports_em_f1(tmp_path):
+    from tests.jobs.test_qa_data import write_squad
+
+    squad = write_squad(tmp_path / "s.json")
+    cfg = PipelineConfig.model_validate({"data": str(squad), "storage": str(tmp_path)})
+    assert cfg.rag_qa and cfg.train_config().task == "rag_qa" and cfg.questions == []
+    plain = PipelineConfig.model_validate({"storage": str(tmp_path)})
+    assert not plain.rag_qa and plain.train_config().task == "lm" and len(plain.questions) == 3
+
+    row = {"perplexity": 10.0, "tokens": 100, "decode_ms_per_token": 5.0, "size_mb": 1.0}
+    qa_row = {"exact_match": 0.25, "f1": 0.5, "contains_gold": 0.4, "recall@1": 0.8, "recall@5": 1.0, "p50_s": 1.5}
+    summary = {
+        "name": "n", "model": "m", "data": "d", "threads": 2, "base": {**row, "model": "base"},
+        "tuned": {**row, "model": "tuned"}, "quantized": [],
+        "train": {"steps": 2, "tokens": 10, "tokens_per_s": 1.0, "num_workers": 2, "initial_val_perplexity": 12.0,
+                  "best_val_perplexity": 9.5},
+        "served": {"model": "x"}, "answers": [], "retrieval_hits": "0/0", "built": [], "wall_s": 1.0,
+        "qa": {"questions": 4, "train_paragraphs": 9, "val_paragraphs": 3, "top_k": 5, "max_tokens": 24,
+               "rows": {"base": {**qa_row, "f1": 0.1}, "fine-tuned": qa_row}},
+    }
+    text = summary_markdown(summary)
+    assert "| fine-tuned | 0.250 | 0.500 | 0.400 | 0.800 | 1.000 | 1.50 |" in text
+    assert "| base | 0.250 | 0.100 |" in text and "| question |" not in text

@@ -40,7 +40,7 @@ def test_rag_messages_trim_passages_to_the_budget():
     sources = [{"text": "x" * 4000}, {"text": "y" * 4000}]
     count = lambda messages: sum(len(m["content"]) for m in messages) // 4  # noqa: E731
     messages = rag_messages("why?", sources, "sys", count, budget=500)
-    assert count(messages) <= 500 and "[1]" in messages[1]["content"] and messages[1]["content"].endswith("why?")
+    assert count(messages) <= 500 and "[1]" in messages[1]["content"] and "Question: why?\n" in messages[1]["content"]
 
 
 def test_schemas_bounds():
