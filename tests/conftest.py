@@ -307,7 +307,10 @@ class RayHead:
         deadline = time.time() + 180
         while time.time() < deadline:
             try:
-                with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2):
+                # Token auth is on: the job server answers 401 to a request without the token.
+                probe = urllib.request.Request(f"{self.dashboard}/api/version",
+                                               headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"})
+                with urllib.request.urlopen(probe, timeout=2):
                     break
             except OSError:
                 if self.proc.poll() is not None:
