@@ -56,11 +56,13 @@ def test_completions_with_and_without_stream_answer_what_transformers_does(rag_a
     assert text.object == "text_completion" and text.choices[0].text == want["text"]
     assert (text.usage.prompt_tokens, text.usage.completion_tokens) == (want["prompt_tokens"],
                                                                        want["completion_tokens"])
-    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, stream=True))
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    *text_chunks, usage_chunk = chunks  # OpenAI sends usage as one last chunk without choices, when asked
     assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
-    assert "".join(c.choices[0].text for c in chunks) == want["text"]
-    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + [want["finish_reason"]]
-    assert chunks[-1].usage.completion_tokens == want["completion_tokens"]
+    assert "".join(c.choices[0].text for c in text_chunks) == want["text"]
+    assert [c.choices[0].finish_reason for c in text_chunks] == [None] * (len(text_chunks) - 1) + [want["finish_reason"]]
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == want["completion_tokens"]
 
 
 def test_healthz_names_attention_and_op_path(rag_app):
