@@ -80,9 +80,10 @@ class AppArgs(BaseConfig):
     max_queue: int = Field(32, ge=1, description="requests waiting per engine; more get 503 + Retry-After")
     max_seq_len: int = Field(2048, ge=16, description="prompt + generated tokens per request")
     num_threads: int | None = Field(None, ge=1, description="torch threads per generator replica")
-    compile: bool = Field(True, description="torch.compile the engine's decode step (faster decode; the replica "
-                          "compiles before it serves: about a minute per graph on a small CPU the first time, then "
-                          "from the Inductor cache in the node-local cache dir; eager if compiling fails)")
+    compile: bool = Field(False, description="torch.compile the engine's decode step (faster decode; the replica "
+                          "compiles before it serves, then later starts read the Inductor cache in the node-local "
+                          "cache dir; eager if compiling fails). Off by default: the first compile with LoRA slots "
+                          "took over 6 minutes on 2 CPUs")
     max_adapters: int = Field(16, ge=0, description="LoRA adapters resident per generator replica, applied unmerged "
                               "on the one shared base (least recently used evicted); 0: no adapters")
     max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the replica's adapter slots hold")
