@@ -83,7 +83,7 @@ class AppArgs(BaseConfig):
     compile: bool = Field(False, description="torch.compile the engine's decode step (faster decode; the replica "
                           "compiles before it serves, then later starts read the Inductor cache in the node-local "
                           "cache dir; eager if compiling fails). Off by default: the first compile with LoRA slots "
-                          "took over 6 minutes on 2 CPUs")
+                          "is slow on a small CPU and not yet measured by a benchmark")
     max_adapters: int = Field(16, ge=0, description="LoRA adapters resident per generator replica, applied unmerged "
                               "on the one shared base (least recently used evicted); 0: no adapters")
     max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the replica's adapter slots hold")
