@@ -482,22 +482,41 @@ def _qa_line(row: dict) -> str:
             f"recall@1 {row['recall@1']:.3f} on {row['questions']} held-out questions")
 
 
-def main(cfg: PipelineConfig) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    # Before any step: an endpoint that would open to the network without a key fails now, not after training.
-    require_key_off_loopback(cfg.serve.host, cfg.serve.api_key(), "serve.host")
-    storage = local_storage_root(cfg.storage)
-    init_ray()
+def stop_running_app() -> None:
+    """Training, the embedding pool and Ray Data tokenizing all need CPUs a running app holds (on a
+    small cluster, every one): the app goes down now and is redeployed at the end."""
     from ray import serve
 
-    # Training, the embedding pool and Ray Data tokenizing all need CPUs a running app holds (on a
-    # small cluster, every one): the app goes down now and is redeployed at the end.
     try:
         if APP_NAME in serve.status().applications:
             log(f"serve: deleting the running app '{APP_NAME}' to free its CPUs; it is redeployed at the end")
             serve.delete(APP_NAME)
     except Exception as exc:  # noqa: BLE001 - no Serve instance yet is the usual case
         log(f"serve: no running app to stop ({type(exc).__name__})")
+
+
+def ask_all(url: str, cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """Ask every configured question through /v1/rag and print each answer with its sources."""
+    answers = []
+    for i, q in enumerate(cfg.questions, 1):
+        a = ask(url, q, cfg)
+        answers.append({"question": q.question, **a})
+        print(f"\n[{i}] Q: {q.question}\n    A: {a['answer'].strip()}", flush=True)
+        for src in a["sources"]:
+            print(f"       source {src['doc_id']} (score {src['score']:.2f})", flush=True)
+        print(f"    {a['usage']['completion_tokens']} tokens in {a['client_s']:.2f}s"
+              + (f"; retrieval {'hit' if a['hit'] else 'MISS'} (expected {', '.join(q.expect)})"
+                 if a["hit"] is not None else ""), flush=True)
+    return answers
+
+
+def main(cfg: PipelineConfig) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    # Before any step: an endpoint that would open to the network without a key fails now, not after training.
+    require_key_off_loopback(cfg.serve.host, cfg.serve.api_key(), "serve.host")
+    storage = local_storage_root(cfg.storage)
+    init_ray()
+    stop_running_app()
     built = []
 
     log("step 1/5 train")
@@ -535,16 +554,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         qa, url = evaluate_rag_qa(cfg, storage, model_spec, index_name)
     else:
         url = deploy(cfg, storage, model_spec, index_name)
-    answers = []
-    for i, q in enumerate(cfg.questions, 1):
-        a = ask(url, q, cfg)
-        answers.append({"question": q.question, **a})
-        print(f"\n[{i}] Q: {q.question}\n    A: {a['answer'].strip()}", flush=True)
-        for src in a["sources"]:
-            print(f"       source {src['doc_id']} (score {src['score']:.2f})", flush=True)
-        print(f"    {a['usage']['completion_tokens']} tokens in {a['client_s']:.2f}s"
-              + (f"; retrieval {'hit' if a['hit'] else 'MISS'} (expected {', '.join(q.expect)})"
-                 if a["hit"] is not None else ""), flush=True)
+    answers = ask_all(url, cfg)
     scored = [a for a in answers if a["hit"] is not None]
     summary = {
         "name": cfg.name, "model": cfg.model, "data": cfg.data, "threads": torch.get_num_threads(),
