@@ -234,14 +234,19 @@ def main() -> int:
 
     tokenizer = word_tokenizer()
     gen = torch.Generator().manual_seed(0)
-    prompt_ids = [torch.randint(3, VOCAB, (args.prompt_tokens,), generator=gen) for _ in range(args.prompts)]
-    prompts = [" ".join(f"w{i}" for i in ids.tolist()) for ids in prompt_ids]
-    assert tokenizer(prompts[0])["input_ids"] == prompt_ids[0].tolist()
+    sampled = [torch.randint(3, VOCAB, (args.prompt_tokens,), generator=gen) for _ in range(args.prompts)]
+    prompts = [" ".join(f"w{i}" for i in ids.tolist()) for ids in sampled]
+    # generate and the engine must see the same ids: take them from the tokenizer the engine uses
+    # (tokenizers versions differ in special tokens), and say so when they are not the sampled ones.
+    prompt_ids = [torch.tensor(tokenizer(p)["input_ids"]) for p in prompts]
+    if prompt_ids[0].tolist() != sampled[0].tolist():
+        print(f"note: the tokenizer gives {len(prompt_ids[0])} ids {prompt_ids[0][:6].tolist()}... for "
+              f"{len(sampled[0])} sampled ids {sampled[0][:6].tolist()}...", file=sys.stderr)
     torch.manual_seed(0)
     model = LlamaForCausalLM(smollm2_config()).to("cuda", torch.bfloat16).eval()
     cuda_ids = [ids.cuda() for ids in prompt_ids]
 
-    result: dict = {"versions": versions(), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+    result: dict = {"versions": versions(), "prompt_tokens": "-".join(map(str, sorted({min(map(len, prompt_ids)), max(map(len, prompt_ids))}))), "new_tokens": args.new_tokens,
                     "concurrency": args.concurrency}
     result["generate"] = bench_generate(model, cuda_ids, args.new_tokens, compiled=False)
     print(f"generate eager batch 1: {result['generate']['tokens_per_s']:.1f} tokens/s", flush=True)
@@ -260,7 +265,7 @@ def main() -> int:
     torch._dynamo.reset()
     result["patch"] = str(patch_model(model))
     result["engine"] = bench_engine(model, tokenizer, prompts, args.new_tokens, args.concurrency,
-                                    args.prompt_tokens + args.new_tokens + 8)
+                                    max(len(ids) for ids in prompt_ids) + args.new_tokens + 8)
     print(f"engine batch 1: {result['engine']['batch1_tokens_per_s']:.1f} tokens/s, {args.concurrency} concurrent: "
           f"{result['engine']['concurrent_tokens_per_s']:.1f} tokens/s ({result['engine']['attention']})", flush=True)
     del model

@@ -200,9 +200,9 @@ class _LocalRay:
         return ray
 
     def stop(self) -> None:
-        import ray
+        if self.started:  # never import Ray here unless it ran (the GPU check has no Ray)
+            import ray
 
-        if self.started:
             try:
                 from ray import serve
 
