@@ -3,7 +3,7 @@ Retriever replica while RAG requests run; count what every client saw and time t
 
     python bench/chaos.py [--streams 8] [--max-tokens 96] [--rag-clients 4] [--model smollm2-135m-instruct]
 
-The app is `serve.app.build_app` with serve/config.yaml's defaults (compile included) on a loopback
+The app is `serve.app.build_app` with serve/config.yaml's defaults on a loopback
 Ray cluster of this process (token auth on), the embedded model and a small index of standard
 library docstrings. Outcomes per client: `error_event` (the stream ends with an OpenAI error event),
 `http_503` / `http_504`, `completed` (finished before the kill), and anything else by name (`http_500`,
@@ -116,13 +116,16 @@ async def recover(client: httpx.AsyncClient, url: str, body: dict, since: float,
 
 
 def replica_pid(deployment: str) -> int:
-    from ray.util.state import list_actors
+    """PID of the one live replica of ``deployment``, asked of the replica actor itself (the state API
+    looks the cluster up by address, which an in-process cluster with its own temp dir does not publish)."""
+    import ray
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-    pids = [a.pid for a in actors if f"SERVE_REPLICA::rag#{deployment}" in (a.name or "")]
-    if len(pids) != 1:
-        raise RuntimeError(f"expected one {deployment} replica, found {len(pids)}")
-    return pids[0]
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if f"SERVE_REPLICA::rag#{deployment}" in a["name"]]
+    if len(names) != 1:
+        raise RuntimeError(f"expected one {deployment} replica, found {len(names)}")
+    actor = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
 
 
 async def kill_generator(base: str, headers: dict, args) -> dict:

@@ -3,9 +3,14 @@
 Writes docs/benchmarks/decode.md and decode.json:
 - batch-1 end-to-end tokens/s on the same prompts and the same number of new tokens;
 - aggregate tokens/s and p50/p99 request latency at several concurrency levels;
-- with --ppl-data, perplexity through the HF forward and through the engine's decode steps.
+- with --ppl-data, perplexity through the HF forward and through the engine's decode steps;
+- adapters: 8 concurrent requests over 4 LoRA adapters (unmerged, one quantized base), and the
+  resident memory that 16 loaded adapters add against their files' size;
+- served: batch-1 streaming through the real Serve endpoint with serve/config.yaml's args (no index),
+  next to the in-process engine and llama.cpp of the same run.
 
     python bench/decode.py [--threads 2] [--new-tokens 128] [--quant METHOD] [--ppl-data FILE] [--no-compile]
+                           [--adapters 16] [--no-served]
 """
 
 from __future__ import annotations
@@ -55,16 +60,132 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ppl-data", default=None, help="text file for a float32 vs quantized perplexity check "
                    "(e.g. ../shared/data/wikitext2_valid.txt)")
     p.add_argument("--storage", default="./artifacts", help="artifact root holding the converted embedded model")
+    p.add_argument("--adapters", type=int, default=16, help="random LoRA adapters loaded for the memory row "
+                   "(4 of them serve the mixed run); 0 skips both")
+    p.add_argument("--adapter-rank", type=int, default=16, help="their rank (the served default max_lora_rank)")
+    p.add_argument("--served", action=argparse.BooleanOptionalAction, default=True,
+                   help="also stream through the Serve endpoint with serve/config.yaml's args")
     p.add_argument("--out", default="docs/benchmarks", help="folder for decode.md / decode.json")
     return p.parse_args()
 
 
-
-
 def quantize(model, method: str):
+    """The embedded model's int4 comes from its GGUF's Q4_1 blocks exactly (what Serve loads); other
+    methods quantize the float weights."""
+    from ops.quantization import int4_from_gguf
     from ops.quantization import quantize as quantize_model
 
+    if method == "weight_only_int4":
+        return int4_from_gguf(model, embedded_gguf(DEFAULT_MODEL))
     return quantize_model(model, method)
+
+
+def make_adapters(model, directory: Path, n: int, rank: int) -> list[tuple[str, Path]]:
+    """``n`` PEFT LoRA adapters with random A and B on every projection, saved under ``directory``."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                     "up_proj", "down_proj"]))
+    out = []
+    for i in range(n):
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in peft.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        path = directory / f"adapter{i:02d}"
+        peft.save_pretrained(path)
+        out.append((f"adapter{i:02d}", path))
+    return out
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_adapters(float_model, qmodel, tokenizer, prompts, config: EngineConfig, args) -> dict:
+    """8 concurrent requests over 4 adapters, then every adapter resident: memory against file sizes."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = make_adapters(float_model, Path(tmp), args.adapters, args.adapter_rank)
+        file_bytes = sum(f.stat().st_size for _, path in adapters for f in path.iterdir())
+        cfg = dataclasses.replace(config, max_adapters=args.adapters, max_lora_rank=args.adapter_rank)
+        with Engine(qmodel, tokenizer, cfg) as engine:
+            engine.warmup()
+            for name, path in adapters:
+                engine.add_adapter(name, path)
+            engine.generate_sync([Request(prompt=prompts[0], max_tokens=4)])  # first-call allocations
+            before = rss_bytes()
+            for name, _ in adapters:
+                engine.generate_sync([Request(prompt=prompts[0], max_tokens=2, adapter=name)])
+            growth = rss_bytes() - before
+            mix = [Request(prompt=prompts[i % len(prompts)], max_tokens=args.new_tokens, ignore_eos=True,
+                           adapter=adapters[i % 4][0]) for i in range(8)]
+            t0 = time.perf_counter()
+            outs = engine.generate_sync(mix)
+            wall = time.perf_counter() - t0
+            stats = engine.adapter_stats()
+    out = {"adapters": args.adapters, "rank": args.adapter_rank, "file_bytes": file_bytes,
+           "rss_growth_bytes": growth, "slot_bytes": stats["slot_bytes"], "loads": stats["loads"],
+           "mixed_concurrency": 8, "mixed_adapters": 4, "compile": cfg.compile,
+           "mixed_tokens_per_s": sum(o.completion_tokens for o in outs) / wall}
+    print(f"adapters: {out['mixed_tokens_per_s']:.1f} tok/s for 8 requests over 4 adapters; {args.adapters} "
+          f"resident add {growth / 2**20:.1f} MiB for {file_bytes / 2**20:.1f} MiB of files", flush=True)
+    return out
+
+
+async def stream_one(client, url: str, prompt: str, new_tokens: int) -> dict:
+    """One streamed chat completion: tokens (from usage), time to first token, total time."""
+    body = {"model": "default", "messages": [{"role": "user", "content": prompt}], "max_tokens": new_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, tokens = None, 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"the endpoint answered {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            if "error" in event:
+                raise RuntimeError(f"stream error: {event['error']}")
+            if first is None and any(c.get("delta", {}).get("content") for c in event.get("choices") or []):
+                first = time.perf_counter() - t0
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return {"tokens": tokens, "ttft_s": first, "total_s": time.perf_counter() - t0}
+
+
+def bench_served(args) -> dict:
+    """Batch-1 streaming through the real endpoint, serve/config.yaml's args (no index)."""
+    import httpx
+
+    from served import served_app, shipped_args
+
+    async def run(url: str) -> list[dict]:
+        async with httpx.AsyncClient(timeout=600) as client:
+            await stream_one(client, url, QUESTIONS[0], 8)  # first-call allocations
+            return [await stream_one(client, url, q, args.new_tokens) for q in QUESTIONS]
+
+    t0 = time.perf_counter()
+    with served_app(Path(args.storage).resolve(), index=None, num_threads=args.threads) as (url, _):
+        ready_s = time.perf_counter() - t0
+        runs = asyncio.run(run(url))
+    tokens = sum(r["tokens"] for r in runs)
+    out = {"config": {k: v for k, v in shipped_args().items() if k in ("model", "quantization", "compile", "dtype",
+                                                                       "max_batch_size", "max_adapters")},
+           "overrides": {"index": None, "num_threads": args.threads}, "ready_s": ready_s,
+           "tokens_per_s": tokens / sum(r["total_s"] for r in runs),
+           "decode_tokens_per_s": (tokens - len(runs)) / sum(r["total_s"] - r["ttft_s"] for r in runs),
+           "mean_completion_tokens": tokens / len(runs), "mean_ttft_s": statistics.mean(r["ttft_s"] for r in runs)}
+    print(f"served (serve/config.yaml): {out['tokens_per_s']:.1f} tok/s end to end, "
+          f"{out['mean_completion_tokens']:.0f} tokens per answer", flush=True)
+    return out
 
 
 def bench_hf(model, tokenizer, prompts: list[str], new_tokens: int) -> float:
@@ -234,6 +355,7 @@ def main() -> None:
     ppl = {"data": args.ppl_data, "float32": None, "quantized": None}
     if args.ppl_data:
         ppl["float32"] = perplexity_of(model, tokenizer, args.ppl_data)
+    float_model = model
     if args.quant:
         model = quantize(model, args.quant)
         if args.ppl_data:
@@ -244,6 +366,13 @@ def main() -> None:
     if args.compile:
         compiled = dataclasses.replace(config, compile=True)
         engines.append(run_engine(model, tokenizer, prompts, compiled, args, levels, f"{name}, compiled"))
+    adapters = None
+    if args.adapters:
+        from served import shipped_args
+
+        served_compile = dataclasses.replace(config, compile=bool(shipped_args().get("compile")))
+        adapters = bench_adapters(float_model, model, tokenizer, prompts, served_compile, args)
+    served = bench_served(args) if args.served else None
 
     result = {
         "model": "SmolLM2-135M-Instruct (embedded GGUF, de-quantized to float32)",
@@ -261,6 +390,8 @@ def main() -> None:
         "llama_cpp_tokens_per_s": lcpp,
         "llama_cpp_info": lcpp_info,
         "engines": engines,
+        "adapters": adapters,
+        "served": served,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -298,6 +429,14 @@ def render_markdown(r: dict) -> str:
             f"{ratio(e['batch1_decode_only'])} | |",
         ]
     hf = r["transformers_generate_tokens_per_s"]
+    served = r.get("served")
+    if served:
+        cfg = ", ".join(f"{k}={v}" for k, v in served["config"].items())
+        lines += [f"| **Serve endpoint, serve/config.yaml** ({cfg}; streamed, EOS honoured: "
+                  f"{served['mean_completion_tokens']:.0f} tokens per answer) | {served['tokens_per_s']:.1f} | "
+                  f"{ratio(served['tokens_per_s'])} | {served['ready_s']:.1f} (app ready) |",
+                  f"| Serve endpoint, after the first token | {served['decode_tokens_per_s']:.1f} | "
+                  f"{ratio(served['decode_tokens_per_s'])} | |"]
     lines += [
         f"| transformers.generate (fp32) | {hf:.1f} | {ratio(hf)} | |",
         f"| llama.cpp (GGUF Q4_1{'; built with ' + r['llama_cpp_info'] if lcpp else ''}) | {lcpp_cell} | "
@@ -320,6 +459,21 @@ def render_markdown(r: dict) -> str:
                 + ".",
                 "",
             ]
+    a = r.get("adapters")
+    if a:
+        lines += [
+            f"## LoRA adapters, unmerged on the {q or 'float32'} base (compile={a['compile']})", "",
+            "| measure | value |", "|---|---|",
+            f"| {a['mixed_concurrency']} concurrent requests over {a['mixed_adapters']} adapters (r={a['rank']}), "
+            f"aggregate tokens/s | {a['mixed_tokens_per_s']:.1f} ({ratio(a['mixed_tokens_per_s'])} of llama.cpp "
+            f"batch 1) |",
+            f"| resident memory added by loading {a['adapters']} adapters | {a['rss_growth_bytes'] / 2**20:.1f} MiB |",
+            f"| their files (adapter_model.safetensors + config) | {a['file_bytes'] / 2**20:.1f} MiB "
+            f"(growth {a['rss_growth_bytes'] / a['file_bytes']:.2f}x) |",
+            f"| slot size (float32, rank {a['rank']}, allocated when the engine starts) | "
+            f"{a['slot_bytes'] / 2**20:.1f} MiB per adapter |",
+            "",
+        ]
     for e in r["engines"]:
         if not e["concurrent"]:
             continue
