@@ -80,6 +80,11 @@ class AppArgs(BaseConfig):
     max_queue: int = Field(32, ge=1, description="requests waiting per engine; more get 503 + Retry-After")
     max_seq_len: int = Field(2048, ge=16, description="prompt + generated tokens per request")
     num_threads: int | None = Field(None, ge=1, description="torch threads per generator replica")
+    quantization: Literal["weight_only_int4", "weight_only_int8", "none"] = Field(
+        "weight_only_int4", description="quantize a float generator as it loads on CPU (the embedded model's int4 "
+        "holds its GGUF's Q4_1 weights bit for bit); an adapter artifact as `model` serves unmerged on its "
+        "quantized base, which is the trained model itself; quantized artifacts load as saved; GPUs serve "
+        "bfloat16")
     compile: bool = Field(False, description="torch.compile the engine's decode step (faster decode; the replica "
                           "compiles before it serves, then later starts read the Inductor cache in the node-local "
                           "cache dir; eager if compiling fails). Off by default: the first compile with LoRA slots "
@@ -195,6 +200,29 @@ def op_path(model: Any) -> str:
            f"fused_add_rms_norm x{report.fused_layers})"
 
 
+def serving_quantization(model: Any, spec: str, kind: str, method: str, device: str) -> tuple[Any, str]:
+    """``model`` quantized for serving with ``method`` on CPU, and a line saying what runs.
+
+    The embedded model's int4 is read from its GGUF's Q4_1 blocks (the weights it was converted
+    from, bit for bit); other float models are quantized from their weights.
+    """
+    if method == "none" or kind == "quantized" or device != "cpu":
+        why = "a quantized artifact" if kind == "quantized" else f"{method}" if method == "none" else f"on {device}"
+        return model, f"as loaded ({why})"
+    from ops.model import EMBEDDED, embedded_gguf
+    from ops.quantization import int4_from_gguf, quantize
+
+    from ops.errors import UserError
+
+    try:
+        if method == "weight_only_int4" and spec in EMBEDDED:
+            return int4_from_gguf(model, embedded_gguf(spec)), "weight_only_int4 from the embedded GGUF's Q4_1 weights"
+        return quantize(model, method), f"{method} of the float weights"
+    except UserError as exc:  # e.g. a layer width the group size does not divide: serve what loaded
+        log.warning("serving float weights: %s does not apply to %s: %s", method, spec, exc)
+        return model, f"as loaded ({method} does not apply: {exc})"
+
+
 def resolve_use_gpu(use_gpu: bool | str) -> tuple[bool, str]:
     """Whether Generator replicas get a GPU, and why (``use_gpu: auto`` asks the cluster).
 
@@ -253,6 +281,7 @@ class Generator:
         # compiled decode graphs persist across restarts (Inductor's FX graph cache is on by default)
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(local_cache_root() / "inductor"))
         self.op_path = "reference"
+        self.default_adapter: str | None = None  # set when `model` is an adapter artifact (served unmerged)
         self.engine = self._engine()
         self.metrics = GeneratorMetrics()
         self._adapter_counts: dict[str, tuple[int, int]] = {}  # name -> (loads, evictions) already counted
@@ -263,10 +292,15 @@ class Generator:
 
     def _engine(self):
         from ops.engine import Engine, EngineConfig
-        from ops.model import load_model
+        from ops.model import base_spec_of, load_model, resolve
 
-        model = load_model(self.args.model, storage=self.args.storage, dtype=self.placement.dtype,
+        source = resolve(self.args.model, self.args.storage)
+        # an adapter artifact runs unmerged on its base: merging into a quantized base would round the delta
+        unmerged = source.kind == "adapter" and self.args.max_adapters > 0 and self.device == "cpu"
+        spec = base_spec_of(source.path) if unmerged else self.args.model
+        model = load_model(spec, storage=self.args.storage, dtype=self.placement.dtype,
                            device=self.device, attn_implementation=self.attention.name)
+        model, self.quantization = serving_quantization(model, spec, source.kind, self.args.quantization, self.device)
         self.op_path = op_path(model)
         config = EngineConfig(max_batch_size=self.args.max_batch_size, max_queue=self.args.max_queue,
                               max_seq_len=self.args.max_seq_len, num_threads=self.args.num_threads,
@@ -277,6 +311,9 @@ class Generator:
         except ValueError as exc:  # not a Llama-family model: no unmerged adapters there
             log.warning("serving %s without adapter slots: %s", self.args.model, exc)
             engine = Engine(model, self.tokenizer, dataclasses.replace(config, max_adapters=0))
+        if unmerged:
+            engine.add_adapter(self.model_id, source.path)
+            self.default_adapter = self.model_id
         engine.warmup()  # with `compile`, the replica is ready once its decode graphs are built
         if self.args.compile and not engine.compiled:
             log.warning("serving %s with the eager decode step: %s", self.args.model, engine.warmup_error)
@@ -302,7 +339,7 @@ class Generator:
         """The request's adapter (Serve's multiplexed model id), registered with the engine on first use."""
         name = serve.get_multiplexed_model_id()
         if not name:
-            return None
+            return self.default_adapter
         if self.engine.adapters is None or name not in self.engine.adapters.specs:
             path = adapter_dir(self.args.storage, name, self.args.model)
             try:
@@ -384,7 +421,8 @@ class Generator:
                 "model": self.args.model, "attention": attention.name, "attention_reason": attention.reason,
                 "op_path": self.op_path, "engine_backend": self.engine.backend,
                 "engine_compiled": self.engine.compiled, "adapters_loaded": loaded,
-                "device": self.device_name, "format": f"{self.placement.format} ({self.placement.reason})",
+                "device": self.device_name,
+                "format": f"{self.placement.format}, {self.quantization} ({self.placement.reason})",
                 "pid": os.getpid()}
 
 

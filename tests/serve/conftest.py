@@ -140,7 +140,9 @@ def rag_app(ray_local, serve_storage, tiny_model_dir):
                          "index": "test", "api_key": API_KEY, "max_seq_len": 512, "request_timeout_s": 30,
                          "num_threads": 1, "max_adapters": MAX_ADAPTERS,
                          # Compiling costs a minute on 2 CPUs; the compiled decode is tested in tests/ops.
-                         "compile": False})
+                         # Float weights: answers are compared with transformers' on the same weights
+                         # (serving quantization: tests/serve/test_units.py).
+                         "compile": False, "quantization": "none"})
         serve.run(app, name="rag", route_prefix="/", blocking=False)
         base_url = f"http://127.0.0.1:{port}"
         wait_ready(base_url)

@@ -27,7 +27,8 @@ def no_index_app(ray_local, tmp_path_factory, tiny_model_dir):
 
     storage = tmp_path_factory.mktemp("no-index-storage")
     args = {"storage": str(storage), "model": str(tiny_model_dir), "model_id": "tiny", "index": None,
-            "max_seq_len": 512, "num_threads": 1, "compile": False}  # compiled decode: tested in tests/ops
+            "max_seq_len": 512, "num_threads": 1, "compile": False,
+            "quantization": "none"}  # compiled decode: tested in tests/ops
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

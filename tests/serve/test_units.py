@@ -164,3 +164,43 @@ def test_adapter_loads_and_evictions_are_counted_once_per_event():
     assert gen.metrics.queue.calls[-1] == ("set", 3, {"model": "tiny"})
     assert gen.metrics.batch.calls[-1] == ("set", 2, {"model": "tiny"})
 
+
+
+def _tiny_llama(intermediate: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=intermediate,
+                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def test_serving_quantization_quantizes_float_models_on_cpu_only():
+    import torch
+
+    from ops.quantization import Int4WeightOnlyLinear
+    from serve.app import serving_quantization
+
+    model = _tiny_llama(128)
+    ids = torch.tensor([[1, 5, 9, 33]])
+    with torch.no_grad():
+        want = model(ids).logits
+    quantized, why = serving_quantization(model, "/some/dir", "hf", "weight_only_int4", "cpu")
+    assert isinstance(quantized.model.layers[0].self_attn.q_proj, Int4WeightOnlyLinear), why
+    assert why == "weight_only_int4 of the float weights"
+    with torch.no_grad():
+        got = quantized(ids).logits
+    assert torch.allclose(got, want, atol=0.05) and not torch.equal(got, want)  # int4 of the same weights
+    for kind, method, device, note in [("hf", "none", "cpu", "as loaded (none)"),
+                                       ("quantized", "weight_only_int4", "cpu", "as loaded (a quantized artifact)"),
+                                       ("hf", "weight_only_int4", "cuda", "as loaded (on cuda)")]:
+        same, why = serving_quantization(model, "/some/dir", kind, method, device)
+        assert same is model and why == note
+
+
+def test_serving_quantization_falls_back_to_float_weights_it_cannot_group():
+    from serve.app import serving_quantization
+
+    model = _tiny_llama(144)  # down_proj's input 144 is no multiple of the group size 32
+    same, why = serving_quantization(model, "/some/dir", "hf", "weight_only_int4", "cpu")
+    assert same is model and why.startswith("as loaded (weight_only_int4 does not apply:") and "144" in why
