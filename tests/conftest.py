@@ -285,7 +285,11 @@ class RayHead:
         bin_dir = str(Path(sys.executable).parent)
         # Jobs run `python ...` through the head's PATH: make it this virtualenv's python.
         self.env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-                    "RAY_ADDRESS": self.dashboard}
+                    "RAY_ADDRESS": self.dashboard,
+                    # On SIGTERM `ray start --block` first asks the GCS to drain the node and waits up
+                    # to 30 s for it (for Serve traffic on Kubernetes); stop() signals the GCS too, so
+                    # that wait always ran out. A test head has nothing to drain.
+                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         self.env.pop("PYTHONPATH", None)
         self.ray = str(Path(bin_dir) / "ray")
         self.num_cpus = num_cpus
