@@ -2,8 +2,10 @@
 
 Fixtures: a tiny random Llama + tokenizer (unit tests), the embedded model's storage, the
 native ops (built once per session, required wherever a C++ compiler exists), and the Ray
-clusters: one in-process cluster and one `ray start --head`, each started on first use with its
-own temp dir and ports and stopped as soon as the last test that needs it has run.
+clusters: one in-process cluster and one `ray start --head` (for `ray job submit`, and for the
+entrypoints that tests run in a child process: they attach to it instead of starting a Ray each),
+each started on first use with its own temp dir and ports and stopped as soon as the last test
+that needs it has run.
 
 Tiers (markers, see pyproject.toml): a test that starts Ray or Serve is `integration`, one that
 runs a real entrypoint in a child process is `subprocess`, one that loads the real embedded model
@@ -260,9 +262,14 @@ def _fail_if_ray_started(module: str) -> None:
 
 
 def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 600,
-               cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run ``python -m module args...`` like a user would; returns the completed process."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+               cwd: Path = REPO, head: "RayHead | None" = None) -> subprocess.CompletedProcess:
+    """Run ``python -m module args...`` like a user would; returns the completed process.
+
+    With ``head`` the entrypoint attaches to that cluster (``RAY_ADDRESS``, as on a machine where
+    `make ray-up` runs) instead of starting a local Ray of its own, which costs seconds per run.
+    """
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **({"RAY_ADDRESS": head.address} if head else {}),
+                **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -285,7 +292,11 @@ class RayHead:
         bin_dir = str(Path(sys.executable).parent)
         # Jobs run `python ...` through the head's PATH: make it this virtualenv's python.
         self.env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-                    "RAY_ADDRESS": self.dashboard}
+                    "RAY_ADDRESS": self.dashboard,
+                    # On SIGTERM `ray start --block` first asks the GCS to drain the node and waits up
+                    # to 30 s for it (for Serve traffic on Kubernetes); stop() signals the GCS too, so
+                    # that wait always ran out. A test head has nothing to drain.
+                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         self.env.pop("PYTHONPATH", None)
         self.ray = str(Path(bin_dir) / "ray")
         self.num_cpus = num_cpus

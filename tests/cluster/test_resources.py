@@ -52,7 +52,9 @@ def test_taken_resources_fail_within_the_grace_period_naming_the_holders(cluster
     t0 = time.monotonic()
     with pytest.raises(ResourceError) as err:
         require_free({"CPU": 2}, "jobs.train", "num_workers=2 x cpus_per_worker=1", wait_s=0.3)
-    assert time.monotonic() - t0 < 2
+    # It asked again while the grace period ran and gave up once it was over (a job that waited
+    # on without end would hit the test timeout instead).
+    assert cluster["calls"] > 1 and time.monotonic() - t0 >= 0.3
     assert str(err.value) == (
         "jobs.train needs 2 CPU but 0.5 of the cluster's 4 are free (num_workers=2 x cpus_per_worker=1); held by: "
         "Serve app 'rag' Generator x1 (1 CPU); Serve app 'rag' Retriever x1 (0.5 CPU); placement group abcdef012345 "
@@ -117,10 +119,9 @@ def test_an_actor_holding_the_cpus_is_named(ray_local):
     hog = CpuHog.remote()
     ray.get(hog.ready.remote())
     try:
-        t0 = time.monotonic()
+        # Refused after the 1 s grace period (no wait without end: that would hit the test timeout).
         with pytest.raises(ResourceError, match=r"jobs.train needs 1 CPU but 0 of the cluster's 2 are free .*"
                                                 r"held by: CpuHog x1 \(2 CPU\)"):
             require_free({"CPU": 1}, "jobs.train", "num_workers=1 x cpus_per_worker=1", wait_s=1)
-        assert time.monotonic() - t0 < 60
     finally:
         ray.kill(hog)

@@ -30,7 +30,8 @@ def test_job_submit_matches_local_run_and_transformers(ray_head, embedded_storag
     assert "perplexity=" in proc.stdout and "SUCCEEDED" in proc.stdout
     submitted = _report(embedded_storage, name)
 
-    local = run_module("jobs.evaluate", *args[3:-1], f"name={name}-local", "latency.enabled=false")
+    # The same job run directly (a driver of its own, attached to the same cluster).
+    local = run_module("jobs.evaluate", *args[3:-1], f"name={name}-local", "latency.enabled=false", head=ray_head)
     assert local.returncode == 0, local.stderr[-3000:]
     assert _report(embedded_storage, f"{name}-local")["perplexity"] == pytest.approx(submitted["perplexity"],
                                                                                     rel=1e-6)

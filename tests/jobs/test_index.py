@@ -13,7 +13,7 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 @pytest.mark.subprocess
 @pytest.mark.integration
-def test_index_job_builds_a_searchable_index(tmp_path):
+def test_index_job_builds_a_searchable_index(ray_head, tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     rows = [{"id": f"r{i}", "text": t} for i, t in enumerate([
         "The Eiffel Tower is a wrought-iron lattice tower in Paris. " * 3,
@@ -21,7 +21,7 @@ def test_index_job_builds_a_searchable_index(tmp_path):
         "A binary search halves the search interval at every step. " * 3])]
     corpus.write_text("\n".join(json.dumps(r) for r in rows))
     proc = run_module("jobs.index", f"data={corpus}", "name=small", f"storage={tmp_path}", "chunk.size=24",
-                      "chunk.overlap=4", "index.type=hnsw", env=ENV, timeout=400)
+                      "chunk.overlap=4", "index.type=hnsw", env=ENV, timeout=400, head=ray_head)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "indexes" / "small"
     assert {p.name for p in out.iterdir()} == {"index.faiss", "bm25", "documents.parquet", "manifest.json",

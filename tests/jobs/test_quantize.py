@@ -12,10 +12,11 @@ SMALL = ["max_tokens=256", "window=64", "stride=32", "calibration.samples=4", "c
 
 @pytest.mark.subprocess
 @pytest.mark.integration
-def test_quantize_then_evaluate(tiny_model_dir, tiny_text_file, tmp_path):
+def test_quantize_then_evaluate(ray_head, tiny_model_dir, tiny_text_file, tmp_path):
     storage, bench = tmp_path / "st", tmp_path / "bench"
     proc = run_module("jobs.quantize", f"model={tiny_model_dir}", f"data={tiny_text_file}", "name=t",
-                      f"storage={storage}", f"benchmark_dir={bench}", "methods=[static_int8,weight_only_int8]", *SMALL)
+                      f"storage={storage}", f"benchmark_dir={bench}", "methods=[static_int8,weight_only_int8]", *SMALL,
+                      head=ray_head)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((storage / "reports" / "t" / "report.json").read_text())
     rows = {r["method"]: r for r in report["rows"]}
@@ -29,7 +30,7 @@ def test_quantize_then_evaluate(tiny_model_dir, tiny_text_file, tmp_path):
 
     artifact = storage / "quantized" / "t-static_int8"
     proc = run_module("jobs.evaluate", f"model={artifact}", f"data={tiny_text_file}", "name=e", f"storage={storage}",
-                      "max_tokens=256", "window=64", "stride=32", "latency.enabled=false")
+                      "max_tokens=256", "window=64", "stride=32", "latency.enabled=false", head=ray_head)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evaluated = json.loads((storage / "reports" / "e" / "report.json").read_text())
     assert evaluated["perplexity"] == pytest.approx(rows["static_int8"]["perplexity"], rel=1e-6)

@@ -35,9 +35,9 @@ def test_bad_input_is_one_line(tiny_model_dir, tiny_text_file, tmp_path, overrid
 
 
 @pytest.mark.subprocess  # the target modules are checked against the model where it loads, after Ray starts
-def test_unknown_lora_target_is_one_line(tiny_model_dir, tiny_text_file, tmp_path):
+def test_unknown_lora_target_is_one_line(ray_head, tiny_model_dir, tiny_text_file, tmp_path):
     proc = run_module("jobs.train", f"model={tiny_model_dir}", f"data={tiny_text_file}", f"storage={tmp_path}",
-                      "lora.target_modules=[qkv_proj]", timeout=120)
+                      "lora.target_modules=[qkv_proj]", timeout=120, head=ray_head)
     _single_error_line(proc, "['qkv_proj'] match no linear layer of the model; valid:")
 
 
@@ -47,9 +47,10 @@ def test_unknown_lora_target_is_one_line(tiny_model_dir, tiny_text_file, tmp_pat
     ("num_workers=64", "num_workers=64 x cpus_per_worker=1 needs 64 CPUs"),
     ("batch_size=100000", "make no global batch of batch_size=100000 x num_workers=2"),
 ])
-def test_cluster_and_data_limits_are_one_line(tiny_model_dir, tiny_text_file, tmp_path, override, fragment):
+def test_cluster_and_data_limits_are_one_line(ray_head, tiny_model_dir, tiny_text_file, tmp_path, override,
+                                              fragment):
     proc = run_module("jobs.train", f"model={tiny_model_dir}", f"data={tiny_text_file}", f"storage={tmp_path}",
-                      "block_size=16", override, timeout=180)
+                      "block_size=16", override, timeout=180, head=ray_head)
     _single_error_line(proc, fragment)
 
 
@@ -80,13 +81,13 @@ def dedup_by_resumption(lines: list[dict]) -> list[int]:
 
 @pytest.mark.subprocess
 @pytest.mark.integration
-def test_smoke_survives_lost_worker_and_resumes_by_name(tiny_model_dir, tiny_text_file, tmp_path):
+def test_smoke_survives_lost_worker_and_resumes_by_name(ray_head, tiny_model_dir, tiny_text_file, tmp_path):
     args = ("--config", "configs/train_lora_smoke.yaml", f"model={tiny_model_dir}", f"data={tiny_text_file}",
             f"storage={tmp_path}", "name=lost", "max_tokens=0", *TINY_OVERRIDES, "max_steps=6")
     # Ray Train's controller takes one report per worker per health-check interval (2 s by
     # default); these steps are faster, so a shorter interval keeps checkpoints registered promptly.
     env = {"RAYLM_FAIL_AT_STEP": "4", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
-    proc = run_module("jobs.train", *args, env=env, timeout=300)
+    proc = run_module("jobs.train", *args, env=env, timeout=300, head=ray_head)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "lost"
     assert (run / FAIL_MARKER).is_file()  # rank 1 really died at step 4
@@ -101,7 +102,7 @@ def test_smoke_survives_lost_worker_and_resumes_by_name(tiny_model_dir, tiny_tex
     assert json.loads((out / "manifest.json").read_text())["kind"] == "adapter"
     assert (out / "curves.png").stat().st_size > 0 and (out / "config.yaml").is_file()
 
-    again = run_module("jobs.train", *args, timeout=300)  # same name: resumes at the end, no new steps
+    again = run_module("jobs.train", *args, timeout=300, head=ray_head)  # same name: resumes at the end, no new steps
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from step 6" in again.stdout + again.stderr
     assert json.loads((out / "metrics.json").read_text())["steps"] == 6

@@ -33,15 +33,22 @@ def test_key_matches_only_the_bearer_token():
     assert not key_matches("Basic k3y", "k3y") and not key_matches("", "k3y")
 
 
+def _ingress_key(app) -> str | None:
+    """The API key the app's Ingress is bound with (its third init argument: the parsed args).
+    Serve's Application has no public accessor for what a deployment was bound with."""
+    key = app._bound_deployment.init_args[2]["api_key"]
+    return None if key is None else key.get_secret_value()
+
+
 def test_build_app_refuses_a_running_serve_on_all_interfaces_without_key(monkeypatch, tmp_path):
     monkeypatch.delenv("RAYLM_API_KEY", raising=False)
     monkeypatch.setattr(serve_app, "serve_proxy_host", lambda: "0.0.0.0")
     args = {"storage": str(tmp_path), "index": None}
     with pytest.raises(ConfigError, match="Serve's http_options.host is '0.0.0.0'.*RAYLM_API_KEY"):
         serve_app.build_app(args)
-    assert serve_app.build_app({**args, "api_key": "k"}) is not None
+    assert _ingress_key(serve_app.build_app({**args, "api_key": "k"})) == "k"
     monkeypatch.setenv("RAYLM_API_KEY", "from-env")
-    assert serve_app.build_app(args) is not None
+    assert _ingress_key(serve_app.build_app(args)) == "from-env"
 
 
 def test_build_app_without_a_running_serve_leaves_the_check_to_the_replica(monkeypatch, tmp_path):
@@ -50,7 +57,9 @@ def test_build_app_without_a_running_serve_leaves_the_check_to_the_replica(monke
 
     monkeypatch.delenv("RAYLM_API_KEY", raising=False)
     monkeypatch.setattr(serve_app, "serve_proxy_host", no_serve)
-    assert serve_app.build_app({"storage": str(tmp_path), "index": None}) is not None
+    app = serve_app.build_app({"storage": str(tmp_path), "index": None})
+    # Built without a key; the Ingress replica checks its host when it starts (next test).
+    assert app._bound_deployment.name == "Ingress" and _ingress_key(app) is None
 
 
 def test_ingress_replica_refuses_to_start_off_loopback_without_key(monkeypatch, tmp_path):
