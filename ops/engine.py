@@ -1,7 +1,7 @@
 """Generation engine: continuous-batching, streaming decode over a loaded HF causal LM (gpt-fast's generate.py).
 
-One background thread owns the model and runs the scheduler loop (admit -> prefill ->
-decode_one_token -> sample -> emit); asyncio callers and plain scripts talk to it through
+One background thread owns the model and runs the scheduler loop (admit -> prefill a chunk of
+at most `prefill_chunk_tokens` prompt tokens -> decode_one_token -> sample -> emit); asyncio callers and plain scripts talk to it through
 thread-safe queues. The forward itself lives in ops/runner.py (Llama-family models through
 `LlamaRunner` with a static KV cache, any other causal LM through `HFRunner`), sampling in
 ops/sampling.py and the OpenMP thread hygiene of the decode thread in ops/openmp.py.
@@ -156,6 +156,10 @@ class EngineConfig:
         lora_targets: Projections the slots cover; an adapter adapting others is refused.
         cuda_graphs: On a CUDA device, capture the Llama-family decode step in one CUDA graph per
             batch bucket at warm-up (`ops.cuda_runner`); False decodes eagerly there.
+        prefill_chunk_tokens: Prompt tokens prefilled per scheduler step at most (chunked prefill):
+            a long prompt is prefilled over several steps, each followed by one decode step of the
+            running requests, so their streams keep going while it arrives; several short prompts
+            share one step's budget. On CUDA prompts are prefilled whole (`CudaLlamaRunner`).
     """
 
     max_batch_size: int = 8
@@ -170,6 +174,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     cuda_graphs: bool = True
+    prefill_chunk_tokens: int = 256
 
     def __post_init__(self) -> None:
         if self.single_stream_threads is not None and self.single_stream_threads < 1:
@@ -177,7 +182,7 @@ class EngineConfig:
         if self.max_adapters < 0 or self.max_lora_rank < 1:
             raise ValueError(f"max_adapters must be >= 0 and max_lora_rank >= 1, got {self.max_adapters} and "
                              f"{self.max_lora_rank}")
-        for name in ("max_batch_size", "max_queue", "max_seq_len"):
+        for name in ("max_batch_size", "max_queue", "max_seq_len", "prefill_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -203,11 +208,18 @@ class _Sequence:
     cancelled: bool = False
     finish_reason: str | None = None
     slot: int = 0  # LoRA slot pinned while running (0: no adapter)
+    row: int = -1  # KV cache row while prefilling (while decoding: its index in `Engine._running`)
+    prefilled: int = 0  # prompt tokens already in the KV cache
 
     @property
     def position(self) -> int:
         """KV cache index of the last token (the next one fed to the model)."""
         return len(self.prompt_ids) + len(self.token_ids) - 1
+
+    @property
+    def cached(self) -> int:
+        """Filled KV cache positions of the request's row."""
+        return self.prefilled + max(len(self.token_ids) - 1, 0)
 
 
 class Engine:
@@ -265,7 +277,9 @@ class Engine:
             self.runner = HFRunner(model, cfg.max_batch_size, cfg.max_seq_len)
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []  # index == KV cache row
+        self._running: list[_Sequence] = []  # decoding requests; index == KV cache row
+        # the request whose prompt is being prefilled, in chunks, in the row after the running ones
+        self._prefilling: _Sequence | None = None
         self._by_id: dict[int, _Sequence] = {}  # unfinished requests, for cancel() from any thread
         self._wakeup = threading.Condition()
         self._ready = threading.Event()  # set by the engine thread once warm (decode graphs compiled)
@@ -293,8 +307,8 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests queued for a free row."""
-        return len(self._waiting)
+        """Requests queued for a free row, and one whose prompt is being prefilled."""
+        return len(self._waiting) + (self._prefilling is not None)
 
     @staticmethod
     def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
@@ -504,12 +518,15 @@ class Engine:
         self._warm()
         while True:
             with self._wakeup:
-                while not self._closed and not self._waiting and not self._running:
+                while not self._closed and not self._waiting and not self._running and self._prefilling is None:
                     self._wakeup.wait()
                 closed = self._closed
             if closed:
                 for seq in self._drain_waiting():
                     self._finish(seq, "cancelled")
+                if self._prefilling is not None:
+                    self._finish(self._prefilling, "cancelled")
+                    self._prefilling = None
                 for seq in self._running:
                     seq.cancelled = True
                 self._retire()
@@ -517,10 +534,12 @@ class Engine:
             try:
                 self.step()
             except Exception as exc:  # noqa: BLE001 - delivered to every affected client
-                for seq in itertools.chain(self._running, self._drain_waiting()):
+                prefilling = [self._prefilling] if self._prefilling is not None else []
+                for seq in itertools.chain(self._running, prefilling, self._drain_waiting()):
                     self._by_id.pop(seq.request_id, None)
                     seq.on_event(exc)
                 self._running.clear()
+                self._prefilling = None
 
     def _drain_waiting(self) -> list[_Sequence]:
         with self._wakeup:
@@ -529,27 +548,14 @@ class Engine:
         return seqs
 
     def step(self) -> None:
-        """One scheduler iteration: admit + prefill waiting requests, decode one token for all."""
+        """One scheduler iteration: prefill up to `prefill_chunk_tokens` prompt tokens, decode one token for all."""
         self._retire()
-        while len(self._running) < self.config.max_batch_size:
-            with self._wakeup:
-                if not self._waiting:
-                    break
-                seq = self._waiting.popleft()
-            if seq.cancelled:
-                self._finish(seq, "cancelled")
-                continue
-            taken = self._take_slot(seq)
-            if taken is None:
+        budget = self.config.prefill_chunk_tokens
+        while budget > 0:
+            seq = self._prefilling or self._admit()
+            if seq is None:
                 break
-            if not taken:
-                continue
-            set_threads(self._threads)
-            row = len(self._running)
-            self._running.append(seq)
-            ids = torch.tensor(seq.prompt_ids, device=self.device)
-            logits = self.runner.prefill(row, ids, seq.slot) if seq.slot else self.runner.prefill(row, ids)
-            self._accept(seq, sample(logits, seq.request, seq.generator))
+            budget -= self._prefill_chunk(seq, budget)
         self._retire()
         if not self._running:
             return
@@ -565,6 +571,52 @@ class Engine:
         for b, seq in enumerate(self._running):
             token = greedy[b] if seq.request.temperature == 0 else sample(logits[b], seq.request, seq.generator)
             self._accept(seq, token)
+
+    def _admit(self) -> _Sequence | None:
+        """Takes the next waiting request into the free row after the running ones (None: no row or none waiting)."""
+        while len(self._running) < self.config.max_batch_size:
+            with self._wakeup:
+                if not self._waiting:
+                    return None
+                seq = self._waiting.popleft()
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
+                continue
+            taken = self._take_slot(seq)
+            if taken is None:
+                return None
+            if taken:
+                seq.row = len(self._running)
+                self._prefilling = seq
+                return seq
+        return None
+
+    def _prefill_chunk(self, seq: _Sequence, budget: int) -> int:
+        """Prefills the next chunk (at most `budget` tokens) of `seq`'s prompt; returns the tokens it took.
+
+        Once the whole prompt is in the cache, the request joins the running ones with its first token.
+        """
+        if seq.cancelled:
+            self._prefilling = None
+            self._finish(seq, "cancelled")
+            return 0
+        total = len(seq.prompt_ids)
+        end = min(total, seq.prefilled + budget) if self.runner.chunked_prefill else total
+        set_threads(self._threads)
+        ids = torch.tensor(seq.prompt_ids[seq.prefilled : end], device=self.device)
+        kwargs: dict[str, int] = {"start": seq.prefilled} if seq.prefilled else {}
+        if seq.slot:
+            kwargs["slot"] = seq.slot
+        logits = self.runner.prefill(seq.row, ids, **kwargs)
+        taken, seq.prefilled = end - seq.prefilled, end
+        if end == total:
+            self._prefilling = None
+            if seq.row != len(self._running):  # rows before it retired meanwhile: keep running rows contiguous
+                self.runner.move(seq.row, len(self._running), seq.cached)
+            seq.row = len(self._running)
+            self._running.append(seq)
+            self._accept(seq, sample(logits, seq.request, seq.generator))
+        return taken
 
     def _take_slot(self, seq: _Sequence) -> bool | None:
         """Pins the LoRA slot of an admitted request, loading its adapter into a slot if needed.
@@ -627,7 +679,7 @@ class Engine:
             last = len(self._running) - 1
             if row != last:
                 moved = self._running[last]
-                self.runner.move(last, row, moved.position)
+                self.runner.move(last, row, moved.cached)
                 self._running[row] = moved
             self._running.pop()
             self._finish(seq, seq.finish_reason or "cancelled")

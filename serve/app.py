@@ -80,6 +80,8 @@ class AppArgs(BaseConfig):
     max_queue: int = Field(32, ge=1, description="requests waiting per engine; more get 503 + Retry-After")
     max_seq_len: int = Field(2048, ge=16, description="prompt + generated tokens per request")
     num_threads: int | None = Field(None, ge=1, description="torch threads per generator replica")
+    prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens prefilled per engine step; a long "
+                                      "prompt is prefilled in chunks between the running streams' decode steps")
     compile: bool = Field(False, description="torch.compile the engine's decode step (faster decode; the replica "
                           "compiles before it serves, then later starts read the Inductor cache in the node-local "
                           "cache dir; eager if compiling fails). Off by default: the first compile with LoRA slots "
@@ -271,7 +273,8 @@ class Generator:
         config = EngineConfig(max_batch_size=self.args.max_batch_size, max_queue=self.args.max_queue,
                               max_seq_len=self.args.max_seq_len, num_threads=self.args.num_threads,
                               compile=self.args.compile, max_adapters=self.args.max_adapters,
-                              max_lora_rank=self.args.max_lora_rank)
+                              max_lora_rank=self.args.max_lora_rank,
+                              prefill_chunk_tokens=self.args.prefill_chunk_tokens)
         try:
             engine = Engine(model, self.tokenizer, config)
         except ValueError as exc:  # not a Llama-family model: no unmerged adapters there

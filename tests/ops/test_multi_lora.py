@@ -75,9 +75,10 @@ def test_unmerged_adapter_alone_matches_peft_generate(base, tokenizer, adapters)
     assert out.token_ids != hf_greedy(base, tokenizer, PROMPTS[1])  # the adapter changes the answer
 
 
-def test_batch_mixing_adapters_and_base_rows_matches_peft(base, tokenizer, adapters):
+@pytest.mark.parametrize("chunk", [256, 3])  # 3: prompts prefilled in chunks between the others' decode steps
+def test_batch_mixing_adapters_and_base_rows_matches_peft(base, tokenizer, adapters, chunk):
     mix = ["a", "b", None, "a"]
-    with engine_for(base, tokenizer, adapters) as eng:
+    with engine_for(base, tokenizer, adapters, prefill_chunk_tokens=chunk) as eng:
         outs = eng.generate_sync([Request(prompt=p, max_tokens=NEW, ignore_eos=True, adapter=a)
                                   for p, a in zip(PROMPTS, mix)])
         assert eng.adapter_stats()["loads"] == 2
