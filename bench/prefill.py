@@ -6,7 +6,9 @@ Writes docs/benchmarks/prefill.md and prefill.json:
 - prefill ms/token of the engine's own forward (`LlamaRunner.prefill`) for float32,
   weight_only_int8 and weight_only_int4, with the GEMM path off (the kernels at every row count)
   and on;
-- with --ppl-data, perplexity of each quantized model through both paths.
+- with --ppl-data, perplexity of each quantized model through both paths;
+- prefill ms/token of a --chunk-prompt-token prompt in chunks of --chunks tokens (the engine's
+  `prefill_chunk_tokens`), weight_only_int8.
 
     python bench/prefill.py [--threads 2] [--tokens 512] [--ppl-data ../shared/data/wikitext2_valid.txt]
 """
@@ -44,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (the minimum is kept: the "
                    "machine is shared, and interference only ever adds time)")
     p.add_argument("--rows", default="1,8,16,32,64,128,512", help="row counts of the layer sweep")
+    p.add_argument("--chunks", default="64,128,256,512,1024", help="chunk sizes of the chunked-prefill sweep")
+    p.add_argument("--chunk-prompt-tokens", type=int, default=1024, help="prompt length of the chunk sweep")
     p.add_argument("--ppl-data", default=None, help="text file for the perplexity check")
     p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens of --ppl-data scored")
     p.add_argument("--storage", default="./artifacts", help="artifact root holding the converted embedded model")
@@ -92,6 +96,19 @@ def prefill_ms_per_token(model, ids: torch.Tensor, repeats: int) -> float:
     return best_ms(lambda: runner.prefill(0, ids), repeats) / ids.shape[0]
 
 
+def chunk_sweep(model, ids: torch.Tensor, chunks: list[int], repeats: int) -> list[dict]:
+    """Prefill ms/token of `ids` fed in chunks (`LlamaRunner.prefill(start=...)`), weight_only_int8."""
+    runner = LlamaRunner(quantization.quantize(model, "weight_only_int8"), 1, ids.shape[0] + 1, fuse_qkv=True)
+    out = []
+    for chunk in chunks:
+        def run() -> None:
+            for start in range(0, ids.shape[0], chunk):
+                runner.prefill(0, ids[start : start + chunk], start=start)
+        out.append({"chunk": chunk, "ms_per_token": best_ms(run, repeats) / ids.shape[0]})
+        print(out[-1], flush=True)
+    return out
+
+
 def perplexity(model, ids: torch.Tensor) -> float:
     with torch.inference_mode():
         return sliding_window_perplexity(model, ids, window=1024, stride=512).perplexity
@@ -131,6 +148,9 @@ def write(out_dir: Path, result: dict) -> None:
         lines.append(f"| {r['method']} | {r['kernel_ms_per_token']:.2f} | {r['gemm_ms_per_token']:.2f} | "
                      f"{r['kernel_ms_per_token'] / r['gemm_ms_per_token']:.2f}x | "
                      f"{r['gemm_ms_per_token'] / f32:.2f} | {ppl[0]} | {ppl[1]} | {ratio} |")
+    lines += ["", f"## Chunked prefill ({result['chunk_prompt_tokens']}-token prompt, weight_only_int8)", "",
+              "| chunk tokens | ms/token |", "|---|---|"]
+    lines += [f"| {r['chunk']} | {r['ms_per_token']:.2f} |" for r in result["chunks"]]
     lines += ["", "## Layer sweep (us per row; the GEMM path includes dequantizing the weight each call)", "",
               "| method | layer | N x K | rows | kernel | GEMM |", "|---|---|---|---|---|---|"]
     for r in result["layers"]:
@@ -153,13 +173,17 @@ def main() -> None:
     ppl_ids = all_ids[: args.ppl_tokens] if args.ppl_data else None
     layers = layer_sweep(model, [int(r) for r in args.rows.split(",")], args.repeats)
     models = measure_models(model, all_ids[: args.tokens], ppl_ids, default, args.repeats)
+    if all_ids.numel() < args.chunk_prompt_tokens:
+        raise SystemExit(f"--chunk-prompt-tokens {args.chunk_prompt_tokens}: the text has only {all_ids.numel()} tokens")
+    chunks = chunk_sweep(model, all_ids[: args.chunk_prompt_tokens], [int(c) for c in args.chunks.split(",")],
+                         args.repeats)
     result = {
         "command": "python bench/prefill.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
         "machine": platform.machine(), "threads": args.threads, "load_at_start": load_at_start,
         "repeats": args.repeats, "tokens": args.tokens, "gemm_min_rows": default,
         "ppl_data": args.ppl_data, "ppl_tokens": args.ppl_tokens if args.ppl_data else None,
-        "models": models, "layers": layers,
+        "models": models, "layers": layers, "chunks": chunks, "chunk_prompt_tokens": args.chunk_prompt_tokens,
         "median_gemm_speedup_at_max_rows": statistics.median(
             r["kernel_us_per_row"] / r["gemm_us_per_row"] for r in layers if r["rows"] == max(
                 int(x) for x in args.rows.split(","))),
