@@ -30,6 +30,7 @@ from ops.attention import AttentionChoice
 from ops.lora import DEFAULT_TARGETS
 from ops.multi_lora import AdapterRegistry, MultiLora
 from ops.openmp import release_openmp_workers, set_threads
+from ops.prefix_cache import PrefixCache
 from ops.runner import LLAMA_FAMILY, HFRunner, LlamaRunner, is_llama_family
 from ops.sampling import sample
 
@@ -160,6 +161,12 @@ class EngineConfig:
             a long prompt is prefilled over several steps, each followed by one decode step of the
             running requests, so their streams keep going while it arrives; several short prompts
             share one step's budget. On CUDA prompts are prefilled whole (`CudaLlamaRunner`).
+        prefix_cache_mb: Memory bound of the prefix cache (MiB of keys and values): the KV of
+            every whole `prefix_block_tokens` block of a prefilled prompt is kept, per model and
+            adapter, and a later prompt that starts with the same blocks copies them instead of
+            prefilling them; least recently used blocks are evicted. 0 = off. Ignored, with a
+            warning, where prompts are prefilled whole or by the HF forward.
+        prefix_block_tokens: Tokens per prefix cache block (only whole blocks are reused).
     """
 
     max_batch_size: int = 8
@@ -175,6 +182,8 @@ class EngineConfig:
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     cuda_graphs: bool = True
     prefill_chunk_tokens: int = 256
+    prefix_cache_mb: float = 0
+    prefix_block_tokens: int = 32
 
     def __post_init__(self) -> None:
         if self.single_stream_threads is not None and self.single_stream_threads < 1:
@@ -182,7 +191,9 @@ class EngineConfig:
         if self.max_adapters < 0 or self.max_lora_rank < 1:
             raise ValueError(f"max_adapters must be >= 0 and max_lora_rank >= 1, got {self.max_adapters} and "
                              f"{self.max_lora_rank}")
-        for name in ("max_batch_size", "max_queue", "max_seq_len", "prefill_chunk_tokens"):
+        if self.prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0 (0: off), got {self.prefix_cache_mb}")
+        for name in ("max_batch_size", "max_queue", "max_seq_len", "prefill_chunk_tokens", "prefix_block_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -276,6 +287,8 @@ class Engine:
                             type(model).__name__)
             self.runner = HFRunner(model, cfg.max_batch_size, cfg.max_seq_len)
         self.eos_token_ids = self._eos_ids(model, tokenizer)
+        self.prefix_cache = self._prefix_cache(cfg)
+        self._model_key = getattr(model.config, "_name_or_path", "") or type(model).__name__
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # decoding requests; index == KV cache row
         # the request whose prompt is being prefilled, in chunks, in the row after the running ones
@@ -289,6 +302,19 @@ class Engine:
         self._adapter_lock = threading.Lock()  # registry: add_adapter from callers, acquire on the engine thread
         self._threads = cfg.num_threads or torch.get_num_threads()  # intra-op threads of prefill / batches
         release_openmp_workers()  # this thread loaded the model: its idle OpenMP team would slow decode
+
+    def _prefix_cache(self, cfg: EngineConfig) -> PrefixCache | None:
+        if not cfg.prefix_cache_mb:
+            return None
+        if type(self.runner) is not LlamaRunner:
+            log.warning("EngineConfig.prefix_cache_mb ignored: %s prefills prompts %s", type(self.runner).__name__,
+                        "through the HF forward" if isinstance(self.runner, HFRunner) else "whole")
+            return None
+        return PrefixCache(cfg.prefix_block_tokens, int(cfg.prefix_cache_mb * 2**20))
+
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """Prefix cache counters (`PrefixCacheStats` fields); empty without a prefix cache."""
+        return dataclasses.asdict(self.prefix_cache.stats) if self.prefix_cache is not None else {}
 
     @property
     def backend(self) -> str:
@@ -383,6 +409,8 @@ class Engine:
             raise ValueError("this engine has no LoRA slots; valid: EngineConfig(max_adapters >= 1)")
         with self._adapter_lock:
             self.adapters.add(name, path)
+            if self.prefix_cache is not None:  # the same name may now hold other weights
+                self.prefix_cache.drop((self._model_key, name))
 
     def adapter_stats(self) -> dict[str, Any]:
         """Resident adapters (least recently used first), loads, evictions, capacity and bytes per slot."""
@@ -588,6 +616,7 @@ class Engine:
             if taken:
                 seq.row = len(self._running)
                 self._prefilling = seq
+                self._reuse_prefix(seq)
                 return seq
         return None
 
@@ -611,12 +640,32 @@ class Engine:
         taken, seq.prefilled = end - seq.prefilled, end
         if end == total:
             self._prefilling = None
+            self._store_prefix(seq)
             if seq.row != len(self._running):  # rows before it retired meanwhile: keep running rows contiguous
                 self.runner.move(seq.row, len(self._running), seq.cached)
             seq.row = len(self._running)
             self._running.append(seq)
             self._accept(seq, sample(logits, seq.request, seq.generator))
         return taken
+
+    def _reuse_prefix(self, seq: _Sequence) -> None:
+        """Copies the KV of the longest cached prefix of `seq`'s prompt into its row (its last token is always prefilled)."""
+        if self.prefix_cache is None:
+            return
+        blocks = self.prefix_cache.match((self._model_key, seq.request.adapter), seq.prompt_ids,
+                                         len(seq.prompt_ids) - 1)
+        if blocks:
+            self.runner.write_kv(seq.row, 0, torch.cat(blocks, dim=3))
+            seq.prefilled = len(blocks) * self.prefix_cache.block_tokens
+
+    def _store_prefix(self, seq: _Sequence) -> None:
+        """Caches the KV of every whole block of `seq`'s prompt that is not cached yet."""
+        if self.prefix_cache is None:
+            return
+        size = self.prefix_cache.block_tokens
+        for i, key in enumerate(self.prefix_cache.keys((self._model_key, seq.request.adapter), seq.prompt_ids)):
+            if key not in self.prefix_cache:
+                self.prefix_cache.insert(key, self.runner.read_kv(seq.row, i * size, (i + 1) * size))
 
     def _take_slot(self, seq: _Sequence) -> bool | None:
         """Pins the LoRA slot of an admitted request, loading its adapter into a slot if needed.

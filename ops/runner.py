@@ -326,6 +326,18 @@ class LlamaRunner:
         y = F.scaled_dot_product_attention(q, k_cache[:B, :, :T], v_cache[:B, :, :T], attn_mask=mask, scale=scale)
         return y.reshape(B, 1, -1)
 
+    def read_kv(self, row: int, start: int, end: int) -> torch.Tensor:
+        """A copy of cache positions start..end-1 of `row`: (L, 2, n_kv, end - start, hs), keys then values."""
+        return torch.stack([torch.stack([k[row, :, start:end], v[row, :, start:end]])
+                            for k, v in zip(self.k_cache, self.v_cache)])
+
+    def write_kv(self, row: int, start: int, kv: torch.Tensor) -> None:
+        """Writes `kv` (L, 2, n_kv, T, hs), as `read_kv` returns it, into positions start..start+T-1 of `row`."""
+        end = start + kv.shape[3]
+        for layer, (k, v) in enumerate(zip(self.k_cache, self.v_cache)):
+            k[row, :, start:end] = kv[layer, 0]
+            v[row, :, start:end] = kv[layer, 1]
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copies the first `length` cache positions of row `src` into row `dst`."""
         for k_cache, v_cache in zip(self.k_cache, self.v_cache):
