@@ -78,7 +78,9 @@ class AppArgs(BaseConfig):
     attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field("auto", description="attention kernel")
     max_batch_size: int = Field(8, ge=1, description="requests decoded together per generator replica")
     max_queue: int = Field(32, ge=1, description="requests waiting per engine; more get 503 + Retry-After")
-    max_seq_len: int = Field(2048, ge=16, description="prompt + generated tokens per request")
+    max_seq_len: int = Field(3072, ge=16, description="prompt + generated tokens per request: a 2k-token RAG "
+                             "prompt plus the longest answer a request may ask for (1024); the KV cache holds "
+                             "max_batch_size rows of it")
     num_threads: int | None = Field(None, ge=1, description="torch threads per generator replica")
     prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens prefilled per engine step; a long "
                                       "prompt is prefilled in chunks between the running streams' decode steps")
