@@ -1,10 +1,11 @@
 """Generation engine: continuous-batching, streaming decode over a loaded HF causal LM (gpt-fast's generate.py).
 
 One background thread owns the model and runs the scheduler loop (admit -> prefill a chunk of
-at most `prefill_chunk_tokens` prompt tokens -> decode_one_token -> sample -> emit); asyncio callers and plain scripts talk to it through
-thread-safe queues. The forward itself lives in ops/runner.py (Llama-family models through
-`LlamaRunner` with a static KV cache, any other causal LM through `HFRunner`), sampling in
-ops/sampling.py and the OpenMP thread hygiene of the decode thread in ops/openmp.py.
+at most `prefill_chunk_tokens` prompt tokens -> decode_one_token -> sample -> emit); asyncio
+callers and plain scripts talk to it through thread-safe queues. The forward itself lives in
+ops/runner.py (Llama-family models through `LlamaRunner` with a static KV cache, any other causal
+LM through `HFRunner`), sampling in ops/sampling.py, the OpenMP thread hygiene of the decode
+thread in ops/openmp.py and the prefix cache in ops/prefix_cache.py.
 On a CUDA device the Llama-family forward is `ops.cuda_runner.CudaLlamaRunner` (CUDA graphs,
 FlashAttention, the compiled ops in the hot path).
 """
@@ -649,7 +650,10 @@ class Engine:
         return taken
 
     def _reuse_prefix(self, seq: _Sequence) -> None:
-        """Copies the KV of the longest cached prefix of `seq`'s prompt into its row (its last token is always prefilled)."""
+        """Copies the KV of the longest cached prefix of `seq`'s prompt into its row.
+
+        At most all but the last prompt token come from the cache: its logits need a prefill.
+        """
         if self.prefix_cache is None:
             return
         blocks = self.prefix_cache.match((self._model_key, seq.request.adapter), seq.prompt_ids,
