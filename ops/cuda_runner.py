@@ -97,6 +97,10 @@ class CudaLlamaRunner(LlamaRunner):
         cuda_graphs: capture the decode step per batch bucket at warm-up (CUDA devices only).
     """
 
+    # A prompt is prefilled whole: the padding rows of a bucketed decode step write position 0 of
+    # the free rows, which would overwrite the first key/value of a row prefilled in chunks.
+    chunked_prefill = False
+
     def __init__(self, model: nn.Module, max_batch_size: int, max_seq_len: int, fuse_qkv: bool,
                  cuda_graphs: bool = True):
         cache_len = -(-max_seq_len // _CACHE_ALIGN) * _CACHE_ALIGN

@@ -1,10 +1,11 @@
 """Generation engine: continuous-batching, streaming decode over a loaded HF causal LM (gpt-fast's generate.py).
 
-One background thread owns the model and runs the scheduler loop (admit -> prefill ->
-decode_one_token -> sample -> emit); asyncio callers and plain scripts talk to it through
-thread-safe queues. The forward itself lives in ops/runner.py (Llama-family models through
-`LlamaRunner` with a static KV cache, any other causal LM through `HFRunner`), sampling in
-ops/sampling.py and the OpenMP thread hygiene of the decode thread in ops/openmp.py.
+One background thread owns the model and runs the scheduler loop (admit -> prefill a chunk of
+at most `prefill_chunk_tokens` prompt tokens -> decode_one_token -> sample -> emit); asyncio
+callers and plain scripts talk to it through thread-safe queues. The forward itself lives in
+ops/runner.py (Llama-family models through `LlamaRunner` with a static KV cache, any other causal
+LM through `HFRunner`), sampling in ops/sampling.py, the OpenMP thread hygiene of the decode
+thread in ops/openmp.py and the prefix cache in ops/prefix_cache.py.
 On a CUDA device the Llama-family forward is `ops.cuda_runner.CudaLlamaRunner` (CUDA graphs,
 FlashAttention, the compiled ops in the hot path).
 """
@@ -30,6 +31,7 @@ from ops.attention import AttentionChoice
 from ops.lora import DEFAULT_TARGETS
 from ops.multi_lora import AdapterRegistry, MultiLora
 from ops.openmp import release_openmp_workers, set_threads
+from ops.prefix_cache import PrefixCache
 from ops.runner import LLAMA_FAMILY, HFRunner, LlamaRunner, is_llama_family
 from ops.sampling import sample
 
@@ -156,6 +158,16 @@ class EngineConfig:
         lora_targets: Projections the slots cover; an adapter adapting others is refused.
         cuda_graphs: On a CUDA device, capture the Llama-family decode step in one CUDA graph per
             batch bucket at warm-up (`ops.cuda_runner`); False decodes eagerly there.
+        prefill_chunk_tokens: Prompt tokens prefilled per scheduler step at most (chunked prefill):
+            a long prompt is prefilled over several steps, each followed by one decode step of the
+            running requests, so their streams keep going while it arrives; several short prompts
+            share one step's budget. On CUDA prompts are prefilled whole (`CudaLlamaRunner`).
+        prefix_cache_mb: Memory bound of the prefix cache (MiB of keys and values): the KV of
+            every whole `prefix_block_tokens` block of a prefilled prompt is kept, per model and
+            adapter, and a later prompt that starts with the same blocks copies them instead of
+            prefilling them; least recently used blocks are evicted. 0 = off. Ignored, with a
+            warning, where prompts are prefilled whole or by the HF forward.
+        prefix_block_tokens: Tokens per prefix cache block (only whole blocks are reused).
     """
 
     max_batch_size: int = 8
@@ -170,6 +182,9 @@ class EngineConfig:
     max_lora_rank: int = 16
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     cuda_graphs: bool = True
+    prefill_chunk_tokens: int = 256
+    prefix_cache_mb: float = 0
+    prefix_block_tokens: int = 32
 
     def __post_init__(self) -> None:
         if self.single_stream_threads is not None and self.single_stream_threads < 1:
@@ -177,7 +192,9 @@ class EngineConfig:
         if self.max_adapters < 0 or self.max_lora_rank < 1:
             raise ValueError(f"max_adapters must be >= 0 and max_lora_rank >= 1, got {self.max_adapters} and "
                              f"{self.max_lora_rank}")
-        for name in ("max_batch_size", "max_queue", "max_seq_len"):
+        if self.prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0 (0: off), got {self.prefix_cache_mb}")
+        for name in ("max_batch_size", "max_queue", "max_seq_len", "prefill_chunk_tokens", "prefix_block_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -203,11 +220,18 @@ class _Sequence:
     cancelled: bool = False
     finish_reason: str | None = None
     slot: int = 0  # LoRA slot pinned while running (0: no adapter)
+    row: int = -1  # KV cache row while prefilling (while decoding: its index in `Engine._running`)
+    prefilled: int = 0  # prompt tokens already in the KV cache
 
     @property
     def position(self) -> int:
         """KV cache index of the last token (the next one fed to the model)."""
         return len(self.prompt_ids) + len(self.token_ids) - 1
+
+    @property
+    def cached(self) -> int:
+        """Filled KV cache positions of the request's row."""
+        return self.prefilled + max(len(self.token_ids) - 1, 0)
 
 
 class Engine:
@@ -264,8 +288,12 @@ class Engine:
                             type(model).__name__)
             self.runner = HFRunner(model, cfg.max_batch_size, cfg.max_seq_len)
         self.eos_token_ids = self._eos_ids(model, tokenizer)
+        self.prefix_cache = self._prefix_cache(cfg)
+        self._model_key = getattr(model.config, "_name_or_path", "") or type(model).__name__
         self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []  # index == KV cache row
+        self._running: list[_Sequence] = []  # decoding requests; index == KV cache row
+        # the request whose prompt is being prefilled, in chunks, in the row after the running ones
+        self._prefilling: _Sequence | None = None
         self._by_id: dict[int, _Sequence] = {}  # unfinished requests, for cancel() from any thread
         self._wakeup = threading.Condition()
         self._ready = threading.Event()  # set by the engine thread once warm (decode graphs compiled)
@@ -275,6 +303,19 @@ class Engine:
         self._adapter_lock = threading.Lock()  # registry: add_adapter from callers, acquire on the engine thread
         self._threads = cfg.num_threads or torch.get_num_threads()  # intra-op threads of prefill / batches
         release_openmp_workers()  # this thread loaded the model: its idle OpenMP team would slow decode
+
+    def _prefix_cache(self, cfg: EngineConfig) -> PrefixCache | None:
+        if not cfg.prefix_cache_mb:
+            return None
+        if type(self.runner) is not LlamaRunner:
+            log.warning("EngineConfig.prefix_cache_mb ignored: %s prefills prompts %s", type(self.runner).__name__,
+                        "through the HF forward" if isinstance(self.runner, HFRunner) else "whole")
+            return None
+        return PrefixCache(cfg.prefix_block_tokens, int(cfg.prefix_cache_mb * 2**20))
+
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """Prefix cache counters (`PrefixCacheStats` fields); empty without a prefix cache."""
+        return dataclasses.asdict(self.prefix_cache.stats) if self.prefix_cache is not None else {}
 
     @property
     def backend(self) -> str:
@@ -293,8 +334,8 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests queued for a free row."""
-        return len(self._waiting)
+        """Requests queued for a free row, and one whose prompt is being prefilled."""
+        return len(self._waiting) + (self._prefilling is not None)
 
     @staticmethod
     def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
@@ -369,6 +410,8 @@ class Engine:
             raise ValueError("this engine has no LoRA slots; valid: EngineConfig(max_adapters >= 1)")
         with self._adapter_lock:
             self.adapters.add(name, path)
+            if self.prefix_cache is not None:  # the same name may now hold other weights
+                self.prefix_cache.drop((self._model_key, name))
 
     def adapter_stats(self) -> dict[str, Any]:
         """Resident adapters (least recently used first), loads, evictions, capacity and bytes per slot."""
@@ -504,12 +547,15 @@ class Engine:
         self._warm()
         while True:
             with self._wakeup:
-                while not self._closed and not self._waiting and not self._running:
+                while not self._closed and not self._waiting and not self._running and self._prefilling is None:
                     self._wakeup.wait()
                 closed = self._closed
             if closed:
                 for seq in self._drain_waiting():
                     self._finish(seq, "cancelled")
+                if self._prefilling is not None:
+                    self._finish(self._prefilling, "cancelled")
+                    self._prefilling = None
                 for seq in self._running:
                     seq.cancelled = True
                 self._retire()
@@ -517,10 +563,12 @@ class Engine:
             try:
                 self.step()
             except Exception as exc:  # noqa: BLE001 - delivered to every affected client
-                for seq in itertools.chain(self._running, self._drain_waiting()):
+                prefilling = [self._prefilling] if self._prefilling is not None else []
+                for seq in itertools.chain(self._running, prefilling, self._drain_waiting()):
                     self._by_id.pop(seq.request_id, None)
                     seq.on_event(exc)
                 self._running.clear()
+                self._prefilling = None
 
     def _drain_waiting(self) -> list[_Sequence]:
         with self._wakeup:
@@ -529,27 +577,14 @@ class Engine:
         return seqs
 
     def step(self) -> None:
-        """One scheduler iteration: admit + prefill waiting requests, decode one token for all."""
+        """One scheduler iteration: prefill up to `prefill_chunk_tokens` prompt tokens, decode one token for all."""
         self._retire()
-        while len(self._running) < self.config.max_batch_size:
-            with self._wakeup:
-                if not self._waiting:
-                    break
-                seq = self._waiting.popleft()
-            if seq.cancelled:
-                self._finish(seq, "cancelled")
-                continue
-            taken = self._take_slot(seq)
-            if taken is None:
+        budget = self.config.prefill_chunk_tokens
+        while budget > 0:
+            seq = self._prefilling or self._admit()
+            if seq is None:
                 break
-            if not taken:
-                continue
-            set_threads(self._threads)
-            row = len(self._running)
-            self._running.append(seq)
-            ids = torch.tensor(seq.prompt_ids, device=self.device)
-            logits = self.runner.prefill(row, ids, seq.slot) if seq.slot else self.runner.prefill(row, ids)
-            self._accept(seq, sample(logits, seq.request, seq.generator))
+            budget -= self._prefill_chunk(seq, budget)
         self._retire()
         if not self._running:
             return
@@ -565,6 +600,76 @@ class Engine:
         for b, seq in enumerate(self._running):
             token = greedy[b] if seq.request.temperature == 0 else sample(logits[b], seq.request, seq.generator)
             self._accept(seq, token)
+
+    def _admit(self) -> _Sequence | None:
+        """Takes the next waiting request into the free row after the running ones (None: no row or none waiting)."""
+        while len(self._running) < self.config.max_batch_size:
+            with self._wakeup:
+                if not self._waiting:
+                    return None
+                seq = self._waiting.popleft()
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
+                continue
+            taken = self._take_slot(seq)
+            if taken is None:
+                return None
+            if taken:
+                seq.row = len(self._running)
+                self._prefilling = seq
+                self._reuse_prefix(seq)
+                return seq
+        return None
+
+    def _prefill_chunk(self, seq: _Sequence, budget: int) -> int:
+        """Prefills the next chunk (at most `budget` tokens) of `seq`'s prompt; returns the tokens it took.
+
+        Once the whole prompt is in the cache, the request joins the running ones with its first token.
+        """
+        if seq.cancelled:
+            self._prefilling = None
+            self._finish(seq, "cancelled")
+            return 0
+        total = len(seq.prompt_ids)
+        end = min(total, seq.prefilled + budget) if self.runner.chunked_prefill else total
+        set_threads(self._threads)
+        ids = torch.tensor(seq.prompt_ids[seq.prefilled : end], device=self.device)
+        kwargs: dict[str, int] = {"start": seq.prefilled} if seq.prefilled else {}
+        if seq.slot:
+            kwargs["slot"] = seq.slot
+        logits = self.runner.prefill(seq.row, ids, **kwargs)
+        taken, seq.prefilled = end - seq.prefilled, end
+        if end == total:
+            self._prefilling = None
+            self._store_prefix(seq)
+            if seq.row != len(self._running):  # rows before it retired meanwhile: keep running rows contiguous
+                self.runner.move(seq.row, len(self._running), seq.cached)
+            seq.row = len(self._running)
+            self._running.append(seq)
+            self._accept(seq, sample(logits, seq.request, seq.generator))
+        return taken
+
+    def _reuse_prefix(self, seq: _Sequence) -> None:
+        """Copies the KV of the longest cached prefix of `seq`'s prompt into its row.
+
+        At most all but the last prompt token come from the cache: its logits need a prefill.
+        """
+        if self.prefix_cache is None:
+            return
+        blocks = self.prefix_cache.match((self._model_key, seq.request.adapter), seq.prompt_ids,
+                                         len(seq.prompt_ids) - 1)
+        if blocks:
+            self.runner.write_kv(seq.row, 0, torch.cat(blocks, dim=3))
+            seq.prefilled = len(blocks) * self.prefix_cache.block_tokens
+
+    def _store_prefix(self, seq: _Sequence) -> None:
+        """Caches the KV of every whole block of `seq`'s prompt that is not cached yet."""
+        if self.prefix_cache is None:
+            return
+        size = self.prefix_cache.block_tokens
+        for i, key in enumerate(self.prefix_cache.keys((self._model_key, seq.request.adapter), seq.prompt_ids)):
+            if key not in self.prefix_cache:
+                self.prefix_cache.insert(key, self.runner.read_kv(seq.row, i * size, (i + 1) * size))
 
     def _take_slot(self, seq: _Sequence) -> bool | None:
         """Pins the LoRA slot of an admitted request, loading its adapter into a slot if needed.
@@ -627,7 +732,7 @@ class Engine:
             last = len(self._running) - 1
             if row != last:
                 moved = self._running[last]
-                self.runner.move(last, row, moved.position)
+                self.runner.move(last, row, moved.cached)
                 self._running[row] = moved
             self._running.pop()
             self._finish(seq, seq.finish_reason or "cancelled")

@@ -10,6 +10,9 @@ Methods (``method=``):
   (``torch.ops.aten._weight_int8pack_mm``).
 * ``weight_only_int4``: asymmetric int4 weights in groups of ``group_size`` along the input
   dimension, activations in float (``torch.ops.aten._weight_int4pack_mm_for_cpu``).
+
+The two weight-only methods use those matrix-vector kernels for few rows (decode) and, from
+:data:`GEMM_MIN_ROWS` rows on (prefill), dequantize the weight to the compute dtype and run one GEMM.
 * ``bf16``: the whole model cast to bfloat16 (baseline).
 
 Every kernel is a stock PyTorch op (no torchao, no ``torch.ao.quantization``, whose fbgemm
@@ -53,6 +56,14 @@ MANIFEST_FILE = "quantization.json"
 ComputeDtype = Literal["bfloat16", "float32"]
 CUDA_METHODS = ("weight_only_int4", "weight_only_int8", "bf16")
 HeadMode = Literal["quantize", "int8", "float"]
+# Weight-only layers switch from torch's matrix-vector kernels to "dequantize the weight, one GEMM"
+# at this many input rows (tokens): the packed kernels cost about the same per row at any row count,
+# while oneDNN's bf16 GEMM gets 2-3x cheaper per row from a few dozen rows on (bench/prefill.py,
+# docs/benchmarks/prefill.md). Decode (one row per request) keeps the matrix-vector kernels.
+# The dequantized weight is not cached: casting it is O(N K) against the GEMM's O(M N K), a few
+# percent of a prefill's time from 64 rows on, while a cache would hold a bf16 copy of every layer
+# (twice the int8 model, four times the int4 one) and undo the memory the method saves.
+GEMM_MIN_ROWS = 32
 
 
 # ----------------------------------------------------------------------------- settings
@@ -224,9 +235,9 @@ class Int8WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., K) -> (..., N) in ``x``'s dtype."""
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
-        if self.weight.is_cuda:
-            # No fast CUDA int8 weight-only kernel in torch: int8 -> compute dtype is exact (|q| <= 127),
-            # then one cuBLAS matmul; the per-channel scale applies to the output columns.
+        if self.weight.is_cuda or x2.shape[0] >= GEMM_MIN_ROWS:
+            # int8 -> compute dtype is exact (|q| <= 127), then one GEMM (cuBLAS / oneDNN); the
+            # per-channel scale applies to the output columns. (No fast CUDA int8 weight-only kernel.)
             y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
@@ -351,13 +362,21 @@ class Int4WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., K) -> (..., N) in ``x``'s dtype."""
         x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
-        if self.packed.is_cuda:
+        if not self.packed.is_cuda and x2.shape[0] >= GEMM_MIN_ROWS:
+            y = F.linear(x2, self.dequantize().to(x2.dtype))
+        elif self.packed.is_cuda:
             y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self.packed, self.group_size, self.scales_and_zeros)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole float weight, ``scale * q + min`` in float32: (N, K)."""
+        n, g = self.scales.shape
+        q = unpack_nibbles(self.qweight).view(n, g, self.group_size).float()  # (N, G, group)
+        return torch.addcmul(self.mins[..., None], q, self.scales[..., None]).view(n, self.in_features)
 
     def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` of the float weight, ``scale * q + min`` in float32: (...,) -> (..., K)."""

@@ -189,26 +189,30 @@ class LlamaRunner:
         cos, sin = self.rotary_emb(x, positions)  # (B, T, hs)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
+    chunked_prefill = True  # `prefill` continues a row from any `start` (chunks, reused prefixes)
+
     @torch.inference_mode()
-    def prefill(self, row: int, input_ids: torch.Tensor, slot: int = 0) -> torch.Tensor:
-        """Runs a prompt into cache row `row`.
+    def prefill(self, row: int, input_ids: torch.Tensor, slot: int = 0, start: int = 0) -> torch.Tensor:
+        """Runs prompt tokens into cache row `row` at positions start..start+T-1.
 
         Args:
             row: KV cache row of the request.
             input_ids: (T,) prompt token ids.
             slot: LoRA slot of the request (0: no adapter).
+            start: cache positions 0..start-1 of the row already hold this prompt's earlier tokens
+                (an earlier chunk, or a reused prefix); the new tokens attend to them.
 
         Returns:
-            (V,) logits of the last prompt position.
+            (V,) logits of the last position.
         """
         T = input_ids.shape[0]
         x = self.embed_tokens(input_ids[None])  # (1, T, C)
-        positions = torch.arange(T, device=x.device)
+        positions = torch.arange(start, start + T, device=x.device)
         rope = self._rope(x, positions[None])
         slots = torch.tensor([slot], device=x.device) if self.lora is not None and slot else None
         for i, layer in enumerate(self.layers):
             q, k, v = self._heads(i, layer.input_layernorm(x), rope, slots)
-            x = x + self._o_proj(i, self._attention(i, q, k, v, positions, T, None, row=row), slots)
+            x = x + self._o_proj(i, self._attention(i, q, k, v, positions, start + T, None, row=row), slots)
             x = x + self._mlp(i, layer.post_attention_layernorm(x), slots)
         x = self.norm(x[:, -1:])
         return self.lm_head(x)[0, -1].float()
@@ -283,10 +287,10 @@ class LlamaRunner:
         """Writes k/v into layer `i`'s cache and attends q over cache positions 0..T-1.
 
         Args:
-            q: (B, nh, S, hs) rotated queries; S = T for a prefill (B = 1), 1 for a decode step.
+            q: (B, nh, S, hs) rotated queries; S = prompt tokens of a prefill (B = 1), 1 for a decode step.
             k, v: (B, n_kv, S, hs) new keys / values.
-            positions: (S,) prompt positions for a prefill; (B,) position of each row's token for
-                a decode step (rows 0..B-1).
+            positions: (S,) positions start..T-1 of a prefill's tokens; (B,) position of each row's
+                token for a decode step (rows 0..B-1).
             T: attended cache length.
             mask: (B, 1, 1, T) additive mask of a decode step whose rows are at different
                 positions; None when every row is at position T-1.
@@ -300,10 +304,15 @@ class LlamaRunner:
         B, _, S, _ = q.shape
         n_rep = self.n_head // self.n_kv_head
         if row is not None:
-            k_cache[row, :, :S] = k[0]
-            v_cache[row, :, :S] = v[0]
-            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (1, nh, S, hs)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            start = T - S
+            k_cache[row, :, start:T] = k[0]
+            v_cache[row, :, start:T] = v[0]
+            causal = None
+            if start:  # attend to the row's earlier positions too: position p sees 0..p
+                k, v = k_cache[row : row + 1, :, :T], v_cache[row : row + 1, :, :T]
+                causal = torch.arange(T, device=q.device)[None, :] <= positions[:, None]  # (S, T)
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (1, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, is_causal=causal is None, scale=scale)
             return y.transpose(1, 2).reshape(1, S, -1)
         if mask is None:  # one position for all rows: no index_put
             k_cache[:B].index_copy_(2, positions[:1], k)
@@ -316,6 +325,18 @@ class LlamaRunner:
         q = q.view(B, self.n_kv_head, n_rep, self.head_dim)  # (B, n_kv, n_rep, hs)
         y = F.scaled_dot_product_attention(q, k_cache[:B, :, :T], v_cache[:B, :, :T], attn_mask=mask, scale=scale)
         return y.reshape(B, 1, -1)
+
+    def read_kv(self, row: int, start: int, end: int) -> torch.Tensor:
+        """A copy of cache positions start..end-1 of `row`: (L, 2, n_kv, end - start, hs), keys then values."""
+        return torch.stack([torch.stack([k[row, :, start:end], v[row, :, start:end]])
+                            for k, v in zip(self.k_cache, self.v_cache)])
+
+    def write_kv(self, row: int, start: int, kv: torch.Tensor) -> None:
+        """Writes `kv` (L, 2, n_kv, T, hs), as `read_kv` returns it, into positions start..start+T-1 of `row`."""
+        end = start + kv.shape[3]
+        for layer, (k, v) in enumerate(zip(self.k_cache, self.v_cache)):
+            k[row, :, start:end] = kv[layer, 0]
+            v[row, :, start:end] = kv[layer, 1]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copies the first `length` cache positions of row `src` into row `dst`."""
@@ -339,10 +360,14 @@ class HFRunner:
         params = inspect.signature(model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
+    chunked_prefill = True
+
     @torch.inference_mode()
-    def prefill(self, row: int, input_ids: torch.Tensor) -> torch.Tensor:
-        """Returns (V,) logits of the last prompt position of `input_ids` (T,)."""
-        out = self.model(input_ids=input_ids[None], use_cache=True)
+    def prefill(self, row: int, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Returns (V,) logits of the last position of `input_ids` (T,), fed after the row's first
+        `start` tokens (an earlier chunk of the same prompt, already in the row's cache)."""
+        cache = {self.cache_kwarg: self.caches[row]} if start else {}
+        out = self.model(input_ids=input_ids[None], use_cache=True, **cache)
         self.caches[row] = out.past_key_values
         return out.logits[0, -1].float()
 

@@ -78,13 +78,19 @@ class AppArgs(BaseConfig):
     attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field("auto", description="attention kernel")
     max_batch_size: int = Field(8, ge=1, description="requests decoded together per generator replica")
     max_queue: int = Field(32, ge=1, description="requests waiting per engine; more get 503 + Retry-After")
-    max_seq_len: int = Field(2048, ge=16, description="prompt + generated tokens per request")
+    max_seq_len: int = Field(3072, ge=16, description="prompt + generated tokens per request: a 2k-token RAG "
+                             "prompt plus the longest answer a request may ask for (1024); the KV cache holds "
+                             "max_batch_size rows of it")
     num_threads: int | None = Field(None, ge=1, description="torch threads per generator replica")
     quantization: Literal["weight_only_int4", "weight_only_int8", "none"] = Field(
         "weight_only_int4", description="quantize a float generator as it loads on CPU (the embedded model's int4 "
         "holds its GGUF's Q4_1 weights bit for bit); an adapter artifact as `model` serves unmerged on its "
         "quantized base, which is the trained model itself; quantized artifacts load as saved; GPUs serve "
         "bfloat16")
+    prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens prefilled per engine step; a long "
+                                      "prompt is prefilled in chunks between the running streams' decode steps")
+    prefix_cache_mb: float = Field(256, ge=0, description="MiB of prompt-prefix keys/values kept per generator "
+                                   "replica and reused by later prompts with the same prefix (LRU); 0: off")
     compile: bool = Field(False, description="torch.compile the engine's decode step (faster decode; the replica "
                           "compiles before it serves, then later starts read the Inductor cache in the node-local "
                           "cache dir; eager if compiling fails). Off by default: the first compile with LoRA slots "
@@ -285,6 +291,7 @@ class Generator:
         self.engine = self._engine()
         self.metrics = GeneratorMetrics()
         self._adapter_counts: dict[str, tuple[int, int]] = {}  # name -> (loads, evictions) already counted
+        self._prefix_counts = (0, 0)  # prefix cache (hit tokens, lookup tokens) already counted
         threading.Thread(target=_sample_engines, args=(weakref.ref(self),), name="raylm-gauges", daemon=True).start()
         log.info("generator ready: model=%s device=%s format=%s (%s) attention=%s ops=%s engine=%s",
                  self.args.model, self.device_name, self.placement.format, self.placement.reason,
@@ -305,7 +312,9 @@ class Generator:
         config = EngineConfig(max_batch_size=self.args.max_batch_size, max_queue=self.args.max_queue,
                               max_seq_len=self.args.max_seq_len, num_threads=self.args.num_threads,
                               compile=self.args.compile, max_adapters=self.args.max_adapters,
-                              max_lora_rank=self.args.max_lora_rank)
+                              max_lora_rank=self.args.max_lora_rank,
+                              prefill_chunk_tokens=self.args.prefill_chunk_tokens,
+                              prefix_cache_mb=self.args.prefix_cache_mb)
         try:
             engine = Engine(model, self.tokenizer, config)
         except ValueError as exc:  # not a Llama-family model: no unmerged adapters there
@@ -323,6 +332,15 @@ class Generator:
         """Read the engine's queue depth and running batch size into the gauges, and its adapter loads
         and evictions since the last reading into their counters."""
         self.metrics.engine_load(self.model_id, self.engine.num_waiting, self.engine.num_running)
+        prefix = self.engine.prefix_cache_stats()
+        if prefix:
+            seen_hits, seen_lookups = self._prefix_counts
+            tags = {"model": self.model_id}
+            if prefix["hit_tokens"] > seen_hits:
+                self.metrics.prefix_hits.inc(prefix["hit_tokens"] - seen_hits, tags=tags)
+            if prefix["lookup_tokens"] > seen_lookups:
+                self.metrics.prefix_lookups.inc(prefix["lookup_tokens"] - seen_lookups, tags=tags)
+            self._prefix_counts = (prefix["hit_tokens"], prefix["lookup_tokens"])
         if self.engine.adapters is None:
             return
         stats = self.engine.adapters
@@ -423,7 +441,7 @@ class Generator:
                 "engine_compiled": self.engine.compiled, "adapters_loaded": loaded,
                 "device": self.device_name,
                 "format": f"{self.placement.format}, {self.quantization} ({self.placement.reason})",
-                "pid": os.getpid()}
+                "prefix_cache": self.engine.prefix_cache_stats(), "pid": os.getpid()}
 
 
 def _completion_dict(completion: Any) -> dict:
@@ -585,7 +603,7 @@ class Ingress:
                 "device": info["device"], "format": info["format"],
                 "index": index["index"] if index else None,
                 "index_chunks": index["chunks"] if index else None, "adapters_loaded": info["adapters_loaded"],
-                "generator_pid": info["pid"]}
+                "prefix_cache": info["prefix_cache"], "generator_pid": info["pid"]}
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:

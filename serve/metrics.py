@@ -58,7 +58,12 @@ ADAPTER_LOADS = MetricSpec("counter", "raylm_adapter_loads_total", "LoRA adapter
 ADAPTER_EVICTIONS = MetricSpec("counter", "raylm_adapter_evictions_total", "LoRA adapters evicted from a slot "
                                "(least recently used idle one, when a request needs an adapter and every slot "
                                "is taken)", ("adapter",))
-SPECS = (REQUESTS, RETRIEVAL, TTFT, TPOT, TOKENS, QUEUE, BATCH, ADAPTER_LOADS, ADAPTER_EVICTIONS)
+PREFIX_HITS = MetricSpec("counter", "raylm_prefix_cache_hit_tokens_total", "prompt tokens whose keys and values "
+                         "came from the engine's prefix cache instead of a prefill", ("model",))
+PREFIX_LOOKUPS = MetricSpec("counter", "raylm_prefix_cache_lookup_tokens_total", "prompt tokens looked up in the "
+                            "engine's prefix cache (hit rate: hit tokens / these)", ("model",))
+SPECS = (REQUESTS, RETRIEVAL, TTFT, TPOT, TOKENS, QUEUE, BATCH, ADAPTER_LOADS, ADAPTER_EVICTIONS, PREFIX_HITS,
+         PREFIX_LOOKUPS)
 
 
 @dataclass
@@ -80,6 +85,8 @@ class GeneratorMetrics:
     batch: Any = dataclasses.field(default_factory=BATCH.create)
     adapter_loads: Any = dataclasses.field(default_factory=ADAPTER_LOADS.create)
     adapter_evictions: Any = dataclasses.field(default_factory=ADAPTER_EVICTIONS.create)
+    prefix_hits: Any = dataclasses.field(default_factory=PREFIX_HITS.create)
+    prefix_lookups: Any = dataclasses.field(default_factory=PREFIX_LOOKUPS.create)
 
     def completed(self, model: str, completion: dict) -> None:
         """Record one finished request (an :class:`ops.engine.Completion` as a dict)."""

@@ -287,6 +287,8 @@ class Health(BaseModel):
     index: str | None
     index_chunks: int | None
     adapters_loaded: list[str]
+    prefix_cache: dict[str, int] = Field(default_factory=dict, description="the engine's prefix cache counters "
+                                         "(ops.prefix_cache.PrefixCacheStats); empty when it is off")
     generator_pid: int
 
 

@@ -58,10 +58,55 @@ def test_greedy_matches_hf_generate_batched(engine, tiny_model, tokenizer):
         assert out.token_ids == hf_greedy(tiny_model, tokenizer, prompt, 64)
 
 
+LONG_PROMPT = " ".join(f"Passage {i}: the river runs past mill number {i * 7} and the town." for i in range(12))
+
+
+@pytest.mark.parametrize("chunk", [3, 16])
+def test_chunked_prefill_matches_hf_generate(tiny_model, tokenizer, chunk):
+    """Prompts prefilled a few tokens per step, interleaved with the others' decode steps, say what generate says."""
+    prompts = [LONG_PROMPT, *PROMPTS]
+    assert len(tokenizer(LONG_PROMPT)["input_ids"]) > 8 * chunk
+    with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=3, max_seq_len=512,
+                                                    prefill_chunk_tokens=chunk)) as eng:
+        outs = eng.generate_sync([Request(prompt=p, max_tokens=24, ignore_eos=True) for p in prompts])
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(tiny_model, tokenizer, prompt, 24)
+
+
+def test_running_stream_keeps_producing_tokens_while_a_long_prompt_is_prefilled(tiny_model, tokenizer):
+    chunk = 8
+    with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=2, max_seq_len=512,
+                                                    prefill_chunk_tokens=chunk)) as eng:
+        calls: list[tuple[str, int]] = []
+        prefill, decode = eng.runner.prefill, eng.runner.decode_one_token
+
+        def record_prefill(row, ids, **kwargs):
+            calls.append(("prefill", ids.shape[0]))
+            return prefill(row, ids, **kwargs)
+
+        def record_decode(tokens, positions, *args):
+            calls.append(("decode", tokens.shape[0]))
+            return decode(tokens, positions, *args)
+
+        eng.runner.prefill, eng.runner.decode_one_token = record_prefill, record_decode
+        running = eng.stream_sync(Request(prompt=PROMPTS[0], max_tokens=400, ignore_eos=True))
+        next(running)  # the first stream is decoding
+        calls.clear()
+        long = eng.generate_sync([Request(prompt=LONG_PROMPT, max_tokens=2, ignore_eos=True)])[0]
+        running.close()
+    chunks = [i for i, (kind, n) in enumerate(calls) if kind == "prefill"]
+    assert len(chunks) == -(-long.prompt_tokens // chunk) >= 8
+    assert all(calls[i][1] <= chunk for i in chunks)
+    # one decode step of the running stream after every chunk but the last
+    for before, after in zip(chunks, chunks[1:]):
+        assert [c for c in calls[before + 1:after]] == [("decode", 1)]
+
+
 def test_hf_fallback_matches_generate(tokenizer):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_embd=64, n_layer=2, n_head=2, n_positions=256)).eval()
-    with Engine(model, tokenizer, EngineConfig(max_batch_size=2, max_seq_len=256)) as eng:
+    # chunks of 4: the HF forward continues a request's DynamicCache chunk by chunk
+    with Engine(model, tokenizer, EngineConfig(max_batch_size=2, max_seq_len=256, prefill_chunk_tokens=4)) as eng:
         assert eng.backend == "hf"
         outs = eng.generate_sync([Request(prompt=p, max_tokens=16, ignore_eos=True) for p in PROMPTS[:2]])
     for prompt, out in zip(PROMPTS, outs):

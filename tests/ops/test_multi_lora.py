@@ -75,9 +75,10 @@ def test_unmerged_adapter_alone_matches_peft_generate(base, tokenizer, adapters)
     assert out.token_ids != hf_greedy(base, tokenizer, PROMPTS[1])  # the adapter changes the answer
 
 
-def test_batch_mixing_adapters_and_base_rows_matches_peft(base, tokenizer, adapters):
+@pytest.mark.parametrize("chunk", [256, 3])  # 3: prompts prefilled in chunks between the others' decode steps
+def test_batch_mixing_adapters_and_base_rows_matches_peft(base, tokenizer, adapters, chunk):
     mix = ["a", "b", None, "a"]
-    with engine_for(base, tokenizer, adapters) as eng:
+    with engine_for(base, tokenizer, adapters, prefill_chunk_tokens=chunk) as eng:
         outs = eng.generate_sync([Request(prompt=p, max_tokens=NEW, ignore_eos=True, adapter=a)
                                   for p, a in zip(PROMPTS, mix)])
         assert eng.adapter_stats()["loads"] == 2
@@ -128,3 +129,19 @@ def test_compiled_mixed_adapters_match_peft_without_recompiling(base, tokenizer,
         for prompt, adapter, out in zip(PROMPTS, mix, run):
             model = base if adapter is None else adapters[adapter][1]
             assert out.token_ids == hf_greedy(model, tokenizer, prompt), (prompt, adapter)
+
+
+def test_prefix_cache_is_kept_per_adapter_and_invisible(base, tokenizer, adapters):
+    """Base and adapter requests share a prompt prefix but not its KV; every answer is PEFT's own."""
+    shared = "Passage: the mill on the river was built in 1821 and ground wheat for the town. " * 2
+    prompts = [shared + "Question: when?", shared + "Question: what?"]
+    mix = [None, "a", None, "a"]
+    with engine_for(base, tokenizer, adapters, max_batch_size=1, prefix_cache_mb=4, prefix_block_tokens=8,
+                    prefill_chunk_tokens=8) as eng:
+        outs = eng.generate_sync([Request(prompt=p, max_tokens=NEW, ignore_eos=True, adapter=a)
+                                  for p, a in zip(prompts * 2, mix)])
+        stats = eng.prefix_cache_stats()
+    assert stats["hit_tokens"] >= 2 * 8 * (len(tokenizer(shared)["input_ids"]) // 8)  # the 3rd and 4th hit
+    for prompt, adapter, out in zip(prompts * 2, mix, outs):
+        model = base if adapter is None else adapters[adapter][1]
+        assert out.token_ids == hf_greedy(model, tokenizer, prompt), (prompt, adapter)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from ops.errors import UserError
+from ops import quantization
 from ops.model import load_model, load_tokenizer, model_size_bytes, resolve
-from ops.quantization import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, TiedEmbedding, fuse_weight_only,
+from ops.quantization import (GEMM_MIN_ROWS, Int4WeightOnlyLinear, Int8WeightOnlyLinear, TiedEmbedding, fuse_weight_only,
                               pack_nibbles, quantize, quantize_int4_groupwise, save_quantized, unpack_nibbles)
 
 # The tiny model's MLP input is 144 wide, which no int4 kernel group size (32..256) divides.
@@ -90,6 +91,51 @@ def test_fused_weight_only_equals_separate_modules(kind, compute_dtype):
     ids = torch.arange(sum(sizes))
     torch.testing.assert_close(fused.dequantize_rows(ids), torch.cat([m.dequantize_rows(torch.arange(n))
                                                                       for m, n in zip(mods, sizes)]))
+
+
+def _weight_only(kind: str, compute_dtype: str, linear: torch.nn.Linear) -> torch.nn.Module:
+    if kind == "int4":
+        return Int4WeightOnlyLinear.from_float(linear, group_size=32, compute_dtype=compute_dtype)
+    return Int8WeightOnlyLinear.from_float(linear, compute_dtype=compute_dtype)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("compute_dtype", ["bfloat16", "float32"])
+def test_gemm_path_agrees_with_matrix_vector_path(kind, compute_dtype):
+    """Many rows (prefill) run one GEMM over the dequantized weight; a row at a time runs the packed kernel."""
+    torch.manual_seed(0)
+    layer = _weight_only(kind, compute_dtype, torch.nn.Linear(128, 96, bias=True))
+    x = torch.randn(GEMM_MIN_ROWS + 5, 128)
+    gemm = layer(x)
+    matvec = torch.cat([layer(row[None]) for row in x])
+    assert (gemm - matvec).abs().max() / matvec.abs().max() < 1e-2
+    # the GEMM path is the dequantized weight's matmul (exactly, in the compute dtype)
+    cdt = torch.bfloat16 if compute_dtype == "bfloat16" else torch.float32
+    w = layer.dequantize_rows(torch.arange(96))
+    if kind == "int8":
+        expected = torch.nn.functional.linear(x.to(cdt), layer.weight.to(cdt)) * layer.scales + layer.bias
+    else:
+        torch.testing.assert_close(layer.dequantize(), w)
+        expected = torch.nn.functional.linear(x.to(cdt), layer.dequantize().to(cdt)) + layer.bias
+    assert torch.equal(gemm, expected.float())
+    torch.testing.assert_close(gemm, x @ w.t() + layer.bias.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("method, settings", [("weight_only_int8", {}), ("weight_only_int4", INT4)])
+def test_prefill_gemm_logits_and_perplexity_match_matrix_vector(tiny, monkeypatch, method, settings):
+    """The whole quantized model: logits within 1e-2 relative and perplexity within 0.5% of the decode kernels."""
+    model, _, ids = tiny
+    q = quantize(model, method, **settings)
+    assert ids.numel() >= GEMM_MIN_ROWS  # rows of one forward: batch x tokens
+    gemm = q(input_ids=ids).logits
+    monkeypatch.setattr(quantization, "GEMM_MIN_ROWS", 1 << 30)
+    matvec = q(input_ids=ids).logits
+    assert (gemm - matvec).abs().max() / matvec.abs().max() < 1e-2
+
+    def ppl(logits: torch.Tensor) -> float:
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).exp().item()
+
+    assert abs(ppl(gemm) / ppl(matvec) - 1) < 0.005
 
 
 def test_fuse_weight_only_refuses_mixed_modules():

@@ -33,6 +33,8 @@ EXPECTED = {
     "raylm_running_batch_size": ("Gauge", ("model",)),
     "raylm_adapter_loads_total": ("Counter", ("adapter",)),
     "raylm_adapter_evictions_total": ("Counter", ("adapter",)),
+    "raylm_prefix_cache_hit_tokens_total": ("Counter", ("model",)),
+    "raylm_prefix_cache_lookup_tokens_total": ("Counter", ("model",)),
 }
 
 

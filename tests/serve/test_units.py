@@ -148,6 +148,9 @@ def test_adapter_loads_and_evictions_are_counted_once_per_event():
     class Engine:
         adapters, num_waiting, num_running = Registry(), 3, 2
 
+        def prefix_cache_stats(self) -> dict:
+            return {}
+
     gen = object.__new__(Generator.func_or_class)
     gen.model_id, gen.engine, gen._adapter_counts = "tiny", Engine(), {}
     gen.metrics = GeneratorMetrics(queue=Recorder(), batch=Recorder(), adapter_loads=Recorder(),
@@ -204,3 +207,27 @@ def test_serving_quantization_falls_back_to_float_weights_it_cannot_group():
     model = _tiny_llama(144)  # down_proj's input 144 is no multiple of the group size 32
     same, why = serving_quantization(model, "/some/dir", "hf", "weight_only_int4", "cpu")
     assert same is model and why.startswith("as loaded (weight_only_int4 does not apply:") and "144" in why
+def test_prefix_cache_hits_are_counted_once():
+    """The gauge thread turns the prefix cache's running totals into counter increments."""
+    from serve.app import Generator
+    from serve.metrics import GeneratorMetrics
+    from tests.serve.test_metrics import Recorder
+
+    class Engine:
+        adapters, num_waiting, num_running = None, 0, 1
+        stats = {"hit_tokens": 64, "lookup_tokens": 100}
+
+        def prefix_cache_stats(self) -> dict:
+            return dict(self.stats)
+
+    gen = object.__new__(Generator.func_or_class)
+    gen.model_id, gen.engine, gen._adapter_counts, gen._prefix_counts = "tiny", Engine(), {}, (0, 0)
+    gen.metrics = GeneratorMetrics(queue=Recorder(), batch=Recorder(), prefix_hits=Recorder(),
+                                   prefix_lookups=Recorder())
+    gen.sample_engines()
+    gen.sample_engines()  # nothing new: nothing more counted
+    Engine.stats = {"hit_tokens": 96, "lookup_tokens": 150}
+    gen.sample_engines()
+    assert gen.metrics.prefix_hits.calls == [("inc", 64, {"model": "tiny"}), ("inc", 32, {"model": "tiny"})]
+    assert gen.metrics.prefix_lookups.calls == [("inc", 100, {"model": "tiny"}), ("inc", 50, {"model": "tiny"})]
+
