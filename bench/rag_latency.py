@@ -113,11 +113,6 @@ def llama_cpp_ttft(prompts: dict[int, list[str]], threads: int) -> dict:
 
 def llama_cpp_child(prompts: dict[str, list[str]], threads: int) -> dict:
     """In the child: for each length, the median seconds from a fresh context to the first generated token."""
-    if importlib.util.find_spec("diskcache") is None:
-        # llama_cpp imports diskcache at import time for its on-disk prompt cache only, which is not used here
-        import types
-
-        sys.modules["diskcache"] = types.ModuleType("diskcache")
     from llama_cpp import Llama
 
     from ops.model import DEFAULT_MODEL, embedded_gguf
