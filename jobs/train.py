@@ -31,15 +31,16 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from cluster.cli import run_job
-from cluster.config import BaseConfig, save_config
+from cluster.config import BaseConfig, save_config, storage_field
 from cluster.resources import require_free
 from cluster.runtime import cluster_cpus, cluster_gpus, init_ray, report_interval_s
-from cluster.storage import local_storage_root, resolve_storage, validate_name, writable_artifact
+from cluster.storage import join, local_storage_root, ray_storage, resolve_storage, validate_name
 from jobs.data import IGNORE_INDEX, DataConfig, QASection, Task, block_datasets, qa_datasets
 from ops.errors import UserError
 from ops.attention import choose_attention
 from ops.lora import DEFAULT_TARGETS, add_lora, apply_adapter, check_target_modules, merge_adapter, trainable_parameters
-from ops.model import DEFAULT_MODEL, MANIFEST, autocast_dtype, load_model, load_tokenizer, resolve
+from ops import artifacts
+from ops.model import DEFAULT_MODEL, autocast_dtype, load_model, load_tokenizer, resolve
 
 DESCRIPTION = __doc__
 FAIL_AT_STEP_ENV = "RAYLM_FAIL_AT_STEP"
@@ -64,7 +65,7 @@ class TrainConfig(DataConfig):
     method: Literal["full", "lora"] = Field("lora", description="full fine-tune (baseline) or LoRA")
     model: str = Field(DEFAULT_MODEL, description="base model spec: embedded name, HF id or local directory")
     name: str = Field("train", description="run name: <storage>/runs/<name>/, adapters|models/<name>/")
-    storage: str = Field("./artifacts", description="artifact root: local path or URI")
+    storage: str = storage_field()
     num_workers: int = Field(2, description="Ray Train workers (DDP ranks)")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker")
     use_gpu: bool | Literal["auto"] = Field("auto", description="one GPU per worker; auto = when the cluster has GPUs")
@@ -446,35 +447,36 @@ def export(cfg: TrainConfig, result, storage: str, wall_s: float, tokenizer) -> 
         "steps": final["step"], "tokens": final["tokens"], "train_time_s": final["train_time_s"],
         "wall_time_s": wall_s, "tokens_per_s": final["tokens"] / max(final["train_time_s"], 1e-9),
     }
-    kind = "adapters" if cfg.method == "lora" else "models"
-    with writable_artifact(cfg.storage, kind, cfg.name) as out, best_ckpt.as_directory() as best:
+    kind = artifacts.Kind.ADAPTERS if cfg.method == "lora" else artifacts.Kind.MODELS
+    with artifacts.publish(cfg.storage, kind, cfg.name) as out, best_ckpt.as_directory() as best:
         for f in Path(best).iterdir():
             if f.name != STATE_FILE and f.is_file():
                 shutil.copy2(f, out / f.name)
         if cfg.method == "full":
             tokenizer.save_pretrained(out)
         save_config(cfg, out)
-        (out / MANIFEST).write_text(json.dumps({
-            "kind": "adapter" if cfg.method == "lora" else "model", "base_model": cfg.model, "method": cfg.method,
-            "name": cfg.name, "run": str(Path(storage) / "runs" / cfg.name), "step": best_metrics["step"],
-            "val_perplexity": best_metrics["val_perplexity"]}, indent=2))
+        manifest = artifacts.AdapterManifest if cfg.method == "lora" else artifacts.ModelManifest
+        artifacts.write_manifest(out, manifest(
+            base_model=cfg.model, method=cfg.method, name=cfg.name, run=artifacts.uri(cfg.storage, "runs", cfg.name),
+            step=best_metrics["step"], val_perplexity=best_metrics["val_perplexity"]))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out / "history.json").write_text(json.dumps(history))
         plot_curves(history, initial, out / "curves.png")
-    published = Path(storage) / kind / cfg.name
+    published = artifacts.require(cfg.storage, kind, cfg.name)
     if cfg.merge:
         base = load_model(cfg.model, storage=storage, dtype="float32")
         merged = merge_adapter(apply_adapter(base, published))
-        with writable_artifact(cfg.storage, "models", f"{cfg.name}-merged") as out:
+        with artifacts.publish(cfg.storage, artifacts.Kind.MODELS, f"{cfg.name}-merged") as out:
             merged.save_pretrained(out, safe_serialization=True)
             tokenizer.save_pretrained(out)
-            (out / MANIFEST).write_text(json.dumps({"kind": "model", "base_model": cfg.model,
-                                                    "adapter": str(published), "merged": True}, indent=2))
-        print(f"[train] merged model: {Path(storage) / 'models' / (cfg.name + '-merged')}", flush=True)
+            artifacts.write_manifest(out, artifacts.ModelManifest(
+                name=f"{cfg.name}-merged", base_model=cfg.model, merged=True,
+                adapter=artifacts.uri(cfg.storage, kind, cfg.name)))
+        print(f"[train] merged model: {artifacts.uri(cfg.storage, 'models', cfg.name + '-merged')}", flush=True)
     print(f"[train] val perplexity {initial:.4f} -> best {metrics['best_val_perplexity']:.4f} at step "
           f"{metrics['best_step']} ({100 * metrics['val_perplexity_reduction']:.1f}% lower); {metrics['steps']} steps, "
           f"{metrics['tokens']:,} tokens, {metrics['tokens_per_s']:.0f} tokens/s", flush=True)
-    print(f"[train] exported: {published}", flush=True)
+    print(f"[train] exported: {artifacts.uri(cfg.storage, kind, cfg.name)}", flush=True)
     return published
 
 
@@ -542,7 +544,7 @@ def build_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> tuple[Any,
         # NCCL all-reduces GPU tensors in place; gloo is the CPU collective library.
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=f"{resolve_storage(cfg.storage)}/runs",
+            name=cfg.name, **ray_storage(join(resolve_storage(cfg.storage), "runs")),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                          checkpoint_score_attribute="val_perplexity",
@@ -566,7 +568,17 @@ def main(cfg: TrainConfig) -> Path:
     require_free({"CPU": cfg.num_workers * cfg.cpus_per_worker, "GPU": gpus}, "jobs.train",
                  f"num_workers={cfg.num_workers} x cpus_per_worker={cfg.cpus_per_worker}"
                  + (" + 1 GPU each" if gpus else ""))
-    trainer, tokenizer, storage = build_trainer(cfg)
+    return train(cfg, t0=t0)
+
+
+def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), t0: float | None = None) -> Path:
+    """Train and publish; returns the local directory of the published adapter (or model).
+
+    The entry for a caller that has placed the work itself (a Tune trial, with ``callbacks``
+    forwarding its reports): no check of free resources.
+    """
+    t0 = time.perf_counter() if t0 is None else t0
+    trainer, tokenizer, storage = build_trainer(cfg, callbacks)
     result = trainer.fit()
     return export(cfg, result, storage, time.perf_counter() - t0, tokenizer)
 
