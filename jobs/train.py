@@ -232,6 +232,143 @@ def _maybe_fail(step: int, rank: int, run_dir: Path) -> None:
     os._exit(1)
 
 
+def _restore(cfg: TrainConfig, storage: str, device: torch.device, attention: str,
+             rank: int) -> tuple[torch.nn.Module, dict | None]:
+    """The model, from Ray Train's checkpoint when this run has one, and the saved loop state (or None)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()  # Ray: resume point after a failure or a re-run
+    with contextlib.ExitStack() as stack:
+        resume_dir = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
+        model = build_model(cfg, storage, device, resume_dir, attention)
+        saved = torch.load(Path(resume_dir) / STATE_FILE, map_location="cpu", weights_only=False) \
+            if resume_dir else None
+    if rank == 0:
+        trainable, total = trainable_parameters(model)
+        print(f"[train] {cfg.method}: trainable parameters {trainable:,} of {total:,} "
+              f"({100 * trainable / total:.3f}%)", flush=True)
+    return model, saved
+
+
+def _log_start(run_dir: Path, rank: int, world: int, step: int) -> None:
+    """Where every rank of every attempt ran: one line each, appended (a single small write, so
+    concurrent ranks on a shared filesystem do not interleave)."""
+    import ray
+
+    placement = {"event": "worker", "rank": rank, "world": world,
+                 "node_id": ray.get_runtime_context().get_node_id(),  # Ray: this worker's node
+                 "hostname": socket.gethostname(), "pid": os.getpid(), "step": step}
+    with (run_dir / WORKERS_FILE).open("a") as fh:
+        fh.write(json.dumps(placement) + "\n")
+    if rank == 0:
+        # Every attempt marks where it starts, so readers of the raw log can drop rolled-back steps.
+        with (run_dir / HISTORY_FILE).open("a") as fh:
+            fh.write(json.dumps({"event": "start", "step": step}) + "\n")
+
+
+def _micro_batches(shard: Any, cfg: TrainConfig, rank: int, world: int, state: dict[str, Any]):
+    """Endless micro-batches ``{"input_ids": (B, T), ...}``, continuing the epoch where the checkpoint left it."""
+    stride = cfg.shard == "stride"
+    fetch = cfg.batch_size * world if stride else cfg.batch_size
+    while True:
+        batches = shard.iter_torch_batches(batch_size=fetch, drop_last=True, dtypes=torch.long)
+        for i, batch in enumerate(batches):
+            if i < state["batch_in_epoch"]:
+                continue
+            state["batch_in_epoch"] = i + 1
+            yield {k: v[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] if stride else v
+                   for k, v in batch.items()}
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+
+
+def _accumulate(model: torch.nn.Module, stream: Any, cfg: TrainConfig, device: torch.device,
+                amp: torch.dtype | None) -> tuple[float, int]:
+    """Forward + backward of one step's ``grad_accum`` micro-batches; returns (summed loss, tokens)."""
+    loss_sum, step_tokens = 0.0, 0
+    for micro in range(cfg.grad_accum):
+        batch = next(stream)
+        ids, labels, mask = _trimmed(batch["input_ids"], batch.get("labels"), batch.get("attention_mask"),
+                                     device)  # (B, T)
+        step_tokens += ids.numel() if mask is None else int(mask.sum())
+        # DDP all-reduces gradients only on the last micro-batch of a step.
+        sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                if labels is None:
+                    loss = model(input_ids=ids, labels=ids).loss
+                else:
+                    nll, count = answer_nll(model, ids, labels, mask)
+                    loss = nll / count.clamp(min=1)
+                loss = loss / cfg.grad_accum
+            loss.backward()
+        loss_sum += loss.item()
+    return loss_sum, step_tokens
+
+
+def _report_checkpoint(metrics: dict[str, Any], raw_model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                       state: dict[str, Any], rank: int) -> None:
+    """Report ``metrics`` with a checkpoint (rank 0 writes it; Ray Train persists it to the storage path)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as tmp:
+        if rank == 0:
+            raw_model.save_pretrained(tmp, safe_serialization=True)
+            torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state()}, Path(tmp) / STATE_FILE)
+        ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{metrics['step']:06d}")  # Ray: checkpoint
+
+
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module, saved: dict | None, state: dict[str, Any],
+               rank: int) -> tuple[Any, Any]:
+    """AdamW over the trainable parameters and the warmup + cosine schedule, restored from ``saved``
+    (which also restores ``state`` and the RNG) when resuming."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    if saved:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        state.update({k: saved[k] for k in state})
+        if rank == 0:
+            print(f"[train] resumed from step {state['step']}", flush=True)
+    return optimizer, scheduler
+
+
+def _validation(cfg: TrainConfig, model: torch.nn.Module, rank: int, world: int, amp: torch.dtype | None,
+                state: dict[str, Any]) -> Any:
+    """A function that returns the validation perplexity of ``model`` on the held-out set (read once);
+    measures the untrained model first (``state["initial_val_perplexity"]``) unless resuming."""
+    import ray.train
+
+    val_batches = list(ray.train.get_dataset_shard("val").iter_torch_batches(  # Ray: held-out
+        batch_size=cfg.eval_batch_size, dtypes=torch.long))
+    blocks = torch.cat([b["input_ids"] for b in val_batches])  # (N_val, T)
+    # task=rag_qa rows carry labels (answer tokens only) and an attention mask (padding).
+    labels = torch.cat([b["labels"] for b in val_batches]) if "labels" in val_batches[0] else None
+    mask = torch.cat([b["attention_mask"] for b in val_batches]) if "attention_mask" in val_batches[0] else None
+    def val_perplexity() -> float:
+        return math.exp(validation_nll(model, blocks, rank, world, cfg.eval_batch_size, amp, labels, mask))
+
+    if state["initial_val_perplexity"] is None:
+        state["initial_val_perplexity"] = val_perplexity()
+        if rank == 0:
+            print(f"[train] step 0 val_perplexity={state['initial_val_perplexity']:.4f}", flush=True)
+    return val_perplexity
+
+
+def _log_step(metrics: dict[str, Any], max_steps: int, run_dir: Path) -> None:
+    """Print a step's line and append its metrics to the run's history file (rank 0)."""
+    extra = f" val_perplexity={metrics['val_perplexity']:.4f}" if "val_perplexity" in metrics else ""
+    print(f"[train] step {metrics['step']}/{max_steps} loss={metrics['loss']:.4f} lr={metrics['lr']:.2e} "
+          f"grad_norm={metrics['grad_norm']:.3f} tokens/s={metrics['tokens_per_s']:.0f}{extra}", flush=True)
+    with (run_dir / HISTORY_FILE).open("a") as fh:
+        fh.write(json.dumps(metrics) + "\n")
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The training loop of one Ray Train worker (DDP rank).
 
@@ -258,74 +395,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     state: dict[str, Any] = {"step": 0, "tokens": 0, "epoch": 0, "batch_in_epoch": 0, "train_time_s": 0.0,
                              "history": [], "initial_val_perplexity": None}
-    checkpoint = ray.train.get_checkpoint()  # Ray: resume point after a failure or a re-run
-    with contextlib.ExitStack() as stack:
-        resume_dir = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
-        model = build_model(cfg, config["storage_root"], device, resume_dir, attention.name)
-        saved = torch.load(Path(resume_dir) / STATE_FILE, map_location="cpu", weights_only=False) \
-            if resume_dir else None
-    if rank == 0:
-        trainable, total = trainable_parameters(model)
-        print(f"[train] {cfg.method}: trainable parameters {trainable:,} of {total:,} "
-              f"({100 * trainable / total:.3f}%)", flush=True)
-    raw_model = model
-    model = ray.train.torch.prepare_model(model)  # Ray: DDP (gloo on CPU, NCCL on GPU)
-    optimizer = torch.optim.AdamW([p for p in raw_model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-    if saved:
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
-        state.update({k: saved[k] for k in state})
-        if rank == 0:
-            print(f"[train] resumed from step {state['step']}", flush=True)
-    # Where every rank of every attempt ran: one line each, appended (a single small write, so
-    # concurrent ranks on a shared filesystem do not interleave).
-    placement = {"event": "worker", "rank": rank, "world": world,
-                 "node_id": ray.get_runtime_context().get_node_id(),  # Ray: this worker's node
-                 "hostname": socket.gethostname(), "pid": os.getpid(), "step": state["step"]}
-    with (run_dir / WORKERS_FILE).open("a") as fh:
-        fh.write(json.dumps(placement) + "\n")
-    if rank == 0:
-        # Every attempt marks where it starts, so readers of the raw log can drop rolled-back steps.
-        with (run_dir / HISTORY_FILE).open("a") as fh:
-            fh.write(json.dumps({"event": "start", "step": state["step"]}) + "\n")
+    raw_model, saved = _restore(cfg, config["storage_root"], device, attention.name, rank)
+    model = ray.train.torch.prepare_model(raw_model)  # Ray: DDP (gloo on CPU, NCCL on GPU)
+    optimizer, scheduler = _optimizer(cfg, raw_model, saved, state, rank)
+    _log_start(run_dir, rank, world, state["step"])
+    val_perplexity = _validation(cfg, raw_model, rank, world, amp, state)
 
-    val_batches = list(ray.train.get_dataset_shard("val").iter_torch_batches(  # Ray: held-out
-        batch_size=cfg.eval_batch_size, dtypes=torch.long))
-    val_blocks = torch.cat([b["input_ids"] for b in val_batches])  # (N_val, T)
-    # task=rag_qa rows carry labels (answer tokens only) and an attention mask (padding).
-    val_labels = torch.cat([b["labels"] for b in val_batches]) if "labels" in val_batches[0] else None
-    val_mask = torch.cat([b["attention_mask"] for b in val_batches]) if "attention_mask" in val_batches[0] else None
-
-    def val_perplexity() -> float:
-        return math.exp(validation_nll(raw_model, val_blocks, rank, world, cfg.eval_batch_size, amp, val_labels,
-                                       val_mask))
-
-    if state["initial_val_perplexity"] is None:
-        state["initial_val_perplexity"] = val_perplexity()
-        if rank == 0:
-            print(f"[train] step 0 val_perplexity={state['initial_val_perplexity']:.4f}", flush=True)
 
     train_shard = ray.train.get_dataset_shard("train")  # Ray: this worker's data
-    stride = cfg.shard == "stride"
-    fetch = cfg.batch_size * world if stride else cfg.batch_size
-    def micro_batches():
-        """Endless micro-batches ``{"input_ids": (B, T), ...}``, continuing the epoch where the checkpoint left it."""
-        while True:
-            batches = train_shard.iter_torch_batches(batch_size=fetch, drop_last=True, dtypes=torch.long)
-            for i, batch in enumerate(batches):
-                if i < state["batch_in_epoch"]:
-                    continue
-                state["batch_in_epoch"] = i + 1
-                yield {k: v[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] if stride else v
-                       for k, v in batch.items()}
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-
-    stream = micro_batches()
+    stream = _micro_batches(train_shard, cfg, rank, world, state)
     model.train()
     # A step's time runs from the end of the previous step's compute, so the Ray report and any
     # validation/checkpoint in between count against throughput.
@@ -335,24 +413,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # step until the controller collects the previous one). Validation steps are always reported.
     gap_s, t_reported = report_interval_s(), -math.inf
     while state["step"] < cfg.max_steps:
-        loss_sum, step_tokens = 0.0, 0
-        for micro in range(cfg.grad_accum):
-            batch = next(stream)
-            ids, labels, mask = _trimmed(batch["input_ids"], batch.get("labels"), batch.get("attention_mask"),
-                                         device)  # (B, T)
-            step_tokens += ids.numel() if mask is None else int(mask.sum())
-            # DDP all-reduces gradients only on the last micro-batch of a step.
-            sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    if labels is None:
-                        loss = model(input_ids=ids, labels=ids).loss
-                    else:
-                        nll, count = answer_nll(model, ids, labels, mask)
-                        loss = nll / count.clamp(min=1)
-                    loss = loss / cfg.grad_accum
-                loss.backward()
-            loss_sum += loss.item()
+        loss_sum, step_tokens = _accumulate(model, stream, cfg, device, amp)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in raw_model.parameters() if p.requires_grad], cfg.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]
@@ -378,11 +439,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics["val_perplexity"] = val_perplexity()
         state["history"].append(metrics)
         if rank == 0:
-            extra = f" val_perplexity={metrics['val_perplexity']:.4f}" if evaluate else ""
-            print(f"[train] step {step}/{cfg.max_steps} loss={loss_value:.4f} lr={lr:.2e} "
-                  f"grad_norm={metrics['grad_norm']:.3f} tokens/s={metrics['tokens_per_s']:.0f}{extra}", flush=True)
-            with (run_dir / HISTORY_FILE).open("a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
+            _log_step(metrics, cfg.max_steps, run_dir)
         if not evaluate:
             if report_now:
                 ray.train.report(metrics)  # Ray: per-step metrics
@@ -391,13 +448,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # The next step reports regardless: its report waits until the controller has taken this
         # checkpoint, so a worker lost right after it still resumes from it.
         t_reported = -math.inf
-        with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as tmp:
-            if rank == 0:
-                raw_model.save_pretrained(tmp, safe_serialization=True)
-                torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "rng": torch.get_rng_state()}, Path(tmp) / STATE_FILE)
-            ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:06d}")  # Ray: checkpoint
+        _report_checkpoint(metrics, raw_model, optimizer, scheduler, state, rank)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,12 +72,12 @@ class AdapterManifest(_Manifest):
     """A LoRA adapter (PEFT files beside it)."""
 
     kind: Literal["adapter"] = "adapter"
-    name: str
+    name: str | None = None
     base_model: str
     method: Literal["lora"] = "lora"
-    run: str | None = None
-    step: int
-    val_perplexity: float
+    run: str | None = Field(None, description="the training run it was exported from")
+    step: int | None = Field(None, description="the step of the exported checkpoint")
+    val_perplexity: float | None = None
     sweep: str | None = Field(None, description="Tune: the sweep and trial that chose it")
     trial_id: str | None = None
     quantization: dict[str, Any] | None = Field(None, description="Tune: the winner's quantization recipe")
@@ -149,9 +149,9 @@ def publish(storage: str, kind: Kind | str, name: str) -> Iterator[Path]:
         yield out
 
 
-def local_root(storage: str) -> str:
+def local_root(storage: str) -> Path:
     """The local directory standing for ``storage`` (the node-local cache for a URI)."""
-    return _storage.local_storage_root(storage)
+    return Path(_storage.local_storage_root(storage))
 
 
 @dataclass(frozen=True)

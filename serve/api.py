@@ -10,7 +10,7 @@ it on the response and tags the replicas' log lines of that request with it.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,8 +22,7 @@ from serve import schemas, serving
 from serve.errors import ApiError
 from serve.security import key_matches
 
-if TYPE_CHECKING:
-    from serve.app import Ingress
+from serve.serving import Ingress
 
 log = logging.getLogger("ray.serve")
 
