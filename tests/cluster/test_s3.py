@@ -123,3 +123,29 @@ def test_quantize_writes_artifact_and_report_to_the_bucket(bucket, tiny_model_di
 
     model = load_model("quantized/q-weight_only_int8", storage=bucket)  # fetched from the bucket
     assert model is not None and (artifacts.local_root(bucket) / "quantized" / "q-weight_only_int8").is_dir()
+
+
+def test_tune_smoke_sweeps_on_the_bucket(bucket, tiny_model_dir, tiny_text_file, tmp_path):
+    import yaml
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "s3sweep", "search": "grid", "scheduler": "fifo", "trial_cpus": 1,
+        "train": {"model": str(tiny_model_dir), "data": str(tiny_text_file), "num_workers": 1, "block_size": 32,
+                  "batch_size": 4, "max_steps": 2, "eval_every": 2, "val_blocks": 2, "eval_batch_size": 2,
+                  "warmup_steps": 1, "shuffle": False, "lora": {"dropout": 0.0, "target_modules": ["q_proj"]}},
+        "space": {"lora_r": [2], "quant": ["wo_int8"], "target_modules": [["q_proj"]]},
+        "eval": {"max_tokens": 64, "window": 32, "stride": 32, "latency": {"prompt_tokens": 8, "new_tokens": 2,
+                                                                           "repeats": 1}}}))
+    proc = run_module("jobs.tune", "--config", str(config), f"storage={bucket}", env={"RAY_ADDRESS": ""}, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stored = set(keys(bucket))
+    summary_key = "reports/s3sweep/summary.json"
+    assert {summary_key, "reports/s3sweep/trials.md", "adapters/s3sweep-best/adapter_model.safetensors",
+            "quantized/s3sweep-best/quantization.json"} <= stored, sorted(stored)
+    assert any(k.startswith("runs/s3sweep/") and k.endswith("tuner.pkl") for k in stored)
+    empty_cache()
+    from ops import artifacts
+
+    summary = json.loads((artifacts.require(bucket, "reports", "s3sweep") / "summary.json").read_text())
+    assert summary["finished"] == 1 and summary["exported"]["quantized"] == f"{bucket}/quantized/s3sweep-best"
