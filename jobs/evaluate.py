@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from cluster.cli import run_job
 from cluster.config import save_config, storage_field
 from cluster.runtime import init_ray
-from cluster.storage import local_storage_root, validate_name
+from cluster.storage import resolve_storage, validate_name
 from ops import artifacts
 from jobs.data import DataConfig, read_documents, token_stream
 from ops.evaluation import EvalSpec, LatencySpec, describe, measure
@@ -52,7 +52,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     """Compute the report for ``cfg`` (no files written)."""
     from ops.attention import choose_attention
 
-    storage = local_storage_root(cfg.storage)
+    storage = resolve_storage(cfg.storage)
     cfg.eval.apply_threads()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     attention = choose_attention(cfg.attn_implementation, device=device, dtype=torch_dtype(cfg.dtype))

@@ -510,14 +510,14 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     # A job's driver inherits OMP_NUM_THREADS=1 from Ray; measuring uses the node's cores (nothing
     # else runs now: training has finished and the app is deployed only at the end).
     torch.set_num_threads(cfg.eval.num_threads or os.cpu_count() or 1)
-    tokenizer = load_tokenizer(cfg.model, storage=storage)
+    tokenizer = load_tokenizer(cfg.model, storage=cfg.storage)
     ids = evaluation_ids(cfg, tokenizer)
-    base_model = load_model(cfg.model, storage=storage)
+    base_model = load_model(cfg.model, storage=cfg.storage)
     base_row = measure_model(base_model, ids, cfg, "base (float32)")
     del base_model
     from ops.lora import merge_adapter
 
-    tuned = merge_adapter(load_model(cfg.model, storage=storage, adapter=str(adapter)))
+    tuned = merge_adapter(load_model(cfg.model, storage=cfg.storage, adapter=str(adapter)))
     tuned_row = measure_model(tuned, ids, cfg, "fine-tuned (float32)")
 
     log("step 3/5 quantize")

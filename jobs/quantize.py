@@ -28,7 +28,7 @@ from pydantic import Field, field_validator, model_validator
 from cluster.cli import run_job
 from cluster.config import BaseConfig, save_config, storage_field
 from cluster.runtime import init_ray
-from cluster.storage import local_storage_root, validate_name
+from cluster.storage import resolve_storage, validate_name
 from ops import artifacts
 from jobs.data import DataConfig, detect_format, read_documents, token_stream
 from ops.errors import UserError
@@ -194,7 +194,7 @@ def quantize_one(cfg: QuantizeConfig, method: str, float_model: torch.nn.Module,
 
 
 def main(cfg: QuantizeConfig) -> dict[str, Any]:
-    storage = local_storage_root(cfg.storage)
+    storage = resolve_storage(cfg.storage)
     cfg.eval.apply_threads()
     docs = read_documents(cfg.data, cfg.data_format, cfg.text_field)
     if "static_int8" in cfg.methods and cfg.calibration.data is not None:

@@ -374,7 +374,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     Args:
         config: every :class:`TrainConfig` key plus ``run_dir`` (local run directory for the metrics
-            history file) and ``storage_root`` (local artifact root holding the base model).
+            history file) and ``storage_root`` (the artifact root, local path or URI, where a base model
+            spec like ``models/<name>`` is read from).
     """
     import ray
     import ray.train
@@ -515,7 +516,7 @@ def export(cfg: TrainConfig, result, storage: str, wall_s: float, tokenizer) -> 
         plot_curves(history, initial, out / "curves.png")
     published = artifacts.require(cfg.storage, kind, cfg.name)
     if cfg.merge:
-        base = load_model(cfg.model, storage=storage, dtype="float32")
+        base = load_model(cfg.model, storage=cfg.storage, dtype="float32")
         merged = merge_adapter(apply_adapter(base, published))
         with artifacts.publish(cfg.storage, artifacts.Kind.MODELS, f"{cfg.name}-merged") as out:
             merged.save_pretrained(out, safe_serialization=True)
@@ -566,12 +567,12 @@ def build_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> tuple[Any,
 
     storage = local_storage_root(cfg.storage)
     if cfg.method == "lora":
-        check_lora_targets(cfg, storage)
+        check_lora_targets(cfg, cfg.storage)
     init_ray()
     # Per-step progress lines are the job's log; Ray Data's progress bars would drown them.
     ray.data.DataContext.get_current().enable_progress_bars = False
     use_gpu = check_resources(cfg)
-    tokenizer = load_tokenizer(cfg.model, storage=storage)
+    tokenizer = load_tokenizer(cfg.model, storage=cfg.storage)
     if cfg.task == "rag_qa":
         train_ds, val_ds = qa_datasets(cfg, cfg.qa, tokenizer, cfg.block_size, cfg.seed)
     else:
@@ -589,7 +590,7 @@ def build_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> tuple[Any,
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**cfg.model_dump(), "run_dir": str(run_dir), "storage_root": storage},
+        train_loop_config={**cfg.model_dump(), "run_dir": str(run_dir), "storage_root": resolve_storage(cfg.storage)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         # NCCL all-reduces GPU tensors in place; gloo is the CPU collective library.

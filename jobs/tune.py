@@ -33,7 +33,7 @@ from cluster.cli import run_job
 from cluster.config import BaseConfig, save_config, storage_field
 from cluster.resources import require_free
 from cluster.runtime import cluster_cpus, init_ray
-from cluster.storage import join, local_storage_root, ray_storage, resolve_storage, validate_name
+from cluster.storage import join, ray_storage, resolve_storage, validate_name
 from jobs.data import token_stream
 from jobs.train import TrainConfig, train
 from ops import artifacts
@@ -356,8 +356,7 @@ def tuner(cfg: TuneJobConfig, trainable: Any, concurrent: int) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     runs = ray_storage(join(resolve_storage(cfg.storage), artifacts.Kind.RUNS.value))
-    experiment = join(runs["storage_path"], cfg.name) if "storage_filesystem" in runs else \
-        str(Path(runs["storage_path"]) / cfg.name)
+    experiment = f"{runs['storage_path']}/{cfg.name}"  # a path inside storage_filesystem when there is one
     fs = runs.get("storage_filesystem")
     if not cfg.fresh and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         print(f"[tune] resuming sweep {cfg.name} from {artifacts.uri(cfg.storage, 'runs', cfg.name)}", flush=True)
@@ -384,7 +383,7 @@ def main(cfg: TuneJobConfig) -> dict[str, Any]:
     import ray
     from ray import tune
 
-    storage = local_storage_root(cfg.storage)
+    storage = resolve_storage(cfg.storage)
     init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     need = cfg.trial_cpus + cfg.train.num_workers * cfg.train.cpus_per_worker

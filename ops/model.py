@@ -33,7 +33,6 @@ from ops.errors import UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-MANIFEST = artifacts.MANIFEST
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -295,7 +294,8 @@ def load_model(spec: str, *, storage: str | os.PathLike | None = None, dtype: st
     if adapter:
         from ops.lora import apply_adapter
 
-        model = apply_adapter(model, adapter)
+        found = artifacts.resolve(adapter, str(storage or default_storage()))  # adapters/<name> or a URI: fetched
+        model = apply_adapter(model, found.path if found is not None else adapter)
     model.to(device)
     model.eval()
     log.info("loaded model %s (%s) in %.2fs", spec, source.kind, time.perf_counter() - t0)
