@@ -125,8 +125,11 @@ def test_quantize_writes_artifact_and_report_to_the_bucket(bucket, tiny_model_di
     assert model is not None and (artifacts.local_root(bucket) / "quantized" / "q-weight_only_int8").is_dir()
 
 
-def test_tune_smoke_sweeps_on_the_bucket(bucket, tiny_model_dir, tiny_text_file, tmp_path):
+def test_tune_smoke_sweeps_on_the_bucket(ray_local, bucket, tiny_model_dir, tiny_text_file, tmp_path):
     import yaml
+
+    from cluster.config import load_config
+    from jobs.tune import TuneJobConfig, main
 
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({
@@ -137,8 +140,7 @@ def test_tune_smoke_sweeps_on_the_bucket(bucket, tiny_model_dir, tiny_text_file,
         "space": {"lora_r": [2], "quant": ["wo_int8"], "target_modules": [["q_proj"]]},
         "eval": {"max_tokens": 64, "window": 32, "stride": 32, "latency": {"prompt_tokens": 8, "new_tokens": 2,
                                                                            "repeats": 1}}}))
-    proc = run_module("jobs.tune", "--config", str(config), f"storage={bucket}", env={"RAY_ADDRESS": ""}, timeout=280)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    main(load_config(TuneJobConfig, str(config), [f"storage={bucket}"]))  # on the shared in-process cluster
     stored = set(keys(bucket))
     summary_key = "reports/s3sweep/summary.json"
     assert {summary_key, "reports/s3sweep/trials.md", "adapters/s3sweep-best/adapter_model.safetensors",
