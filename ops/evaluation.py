@@ -51,7 +51,7 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, spec: EvalSpec,
     """Perplexity over ``ids`` (1-D, already cut to ``spec.max_tokens``), latency and size of ``model``.
 
     Returns:
-        ``perplexity``, ``tokens`` (scored), ``window``, ``stride`` (as used: at most the tokens
+        ``perplexity``, ``nll_sum``, ``tokens`` (evaluated), ``predicted_tokens`` (scored), ``window``, ``stride`` (as used: at most the tokens
         there are), ``perplexity_s``, ``prefill_ms_per_token`` and ``decode_ms_per_token`` (None
         with latency off), ``size_mb`` (weights in memory) and ``num_threads``.
     """
@@ -59,7 +59,8 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, spec: EvalSpec,
     stride = min(spec.stride, window)
     t0 = time.perf_counter()
     ppl = sliding_window_perplexity(model, ids, window, stride, progress=progress)
-    row: dict[str, Any] = {"perplexity": ppl.perplexity, "tokens": ppl.tokens, "window": ppl.window,
+    row: dict[str, Any] = {"perplexity": ppl.perplexity, "nll_sum": ppl.nll_sum, "tokens": ppl.tokens,
+                           "predicted_tokens": ppl.predicted, "window": ppl.window,
                            "stride": ppl.stride, "perplexity_s": time.perf_counter() - t0,
                            "prefill_ms_per_token": None, "decode_ms_per_token": None,
                            "size_mb": model_size_bytes(model) / 2**20, "num_threads": torch.get_num_threads()}
@@ -71,8 +72,8 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, spec: EvalSpec,
 
 def describe(row: dict[str, Any]) -> str:
     """One line for a log: perplexity with its window, and latency when measured."""
-    text = f"perplexity {row['perplexity']:.4f} over {row['tokens']} tokens (window {row['window']}, " \
-           f"stride {row['stride']})"
+    text = f"perplexity={row['perplexity']:.4f} over {row['tokens']} tokens (window={row['window']}, " \
+           f"stride={row['stride']})"
     if row.get("decode_ms_per_token") is not None:
         text += f", prefill {row['prefill_ms_per_token']:.2f} ms/token, decode {row['decode_ms_per_token']:.2f} ms/token"
     return text
