@@ -373,9 +373,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The training loop of one Ray Train worker (DDP rank).
 
     Args:
-        config: every :class:`TrainConfig` key plus ``run_dir`` (local run directory for the metrics
-            history file) and ``storage_root`` (the artifact root, local path or URI, where a base model
-            spec like ``models/<name>`` is read from).
+        config: every :class:`TrainConfig` key plus ``run_dir`` (local directory of the history file)
+            and ``storage_root`` (the artifact root, path or URI, that model specs resolve against).
     """
     import ray
     import ray.train
