@@ -62,7 +62,9 @@ def prepare(storage: Path, model: str) -> None:
 
     if model in EMBEDDED:
         ensure_embedded(model, storage)
-    if (storage / "indexes" / "chaos" / "manifest.json").is_file():
+    from ops import artifacts
+
+    if artifacts.local(str(storage), "indexes", "chaos") is not None:
         return
     docs = [{"id": f"stdlib:{m}", "text": inspect.getdoc(importlib.import_module(m)) or m, "source": m}
             for m in STDLIB]

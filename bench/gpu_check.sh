@@ -29,7 +29,7 @@ BUDGET_S=${BUDGET_S:-300}
 START=$(date +%s)
 left() { local l=$(( BUDGET_S - ($(date +%s) - START) )); echo $(( l > 1 ? l : 1 )); }
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAYLM_OPS=native
-export RAYLM_CACHE=${RAYLM_CACHE:-$PWD/.cache/raylm}
+export RAYLM_BUILD_CACHE=${RAYLM_BUILD_CACHE:-$PWD/.cache/raylm/build}
 LOGS=.cache/gpu_check
 mkdir -p "$LOGS"
 checks=""

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.retrieval import doc_ranking, rank_metrics, wikitext_paragraphs  # noqa: E402
-from jobs.data import read_squad, split_paragraphs  # noqa: E402
+from ops.datasets import read_squad, split_paragraphs  # noqa: E402
 from ops.qa_metrics import score_answers  # noqa: E402
 from ops.retrieval import (RetrievalStore, chunk_documents, embed, embedder_token_limit,  # noqa: E402
                            load_embedder)

@@ -27,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jobs.data import read_squad  # noqa: E402
+from ops.datasets import read_squad  # noqa: E402
 from ops.retrieval import RetrievalStore, build_index, chunk_documents, embed, load_embedder  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"

@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from jobs.data import read_squad  # noqa: E402
+from ops.datasets import read_squad  # noqa: E402
 from ops.retrieval import DEFAULT_EMBEDDER, RetrievalStore, chunk_documents, embed, load_embedder  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"

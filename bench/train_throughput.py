@@ -70,16 +70,18 @@ def run_plain(method: str, args: argparse.Namespace, storage: str) -> dict:
 
 
 def run_ray(method: str, args: argparse.Namespace, storage: str) -> dict:
-    from cluster.config import load_config
-    from jobs.train import TrainConfig, main
+    """The training job through its entrypoint (a child process, as a user runs it)."""
+    import subprocess
 
-    cfg = load_config(TrainConfig, None, [
-        f"method={method}", f"storage={storage}", f"name=bench-{method}", "num_workers=1",
-        f"cpus_per_worker={args.threads}", f"batch_size={args.batch}", f"block_size={args.block}",
-        f"max_steps={args.steps}", f"eval_every={args.steps}", "val_blocks=2", "max_tokens=20000", "shuffle=false",
-        "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "keep_checkpoints=1", "max_failures=0",
-        "lr=1e-4", "warmup_steps=0"])
-    out = main(cfg)
+    name = f"bench-{method}"
+    subprocess.run([sys.executable, "-m", "jobs.train",
+                    f"method={method}", f"storage={storage}", f"name={name}", "num_workers=1",
+                    f"cpus_per_worker={args.threads}", f"batch_size={args.batch}", f"block_size={args.block}",
+                    f"max_steps={args.steps}", f"eval_every={args.steps}", "val_blocks=2", "max_tokens=20000",
+                    "shuffle=false", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0", "keep_checkpoints=1",
+                    "max_failures=0", "lr=1e-4", "warmup_steps=0"],
+                   cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = Path(storage) / ("adapters" if method == "lora" else "models") / name
     history = json.loads((out / "history.json").read_text())
     # The last step carries the validation pass and the checkpoint; the first is warm-up.
     steady = [h["tokens_per_s"] for h in history[1:-1]]

@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ops.errors import UserError
+from ops.errors import UserError, first_validation_error
 
 C = TypeVar("C", bound="BaseConfig")
 
@@ -55,15 +55,20 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def iter_fields(model: type[BaseModel], prefix: str = "") -> typing.Iterator[tuple[str, Any, Any, str]]:
-    """Yield ``(dotted_key, annotation, default, description)`` for every leaf key of ``model``."""
+def iter_fields(model: type[BaseModel], prefix: str = "",
+                instance: BaseModel | None = None) -> typing.Iterator[tuple[str, Any, Any, str]]:
+    """Yield ``(dotted_key, annotation, default, description)`` for every leaf key of ``model``.
+
+    A section's defaults are those of the instance its parent builds (a job may embed a shared
+    section such as ``eval`` with defaults of its own), else the section class's.
+    """
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
+        default = getattr(instance, name) if instance is not None else field.get_default(call_default_factory=True)
         sub = _unwrap(field.annotation)
         if isinstance(sub, type) and issubclass(sub, BaseModel):
-            yield from iter_fields(sub, key + ".")
+            yield from iter_fields(sub, key + ".", default if isinstance(default, BaseModel) else None)
         else:
-            default = field.get_default(call_default_factory=True)
             yield key, field.annotation, default, field.description or ""
 
 
@@ -146,16 +151,13 @@ def _check_unknown(tree: dict, model: type[BaseModel], root: type[BaseModel], pr
             _check_unknown(v, sub, root, key + ".")
 
 
-def _format_validation_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "config"
-    msg = first["msg"]
+def format_validation_error(err: ValidationError) -> str:
+    """One line for a config that failed validation: the key, what is wrong and the value given."""
+    loc, msg, first = first_validation_error(err.errors())
+    loc = loc or "config"
     got = first.get("input")
-    ctx = first.get("ctx") or {}
     if first["type"] == "extra_forbidden":
         return f"unknown config key '{loc}'"
-    if "expected" in ctx:
-        msg = f"must be one of {ctx['expected']}"
     shown = repr(got) if not isinstance(got, dict) else "a section"
     return f"bad value for '{loc}': {msg} (got {shown})"
 
@@ -196,7 +198,7 @@ def load_config(model: type[C], config_file: str | None = None, overrides: typin
     try:
         return model.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
+        raise ConfigError(format_validation_error(err)) from None
 
 
 def parse_args(model: type[C], argv: typing.Sequence[str] | None, prog: str, description: str) -> C:
@@ -253,3 +255,13 @@ def save_config(cfg: BaseModel, directory: str | Path, filename: str = "config.y
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_config(cfg))
     return path
+
+
+def storage_field() -> Any:
+    """The ``storage`` key every job and the Serve app share."""
+    from pydantic import Field
+
+    from cluster.storage import default_storage
+
+    return Field(default_factory=default_storage, description="artifact root: local path or URI (s3://bucket/prefix, "
+                 "gs://...; see docs/cluster.md); default $RAYLM_STORAGE, else ./artifacts")

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cluster.storage import LAUNCH_DIR_ENV
+from cluster.storage import AWS_ENV, CACHE_ENV, LAUNCH_DIR_ENV, STORAGE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +16,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # and node-specific; Ray already skips what .gitignore lists, this makes it explicit.
 WORKING_DIR_EXCLUDES = [".venv/", "artifacts/", ".git/", "**/__pycache__/", "*.so", "build/", ".pytest_cache/"]
 # Variables a job's workers need to see the same way as the driver.
-_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAYLM_OPS", "RAYLM_CACHE", LAUNCH_DIR_ENV,
-                  "RAYLM_FAIL_AT_STEP", "OMP_NUM_THREADS")
+# RAYLM_CACHE is node-local by meaning; forwarded so that one machine's workers use the driver's,
+# it names the same path (on each node's own disk) on a real cluster. The AWS variables let every
+# worker reach the storage URI the driver was given.
+_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAYLM_OPS", "RAYLM_BUILD_CACHE", CACHE_ENV,
+                  STORAGE_ENV, LAUNCH_DIR_ENV, "RAYLM_FAIL_AT_STEP", "OMP_NUM_THREADS", *AWS_ENV)
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 

@@ -20,10 +20,11 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from cluster.cli import run_job
-from cluster.config import BaseConfig, save_config
+from cluster.config import BaseConfig, save_config, storage_field
 from cluster.resources import free_units
 from cluster.runtime import init_ray
-from cluster.storage import local_storage_root, validate_name, writable_artifact
+from cluster.storage import validate_name
+from ops import artifacts
 from jobs.data import CorpusConfig, read_documents
 from ops.errors import UserError
 from ops.retrieval import (DEFAULT_EMBEDDER, RetrievalStore, chunk_documents, embed, embedder_token_limit,
@@ -49,7 +50,7 @@ class IndexTypeConfig(BaseConfig):
 class IndexConfig(CorpusConfig):
     max_docs: int = Field(0, ge=0, description="index the first N documents only (0 = all)")
     name: str = Field("stdlib", description="index name: writes <storage>/indexes/<name>/")
-    storage: str = Field("./artifacts", description="artifact root: local path or URI")
+    storage: str = storage_field()
     embedder: str = Field(DEFAULT_EMBEDDER, description="sentence-transformers model: 'all-minilm-l6-v2' (embedded) "
                           "or a local path / hub id")
     batch_size: int = Field(64, ge=1, description="chunks per map_batches call (chunks are sorted by length first, "
@@ -154,7 +155,7 @@ def main(cfg: IndexConfig) -> RetrievalStore:
                           embed_workers=cfg.workers, embed_cpus_per_worker=cfg.cpus_per_worker,
                           build_s=round(time.perf_counter() - t_start, 3),
                           created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    with writable_artifact(cfg.storage, "indexes", cfg.name) as out:
+    with artifacts.publish(cfg.storage, artifacts.Kind.INDEXES, cfg.name) as out:
         store.save(out)
         save_config(cfg, out)
     m = store.manifest
@@ -166,7 +167,7 @@ def main(cfg: IndexConfig) -> RetrievalStore:
     print(f"[index] embedded {len(chunks)} chunks in {embed_s:.1f}s ({m['chunks_per_s']} chunks/s, including actor "
           f"start); {cfg.index.type} index of {dimension}-d vectors", flush=True)
     print(f"[index] manifest: {json.dumps(m)}", flush=True)
-    print(f"[index] wrote {local_storage_root(cfg.storage)}/indexes/{cfg.name}/", flush=True)
+    print(f"[index] wrote {artifacts.uri(cfg.storage, artifacts.Kind.INDEXES, cfg.name)}/", flush=True)
     return store
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -45,17 +44,20 @@ from pydantic import Field, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from cluster.cli import run_job
-from cluster.config import BaseConfig, save_config
+from cluster.config import BaseConfig, save_config, storage_field
 from cluster.runtime import init_ray
-from cluster.storage import local_storage_root, validate_name, writable_artifact
-from jobs.data import DEFAULT_CORPUS, CorpusSpec, detect_format, qa_splits, read_documents, split_by_position, token_stream
+from cluster.storage import local_storage_root, validate_name
+from jobs.data import CorpusSpec, qa_splits, token_stream
 from jobs.index import IndexConfig
 from jobs.train import TrainConfig
-from ops.errors import UserError
-from ops.metrics import check_window, measure_latency, sliding_window_perplexity
+from ops.errors import UserError, first_validation_error
+from ops import artifacts
+from ops.datasets import DEFAULT_CORPUS, detect_format, held_out_ids, read_documents
+from ops.evaluation import EvalSpec, describe, measure
 from ops.qa_metrics import score_answers
-from ops.model import DEFAULT_MODEL, load_model, load_tokenizer, model_size_bytes
+from ops.model import DEFAULT_MODEL, load_model, load_tokenizer
 from ops.quantization import METHODS, check_method
+from ops.retrieval import read_manifest as read_index_manifest
 from serve.security import API_KEY_ENV, require_key_off_loopback
 
 DESCRIPTION = __doc__
@@ -107,22 +109,6 @@ DEFAULT_QUESTIONS = [
 ]
 
 
-class EvalSection(BaseConfig):
-    tokens: int = Field(4096, ge=2, description="held-out tokens scored for perplexity (from the corpus tail)")
-    window: int = Field(512, ge=2, description="tokens per forward pass for perplexity")
-    stride: int = Field(256, ge=1, description="step between windows (<= window)")
-    latency_prompt_tokens: int = Field(64, ge=1, description="prompt length for the decode-latency timing")
-    latency_new_tokens: int = Field(16, ge=1, description="greedy tokens decoded per timing run")
-    latency_repeats: int = Field(3, ge=1, description="timed runs; the median is reported")
-    threads: int = Field(0, ge=0, description="torch threads for evaluation and quantization (0 = every core "
-                         "of the node the pipeline's driver runs on)")
-
-    @model_validator(mode="after")
-    def _window(self) -> "EvalSection":
-        check_window(self.window, self.stride)
-        return self
-
-
 class QuantizeSection(BaseConfig):
     methods: list[str] = Field(["weight_only_int4", "weight_only_int8"], description="candidates, best first: the "
                                "first within max_ppl_increase of the fine-tuned float model is served")
@@ -165,12 +151,14 @@ class PipelineConfig(BaseConfig):
     data: CorpusSpec = Field(DEFAULT_CORPUS, description="corpus for training, evaluation and the index")
     name: str = Field("pipeline", description="run name: adapters/<name>/, quantized/<name>-<method>/, "
                       "reports/<name>/")
-    storage: str = Field("./artifacts", description="artifact root: local path or URI")
+    storage: str = storage_field()
     rebuild: list[str] = Field(default_factory=list, description="steps to redo even when their artifact "
                                f"matches: 'all' or a list of {', '.join(STEPS)}")
     train: TrainSection = Field(default_factory=TrainSection)
     index: IndexSection = Field(default_factory=IndexSection)
-    eval: EvalSection = Field(default_factory=EvalSection)
+    eval: EvalSpec = Field(default_factory=lambda: EvalSpec(max_tokens=4096, window=512, stride=256),
+                           description="base, fine-tuned and quantized models on the held-out tail; eval.num_threads "
+                           "0 = every core of the node the pipeline's driver runs on")
     quantize: QuantizeSection = Field(default_factory=QuantizeSection)
     serve: ServeSection = Field(default_factory=ServeSection)
     qa_eval: QAEvalSection = Field(default_factory=QAEvalSection)
@@ -226,9 +214,7 @@ def _validated(model: type[BaseConfig], values: dict[str, Any], section: str):
     try:
         return model.model_validate(values)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
+        where, message, _ = first_validation_error(err.errors())
         raise ValueError(f"{section}{'.' + where if where else ''}: {message}") from None
 
 
@@ -254,19 +240,20 @@ def step_train(cfg: PipelineConfig, storage: str) -> tuple[Path, dict, bool]:
     from jobs import train
 
     tcfg = cfg.train_config()
-    adapter = Path(storage) / "adapters" / cfg.name
-    run_dir = Path(storage) / "runs" / cfg.name
+    adapter = artifacts.local(cfg.storage, artifacts.Kind.ADAPTERS, cfg.name)
     wanted = json.loads(tcfg.model_dump_json())
-    if "train" not in cfg.rebuild and _same(_recorded_config(adapter), tcfg) and (adapter / "metrics.json").is_file():
-        log(f"train: reusing {adapter} (same config; rebuild=train to redo)")
+    if "train" not in cfg.rebuild and adapter is not None and _same(_recorded_config(adapter), tcfg) \
+            and (adapter / "metrics.json").is_file():
+        log(f"train: reusing {artifacts.uri(cfg.storage, artifacts.Kind.ADAPTERS, cfg.name)} (same config; "
+            f"rebuild=train to redo)")
         return adapter, json.loads((adapter / "metrics.json").read_text()), False
-    # A run directory left by another config would be resumed by Ray Train: start it afresh.
-    run_config = run_dir / "pipeline-train.json"
-    if run_dir.exists() and ("train" in cfg.rebuild or not run_config.is_file()
-                             or json.loads(run_config.read_text()) != wanted):
-        log(f"train: clearing {run_dir} (other config or rebuild)")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # A run left by another config would be resumed by Ray Train: start it afresh. The record of
+    # which config the run belongs to is node-local; without it the run is cleared too.
+    run_config = Path(storage) / "runs" / f".{cfg.name}-pipeline-train.json"
+    if "train" in cfg.rebuild or not run_config.is_file() or json.loads(run_config.read_text()) != wanted:
+        if artifacts.remove(cfg.storage, artifacts.Kind.RUNS, cfg.name):
+            log(f"train: cleared run {cfg.name} (other config or rebuild)")
+    run_config.parent.mkdir(parents=True, exist_ok=True)
     run_config.write_text(json.dumps(wanted))
     log(f"train: LoRA r={tcfg.lora.r} on {tcfg.num_workers} Ray Train workers, {tcfg.max_steps} steps of "
         f"{tcfg.num_workers}x{tcfg.batch_size}x{tcfg.block_size} tokens")
@@ -274,28 +261,19 @@ def step_train(cfg: PipelineConfig, storage: str) -> tuple[Path, dict, bool]:
     return adapter, json.loads((adapter / "metrics.json").read_text()), True
 
 
-def held_out_ids(cfg: PipelineConfig, tokenizer: Any) -> torch.Tensor:
-    """The first ``eval.tokens`` of the validation split the training held out."""
+def evaluation_ids(cfg: PipelineConfig, tokenizer: Any) -> torch.Tensor:
+    """The first ``eval.max_tokens`` of the validation split the training held out."""
     tcfg = cfg.train_config()
-    ids = token_stream(read_documents(cfg.data, tcfg.data_format, tcfg.text_field), tokenizer,
-                       tcfg.max_tokens or None)
-    _, val = split_by_position(ids, tcfg.val_fraction)
-    if len(val) < 2:
-        raise UserError(f"the held-out split of '{cfg.data}' has {len(val)} tokens; use more data")
-    return torch.from_numpy(val[: cfg.eval.tokens].copy())
+    docs = read_documents(cfg.data, tcfg.data_format, tcfg.text_field)
+    _, val = held_out_ids(docs, lambda d: token_stream(d, tokenizer, tcfg.max_tokens or None), tcfg.val_fraction,
+                          cfg.eval.max_tokens)
+    return torch.from_numpy(val)
 
 
-def measure(model: torch.nn.Module, ids: torch.Tensor, cfg: PipelineConfig, label: str) -> dict[str, Any]:
-    """Held-out perplexity, batch-1 decode latency and in-memory size of ``model``."""
-    window = min(cfg.eval.window, ids.numel())
-    ppl = sliding_window_perplexity(model, ids, window, min(cfg.eval.stride, window))
-    lat = measure_latency(model, ids[: cfg.eval.latency_prompt_tokens], cfg.eval.latency_new_tokens,
-                          cfg.eval.latency_repeats)
-    row = {"model": label, "perplexity": ppl.perplexity, "tokens": ppl.tokens,
-           "decode_ms_per_token": lat.decode_ms_per_token, "prefill_ms_per_token": lat.prefill_ms_per_token,
-           "size_mb": model_size_bytes(model) / 2**20}
-    log(f"evaluate: {label}: perplexity {row['perplexity']:.4f} on {row['tokens']} held-out tokens, decode "
-        f"{row['decode_ms_per_token']:.1f} ms/token, {row['size_mb']:.1f} MB")
+def measure_model(model: torch.nn.Module, ids: torch.Tensor, cfg: PipelineConfig, label: str) -> dict[str, Any]:
+    """:func:`ops.evaluation.measure` of ``model`` on the held-out ids, logged."""
+    row = {"model": label, **measure(model, ids, cfg.eval)}
+    log(f"evaluate: {label}: {describe(row)}, {row['size_mb']:.1f} MB")
     return row
 
 
@@ -311,27 +289,32 @@ def step_quantize(cfg: PipelineConfig, storage: str, tuned: torch.nn.Module, tun
 
     rows, built = [], False
     bar = tuned_row["perplexity"] * (1 + cfg.quantize.max_ppl_increase)
+    adapter_uri = artifacts.uri(cfg.storage, artifacts.Kind.ADAPTERS, cfg.name)
     for method in cfg.quantize.methods:
-        out_dir = Path(storage) / "quantized" / f"{cfg.name}-{method}"
-        source = {"adapter": str(adapter), "adapter_step": json.loads((adapter / "manifest.json").read_text())["step"],
+        name = f"{cfg.name}-{method}"
+        source = {"adapter": adapter_uri, "adapter_step": artifacts.read_manifest(adapter).step,
                   "base_model": cfg.model}
-        recorded = out_dir / "pipeline-source.json"
-        reuse = ("quantize" not in cfg.rebuild and not retrained and recorded.is_file()
+        out_dir = artifacts.local(cfg.storage, artifacts.Kind.QUANTIZED, name)
+        recorded = out_dir / "pipeline-source.json" if out_dir is not None else None
+        reuse = ("quantize" not in cfg.rebuild and not retrained and recorded is not None and recorded.is_file()
                  and json.loads(recorded.read_text()) == source)
         if reuse:
-            log(f"quantize: reusing {out_dir}")
+            log(f"quantize: reusing {artifacts.uri(cfg.storage, artifacts.Kind.QUANTIZED, name)}")
             qmodel = load_quantized(out_dir)
         else:
             t0 = time.perf_counter()
             built = True
             qmodel = quantize(tuned, method)
-            with writable_artifact(cfg.storage, "quantized", f"{cfg.name}-{method}") as out:
+            with artifacts.publish(cfg.storage, artifacts.Kind.QUANTIZED, name) as out:
                 save_quantized(qmodel, out, method, {}, cfg.model, tokenizer,
-                               extra={"adapter": str(adapter), "base_description": f"{cfg.model} + adapter {cfg.name}"})
+                               extra={"adapter": adapter_uri, "base_description": f"{cfg.model} + adapter {cfg.name}"})
                 (out / "pipeline-source.json").write_text(json.dumps(source))
-            log(f"quantize: {method} in {time.perf_counter() - t0:.1f}s -> {out_dir}")
-        row = measure(qmodel, ids, cfg, f"fine-tuned + {method}")
-        row.update(method=method, artifact=str(out_dir), size_mb=sum(
+            out_dir = artifacts.require(cfg.storage, artifacts.Kind.QUANTIZED, name)
+            log(f"quantize: {method} in {time.perf_counter() - t0:.1f}s -> "
+                f"{artifacts.uri(cfg.storage, artifacts.Kind.QUANTIZED, name)}")
+        row = measure_model(qmodel, ids, cfg, f"fine-tuned + {method}")
+        # The spec the Serve app resolves on its own node (fetched from a URI storage there).
+        row.update(method=method, artifact=f"{artifacts.Kind.QUANTIZED.value}/{name}", size_mb=sum(
             p.stat().st_size for p in out_dir.glob("*.safetensors")) / 2**20,
             passes=row["perplexity"] <= bar)
         rows.append(row)
@@ -339,7 +322,7 @@ def step_quantize(cfg: PipelineConfig, storage: str, tuned: torch.nn.Module, tun
         if row["passes"]:
             log(f"quantize: {method} keeps perplexity within {100 * cfg.quantize.max_ppl_increase:.1f}% "
                 f"({row['perplexity']:.4f} <= {bar:.4f}): serving it")
-            return str(out_dir), rows, built
+            return row["artifact"], rows, built
         log(f"quantize: {method} misses the quality bar ({row['perplexity']:.4f} > {bar:.4f})")
     log("quantize: no method kept quality; serving the float base + adapter")
     return None, rows, built
@@ -349,14 +332,14 @@ def step_index(cfg: PipelineConfig, storage: str) -> tuple[str, dict, bool]:
     from jobs import index
 
     icfg = cfg.index_config()
-    out = Path(storage) / "indexes" / icfg.name
-    if "index" not in cfg.rebuild and _same(_recorded_config(out), icfg) and (out / "manifest.json").is_file():
-        log(f"index: reusing {out}")
+    out = artifacts.local(cfg.storage, artifacts.Kind.INDEXES, icfg.name)
+    if "index" not in cfg.rebuild and out is not None and _same(_recorded_config(out), icfg):
+        log(f"index: reusing {artifacts.uri(cfg.storage, artifacts.Kind.INDEXES, icfg.name)}")
         built = False
     else:
         index.main(icfg)
         built = True
-    return icfg.name, json.loads((out / "manifest.json").read_text()), built
+    return icfg.name, read_index_manifest(artifacts.require(cfg.storage, artifacts.Kind.INDEXES, icfg.name)), built
 
 
 def deploy(cfg: PipelineConfig, storage: str, model: str, index_name: str, model_id: str | None = None) -> str:
@@ -364,7 +347,7 @@ def deploy(cfg: PipelineConfig, storage: str, model: str, index_name: str, model
 
     from serve.app import build_app
 
-    args = {**cfg.serve.app, "storage": storage, "model": model, "model_id": model_id or cfg.name,
+    args = {**cfg.serve.app, "storage": cfg.storage, "model": model, "model_id": model_id or cfg.name,
             "index": index_name}
     # Serve first, so build_app checks the host its proxy really binds (an earlier instance's, if any).
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
@@ -526,16 +509,16 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     log("step 2/5 evaluate before/after")
     # A job's driver inherits OMP_NUM_THREADS=1 from Ray; measuring uses the node's cores (nothing
     # else runs now: training has finished and the app is deployed only at the end).
-    torch.set_num_threads(cfg.eval.threads or os.cpu_count() or 1)
-    tokenizer = load_tokenizer(cfg.model, storage=storage)
-    ids = held_out_ids(cfg, tokenizer)
-    base_model = load_model(cfg.model, storage=storage)
-    base_row = measure(base_model, ids, cfg, "base (float32)")
+    torch.set_num_threads(cfg.eval.num_threads or os.cpu_count() or 1)
+    tokenizer = load_tokenizer(cfg.model, storage=cfg.storage)
+    ids = evaluation_ids(cfg, tokenizer)
+    base_model = load_model(cfg.model, storage=cfg.storage)
+    base_row = measure_model(base_model, ids, cfg, "base (float32)")
     del base_model
     from ops.lora import merge_adapter
 
-    tuned = merge_adapter(load_model(cfg.model, storage=storage, adapter=str(adapter)))
-    tuned_row = measure(tuned, ids, cfg, "fine-tuned (float32)")
+    tuned = merge_adapter(load_model(cfg.model, storage=cfg.storage, adapter=str(adapter)))
+    tuned_row = measure_model(tuned, ids, cfg, "fine-tuned (float32)")
 
     log("step 3/5 quantize")
     served_model, qrows, quantized = step_quantize(cfg, storage, tuned, tuned_row, ids, adapter, retrained,
@@ -548,7 +531,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     built += ["index"] if indexed else []
 
     log("step 5/5 serve and ask")
-    model_spec = served_model or str(adapter)
+    model_spec = served_model or f"{artifacts.Kind.ADAPTERS.value}/{cfg.name}"
     qa = None
     if cfg.rag_qa:
         qa, url = evaluate_rag_qa(cfg, storage, model_spec, index_name)
@@ -567,7 +550,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         "built": built, "wall_s": time.perf_counter() - t_start,
     }
     table = summary_markdown(summary)
-    with writable_artifact(cfg.storage, "reports", cfg.name) as out:
+    with artifacts.publish(cfg.storage, artifacts.Kind.REPORTS, cfg.name) as out:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         (out / "summary.md").write_text(table)
         save_config(cfg, out)
@@ -576,7 +559,8 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     auth = f" -H \"Authorization: Bearer ${API_KEY_ENV}\"" if cfg.serve.api_key() else ""  # the key is never printed
     print(f"The endpoint stays up. Try:\n  curl -s {url}/v1/rag -H 'Content-Type: application/json'{auth} "
           f"-d '{example}'\nStop Serve and Ray with: make stop   (or: serve shutdown -y && ray stop)", flush=True)
-    log(f"summary: {Path(storage) / 'reports' / cfg.name / 'summary.md'}; wall time {summary['wall_s']:.0f}s")
+    log(f"summary: {artifacts.uri(cfg.storage, artifacts.Kind.REPORTS, cfg.name)}/summary.md; wall time "
+        f"{summary['wall_s']:.0f}s")
     return summary
 
 

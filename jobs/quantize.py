@@ -9,9 +9,9 @@ its logits equal the in-memory model's, then measure size on disk, perplexity on
 batch-1 prefill/decode latency of the reloaded model. The float32 model is measured first, as the
 baseline of every ratio.
 
-Writes: ``<storage>/quantized/<name>-<method>/`` (artifact + ``report.json``),
-``<storage>/reports/<name>/report.json`` (all rows), and the table
-``<benchmark_dir>/quantization.md`` + ``.json``.
+Writes: ``<storage>/quantized/<name>-<method>/`` (artifact + ``report.json``) and
+``<storage>/reports/<name>/`` (``report.json`` with all rows, the table ``quantization.md``,
+``config.yaml``). ``python bench/quantization.py`` copies the table into ``docs/benchmarks/``.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from cluster.cli import run_job
-from cluster.config import BaseConfig, save_config
+from cluster.config import BaseConfig, save_config, storage_field
 from cluster.runtime import init_ray
-from cluster.storage import artifact_path, local_storage_root, validate_name, writable_artifact
+from cluster.storage import resolve_storage, validate_name
+from ops import artifacts
 from jobs.data import DataConfig, detect_format, read_documents, token_stream
-from jobs.evaluate import LatencyConfig
 from ops.errors import UserError
-from ops.metrics import measure_latency, sliding_window_perplexity
-from ops.model import DEFAULT_MODEL, load_model, load_tokenizer, model_size_bytes
+from ops.evaluation import EvalSpec, LatencySpec, describe, measure
+from ops.model import DEFAULT_MODEL, load_model, load_tokenizer
 from ops.quantization import (METHODS, check, DynamicInt8Settings, StaticInt8Settings, WeightOnlyInt4Settings,
                               WeightOnlyInt8Settings, quantize, save_quantized)
 
@@ -54,15 +54,11 @@ class QuantizeConfig(DataConfig):
     methods: list[str] = Field(list(METHODS), description=f"'all' or a list of: {', '.join(METHODS)} (default: all)")
     name: str = Field("quant", description="artifact name: writes <storage>/quantized/<name>-<method>/ and "
                       "<storage>/reports/<name>/")
-    storage: str = Field("./artifacts", description="artifact root: local path or URI")
-    window: int = Field(1024, description="tokens per forward pass for perplexity")
-    stride: int = Field(512, description="step between windows (1 <= stride <= window)")
-    max_tokens: int = Field(2048, ge=0, description="evaluate perplexity on the first N tokens of `data` (0 = all)")
-    threads: int = Field(2, ge=0, description="torch intra-op threads for every measurement (0 = torch default)")
-    benchmark_dir: str | None = Field("docs/benchmarks", description="where quantization.md/.json go (null = "
-                                      "nowhere)")
+    storage: str = storage_field()
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-    latency: LatencyConfig = Field(default_factory=lambda: LatencyConfig(repeats=5))
+    eval: EvalSpec = Field(default_factory=lambda: EvalSpec(
+        max_tokens=2048, window=1024, stride=512, num_threads=2,
+        latency=LatencySpec(prompt_tokens=128, new_tokens=32, repeats=5)))
     dynamic_int8: DynamicInt8Settings = Field(default_factory=DynamicInt8Settings)
     static_int8: StaticInt8Settings = Field(default_factory=StaticInt8Settings)
     weight_only_int8: WeightOnlyInt8Settings = Field(default_factory=WeightOnlyInt8Settings)
@@ -79,11 +75,7 @@ class QuantizeConfig(DataConfig):
         return chosen
 
     @model_validator(mode="after")
-    def _window(self) -> "QuantizeConfig":
-        if self.window < 2:
-            raise ValueError(f"window must be >= 2, got {self.window}")
-        if not 1 <= self.stride <= self.window:
-            raise ValueError(f"stride must be between 1 and window ({self.window}), got {self.stride}")
+    def _name(self) -> "QuantizeConfig":
         validate_name(self.name)
         return self
 
@@ -108,7 +100,7 @@ def calibration_ids(cfg: QuantizeConfig, tokenizer: Any, eval_ids: torch.Tensor,
         if ids.numel() - eval_ids.numel() < need:
             raise UserError(f"calibration needs {need} tokens of `data` beyond the {eval_ids.numel()} evaluated, "
                             f"but it has {ids.numel()}; set calibration.data=<another corpus>, lower "
-                            f"calibration.samples/seq_len or max_tokens")
+                            f"calibration.samples/seq_len or eval.max_tokens")
     else:
         docs = read_documents(cfg.calibration.data, "auto", cfg.text_field)
         ids = torch.from_numpy(token_stream(docs, tokenizer, need))
@@ -118,17 +110,10 @@ def calibration_ids(cfg: QuantizeConfig, tokenizer: Any, eval_ids: torch.Tensor,
     return ids[-need:].reshape(cfg.calibration.samples, cfg.calibration.seq_len)
 
 
-def measure(model: torch.nn.Module, ids: torch.Tensor, cfg: QuantizeConfig, label: str) -> dict[str, Any]:
-    """Perplexity over ``ids`` and batch-1 latency (prompt from the head of ``ids``)."""
-    t0 = time.perf_counter()
-    ppl = sliding_window_perplexity(model, ids, min(cfg.window, ids.numel()), min(cfg.stride, cfg.window))
-    row: dict[str, Any] = {"perplexity": ppl.perplexity, "tokens": ppl.tokens, "perplexity_s": time.perf_counter() - t0}
-    if cfg.latency.enabled:
-        lat = measure_latency(model, ids[: cfg.latency.prompt_tokens], cfg.latency.new_tokens, cfg.latency.repeats)
-        row.update(prefill_ms_per_token=lat.prefill_ms_per_token, decode_ms_per_token=lat.decode_ms_per_token)
-    print(f"[quantize] {label}: perplexity {row['perplexity']:.4f}"
-          + (f", prefill {row['prefill_ms_per_token']:.2f} ms/token, decode {row['decode_ms_per_token']:.2f} "
-             f"ms/token" if cfg.latency.enabled else ""), flush=True)
+def measure_row(model: torch.nn.Module, ids: torch.Tensor, cfg: QuantizeConfig, label: str) -> dict[str, Any]:
+    """:func:`ops.evaluation.measure` of ``model`` on ``ids``, logged."""
+    row = measure(model, ids, cfg.eval)
+    print(f"[quantize] {label}: {describe(row)}", flush=True)
     return row
 
 
@@ -177,8 +162,10 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def quantize_one(cfg: QuantizeConfig, method: str, float_model: torch.nn.Module, tokenizer: Any,
-                 calibration: torch.Tensor | None, check_ids: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """Quantize, save the artifact, reload it and return ``(artifact dir, max |logit difference|)``."""
+                 calibration: torch.Tensor | None, check_ids: torch.Tensor, eval_ids: torch.Tensor,
+                 float_row: dict[str, Any]) -> dict[str, Any]:
+    """Quantize, save the artifact, reload it from the saved files, check its logits, measure it and
+    publish it with its ``report.json``; returns the row."""
     settings = cfg.settings(method)
     t0 = time.perf_counter()
     qmodel = quantize(float_model, method, calibration=calibration, **settings)
@@ -186,19 +173,29 @@ def quantize_one(cfg: QuantizeConfig, method: str, float_model: torch.nn.Module,
     with torch.inference_mode():
         expected = qmodel(input_ids=check_ids).logits
     base = cfg.model if cfg.adapter is None else f"{cfg.model} + adapter {cfg.adapter}"
-    artifact = f"{cfg.name}-{method}"
-    with writable_artifact(cfg.storage, "quantized", artifact) as out:
+    name = f"{cfg.name}-{method}"
+    with artifacts.publish(cfg.storage, artifacts.Kind.QUANTIZED, name) as out:
         save_quantized(qmodel, out, method, settings, cfg.model, tokenizer,
                        extra={"adapter": cfg.adapter, "base_description": base, "quantize_s": quantize_s})
         save_config(cfg, out)
-    del qmodel
-    return artifact_path(local_storage_root(cfg.storage), "quantized", artifact), expected
+        del qmodel
+        reloaded = load_model(str(out), storage=cfg.storage)
+        with torch.inference_mode():
+            diff = (reloaded(input_ids=check_ids).logits.float() - expected.float()).abs().max().item()
+        if diff != 0.0:
+            raise RuntimeError(f"{method}: reloaded artifact differs from the in-memory model (max |diff| {diff})")
+        row = measure_row(reloaded, eval_ids, cfg, method)
+        # Size on disk: what a quantized format saves is bytes to ship and load.
+        row.update(method=method, settings=settings, artifact=artifacts.uri(cfg.storage, artifacts.Kind.QUANTIZED, name),
+                   reload_exact=True, reload_max_abs_diff=diff, size_mb=dir_size_bytes(out) / 2**20)
+        add_ratios(row, float_row)
+        (out / "report.json").write_text(json.dumps(row, indent=2))
+    return row
 
 
 def main(cfg: QuantizeConfig) -> dict[str, Any]:
-    storage = local_storage_root(cfg.storage)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    storage = resolve_storage(cfg.storage)
+    cfg.eval.apply_threads()
     docs = read_documents(cfg.data, cfg.data_format, cfg.text_field)
     if "static_int8" in cfg.methods and cfg.calibration.data is not None:
         detect_format(cfg.calibration.data)  # fail before any model work
@@ -213,8 +210,8 @@ def main(cfg: QuantizeConfig) -> dict[str, Any]:
     init_ray()
     needs_stream = "static_int8" in cfg.methods and cfg.calibration.data is None
     all_ids = torch.from_numpy(token_stream(docs, tokenizer, None)) if needs_stream else None
-    eval_ids = all_ids[: cfg.max_tokens or None] if all_ids is not None else \
-        torch.from_numpy(token_stream(docs, tokenizer, cfg.max_tokens or None))
+    eval_ids = all_ids[: cfg.eval.max_tokens or None] if all_ids is not None else \
+        torch.from_numpy(token_stream(docs, tokenizer, cfg.eval.max_tokens or None))
     calibration = calibration_ids(cfg, tokenizer, eval_ids, all_ids) if "static_int8" in cfg.methods else None
     check_ids = eval_ids[:64].reshape(1, -1)
     # Ray is only needed for tokenizing; leaving it keeps the long measurements independent of the cluster.
@@ -222,42 +219,26 @@ def main(cfg: QuantizeConfig) -> dict[str, Any]:
 
     ray.shutdown()
 
-    float_row = measure(float_model, eval_ids, cfg, "float32")
-    float_row.update(method="float32", settings={}, reload_exact=None,
-                     size_mb=model_size_bytes(float_model) / 2**20)
+    float_row = measure_row(float_model, eval_ids, cfg, "float32")
+    float_row.update(method="float32", settings={}, reload_exact=None)
     rows = [add_ratios(float_row, float_row)]
     for method in cfg.methods:
-        path, expected = quantize_one(cfg, method, float_model, tokenizer, calibration, check_ids)
-        reloaded = load_model(path, storage=storage)
-        with torch.inference_mode():
-            diff = (reloaded(input_ids=check_ids).logits.float() - expected.float()).abs().max().item()
-        row = measure(reloaded, eval_ids, cfg, method)
-        row.update(method=method, settings=cfg.settings(method), artifact=path, reload_exact=diff == 0.0,
-                   reload_max_abs_diff=diff, size_mb=dir_size_bytes(Path(path)) / 2**20)
-        rows.append(add_ratios(row, float_row))
-        (Path(path) / "report.json").write_text(json.dumps(row, indent=2))
-        del reloaded
-        if diff != 0.0:
-            raise RuntimeError(f"{method}: reloaded artifact differs from the in-memory model (max |diff| {diff})")
+        rows.append(quantize_one(cfg, method, float_model, tokenizer, calibration, check_ids, eval_ids, float_row))
     meta = {"model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, "tokens": int(eval_ids.numel()),
-            "window": cfg.window, "stride": cfg.stride, "prompt_tokens": cfg.latency.prompt_tokens,
-            "new_tokens": cfg.latency.new_tokens, "repeats": cfg.latency.repeats,
+            "window": float_row["window"], "stride": float_row["stride"], "prompt_tokens": cfg.eval.latency.prompt_tokens,
+            "new_tokens": cfg.eval.latency.new_tokens, "repeats": cfg.eval.latency.repeats,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "promise": PROMISE,
             "command": " ".join(f"{k}={v}" for k, v in (("model", cfg.model), ("methods", ",".join(cfg.methods)),
                                                          ("data", cfg.data), ("name", cfg.name)))}
     report = {"meta": meta, "rows": rows, "config": json.loads(json.dumps(cfg.model_dump(mode="json")))}
-    with writable_artifact(cfg.storage, "reports", cfg.name) as out:
+    with artifacts.publish(cfg.storage, artifacts.Kind.REPORTS, cfg.name) as out:
         (out / "report.json").write_text(json.dumps(report, indent=2))
         (out / "quantization.md").write_text(markdown_table(rows, meta))
         save_config(cfg, out)
-    if cfg.benchmark_dir:
-        bench = Path(cfg.benchmark_dir)
-        bench.mkdir(parents=True, exist_ok=True)
-        (bench / "quantization.json").write_text(json.dumps(report, indent=2))
-        (bench / "quantization.md").write_text(markdown_table(rows, meta))
     print(markdown_table(rows, meta), flush=True)
-    print(f"[quantize] report: {storage}/reports/{cfg.name}/report.json", flush=True)
+    print(f"[quantize] report: {artifacts.uri(cfg.storage, artifacts.Kind.REPORTS, cfg.name)}/quantization.md "
+          f"(+ report.json)", flush=True)
     return report
 
 

@@ -31,15 +31,16 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from cluster.cli import run_job
-from cluster.config import BaseConfig, save_config
+from cluster.config import BaseConfig, save_config, storage_field
 from cluster.resources import require_free
 from cluster.runtime import cluster_cpus, cluster_gpus, init_ray, report_interval_s
-from cluster.storage import local_storage_root, resolve_storage, validate_name, writable_artifact
+from cluster.storage import join, local_storage_root, ray_storage, resolve_storage, validate_name
 from jobs.data import IGNORE_INDEX, DataConfig, QASection, Task, block_datasets, qa_datasets
 from ops.errors import UserError
 from ops.attention import choose_attention
 from ops.lora import DEFAULT_TARGETS, add_lora, apply_adapter, check_target_modules, merge_adapter, trainable_parameters
-from ops.model import DEFAULT_MODEL, MANIFEST, autocast_dtype, load_model, load_tokenizer, resolve
+from ops import artifacts
+from ops.model import DEFAULT_MODEL, autocast_dtype, load_model, load_tokenizer, resolve
 
 DESCRIPTION = __doc__
 FAIL_AT_STEP_ENV = "RAYLM_FAIL_AT_STEP"
@@ -64,7 +65,7 @@ class TrainConfig(DataConfig):
     method: Literal["full", "lora"] = Field("lora", description="full fine-tune (baseline) or LoRA")
     model: str = Field(DEFAULT_MODEL, description="base model spec: embedded name, HF id or local directory")
     name: str = Field("train", description="run name: <storage>/runs/<name>/, adapters|models/<name>/")
-    storage: str = Field("./artifacts", description="artifact root: local path or URI")
+    storage: str = storage_field()
     num_workers: int = Field(2, description="Ray Train workers (DDP ranks)")
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per worker")
     use_gpu: bool | Literal["auto"] = Field("auto", description="one GPU per worker; auto = when the cluster has GPUs")
@@ -231,12 +232,149 @@ def _maybe_fail(step: int, rank: int, run_dir: Path) -> None:
     os._exit(1)
 
 
+def _restore(cfg: TrainConfig, storage: str, device: torch.device, attention: str,
+             rank: int) -> tuple[torch.nn.Module, dict | None]:
+    """The model, from Ray Train's checkpoint when this run has one, and the saved loop state (or None)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()  # Ray: resume point after a failure or a re-run
+    with contextlib.ExitStack() as stack:
+        resume_dir = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
+        model = build_model(cfg, storage, device, resume_dir, attention)
+        saved = torch.load(Path(resume_dir) / STATE_FILE, map_location="cpu", weights_only=False) \
+            if resume_dir else None
+    if rank == 0:
+        trainable, total = trainable_parameters(model)
+        print(f"[train] {cfg.method}: trainable parameters {trainable:,} of {total:,} "
+              f"({100 * trainable / total:.3f}%)", flush=True)
+    return model, saved
+
+
+def _log_start(run_dir: Path, rank: int, world: int, step: int) -> None:
+    """Where every rank of every attempt ran: one line each, appended (a single small write, so
+    concurrent ranks on a shared filesystem do not interleave)."""
+    import ray
+
+    placement = {"event": "worker", "rank": rank, "world": world,
+                 "node_id": ray.get_runtime_context().get_node_id(),  # Ray: this worker's node
+                 "hostname": socket.gethostname(), "pid": os.getpid(), "step": step}
+    with (run_dir / WORKERS_FILE).open("a") as fh:
+        fh.write(json.dumps(placement) + "\n")
+    if rank == 0:
+        # Every attempt marks where it starts, so readers of the raw log can drop rolled-back steps.
+        with (run_dir / HISTORY_FILE).open("a") as fh:
+            fh.write(json.dumps({"event": "start", "step": step}) + "\n")
+
+
+def _micro_batches(shard: Any, cfg: TrainConfig, rank: int, world: int, state: dict[str, Any]):
+    """Endless micro-batches ``{"input_ids": (B, T), ...}``, continuing the epoch where the checkpoint left it."""
+    stride = cfg.shard == "stride"
+    fetch = cfg.batch_size * world if stride else cfg.batch_size
+    while True:
+        batches = shard.iter_torch_batches(batch_size=fetch, drop_last=True, dtypes=torch.long)
+        for i, batch in enumerate(batches):
+            if i < state["batch_in_epoch"]:
+                continue
+            state["batch_in_epoch"] = i + 1
+            yield {k: v[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] if stride else v
+                   for k, v in batch.items()}
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+
+
+def _accumulate(model: torch.nn.Module, stream: Any, cfg: TrainConfig, device: torch.device,
+                amp: torch.dtype | None) -> tuple[float, int]:
+    """Forward + backward of one step's ``grad_accum`` micro-batches; returns (summed loss, tokens)."""
+    loss_sum, step_tokens = 0.0, 0
+    for micro in range(cfg.grad_accum):
+        batch = next(stream)
+        ids, labels, mask = _trimmed(batch["input_ids"], batch.get("labels"), batch.get("attention_mask"),
+                                     device)  # (B, T)
+        step_tokens += ids.numel() if mask is None else int(mask.sum())
+        # DDP all-reduces gradients only on the last micro-batch of a step.
+        sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                if labels is None:
+                    loss = model(input_ids=ids, labels=ids).loss
+                else:
+                    nll, count = answer_nll(model, ids, labels, mask)
+                    loss = nll / count.clamp(min=1)
+                loss = loss / cfg.grad_accum
+            loss.backward()
+        loss_sum += loss.item()
+    return loss_sum, step_tokens
+
+
+def _report_checkpoint(metrics: dict[str, Any], raw_model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                       state: dict[str, Any], rank: int) -> None:
+    """Report ``metrics`` with a checkpoint (rank 0 writes it; Ray Train persists it to the storage path)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as tmp:
+        if rank == 0:
+            raw_model.save_pretrained(tmp, safe_serialization=True)
+            torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": torch.get_rng_state()}, Path(tmp) / STATE_FILE)
+        ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{metrics['step']:06d}")  # Ray: checkpoint
+
+
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module, saved: dict | None, state: dict[str, Any],
+               rank: int) -> tuple[Any, Any]:
+    """AdamW over the trainable parameters and the warmup + cosine schedule, restored from ``saved``
+    (which also restores ``state`` and the RNG) when resuming."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    if saved:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        state.update({k: saved[k] for k in state})
+        if rank == 0:
+            print(f"[train] resumed from step {state['step']}", flush=True)
+    return optimizer, scheduler
+
+
+def _validation(cfg: TrainConfig, model: torch.nn.Module, rank: int, world: int, amp: torch.dtype | None,
+                state: dict[str, Any]) -> Any:
+    """A function that returns the validation perplexity of ``model`` on the held-out set (read once);
+    measures the untrained model first (``state["initial_val_perplexity"]``) unless resuming."""
+    import ray.train
+
+    val_batches = list(ray.train.get_dataset_shard("val").iter_torch_batches(  # Ray: held-out
+        batch_size=cfg.eval_batch_size, dtypes=torch.long))
+    blocks = torch.cat([b["input_ids"] for b in val_batches])  # (N_val, T)
+    # task=rag_qa rows carry labels (answer tokens only) and an attention mask (padding).
+    labels = torch.cat([b["labels"] for b in val_batches]) if "labels" in val_batches[0] else None
+    mask = torch.cat([b["attention_mask"] for b in val_batches]) if "attention_mask" in val_batches[0] else None
+    def val_perplexity() -> float:
+        return math.exp(validation_nll(model, blocks, rank, world, cfg.eval_batch_size, amp, labels, mask))
+
+    if state["initial_val_perplexity"] is None:
+        state["initial_val_perplexity"] = val_perplexity()
+        if rank == 0:
+            print(f"[train] step 0 val_perplexity={state['initial_val_perplexity']:.4f}", flush=True)
+    return val_perplexity
+
+
+def _log_step(metrics: dict[str, Any], max_steps: int, run_dir: Path) -> None:
+    """Print a step's line and append its metrics to the run's history file (rank 0)."""
+    extra = f" val_perplexity={metrics['val_perplexity']:.4f}" if "val_perplexity" in metrics else ""
+    print(f"[train] step {metrics['step']}/{max_steps} loss={metrics['loss']:.4f} lr={metrics['lr']:.2e} "
+          f"grad_norm={metrics['grad_norm']:.3f} tokens/s={metrics['tokens_per_s']:.0f}{extra}", flush=True)
+    with (run_dir / HISTORY_FILE).open("a") as fh:
+        fh.write(json.dumps(metrics) + "\n")
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The training loop of one Ray Train worker (DDP rank).
 
     Args:
-        config: every :class:`TrainConfig` key plus ``run_dir`` (local run directory for the metrics
-            history file) and ``storage_root`` (local artifact root holding the base model).
+        config: every :class:`TrainConfig` key plus ``run_dir`` (local directory of the history file)
+            and ``storage_root`` (the artifact root, path or URI, that model specs resolve against).
     """
     import ray
     import ray.train
@@ -257,74 +395,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     state: dict[str, Any] = {"step": 0, "tokens": 0, "epoch": 0, "batch_in_epoch": 0, "train_time_s": 0.0,
                              "history": [], "initial_val_perplexity": None}
-    checkpoint = ray.train.get_checkpoint()  # Ray: resume point after a failure or a re-run
-    with contextlib.ExitStack() as stack:
-        resume_dir = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
-        model = build_model(cfg, config["storage_root"], device, resume_dir, attention.name)
-        saved = torch.load(Path(resume_dir) / STATE_FILE, map_location="cpu", weights_only=False) \
-            if resume_dir else None
-    if rank == 0:
-        trainable, total = trainable_parameters(model)
-        print(f"[train] {cfg.method}: trainable parameters {trainable:,} of {total:,} "
-              f"({100 * trainable / total:.3f}%)", flush=True)
-    raw_model = model
-    model = ray.train.torch.prepare_model(model)  # Ray: DDP (gloo on CPU, NCCL on GPU)
-    optimizer = torch.optim.AdamW([p for p in raw_model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-    if saved:
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
-        state.update({k: saved[k] for k in state})
-        if rank == 0:
-            print(f"[train] resumed from step {state['step']}", flush=True)
-    # Where every rank of every attempt ran: one line each, appended (a single small write, so
-    # concurrent ranks on a shared filesystem do not interleave).
-    placement = {"event": "worker", "rank": rank, "world": world,
-                 "node_id": ray.get_runtime_context().get_node_id(),  # Ray: this worker's node
-                 "hostname": socket.gethostname(), "pid": os.getpid(), "step": state["step"]}
-    with (run_dir / WORKERS_FILE).open("a") as fh:
-        fh.write(json.dumps(placement) + "\n")
-    if rank == 0:
-        # Every attempt marks where it starts, so readers of the raw log can drop rolled-back steps.
-        with (run_dir / HISTORY_FILE).open("a") as fh:
-            fh.write(json.dumps({"event": "start", "step": state["step"]}) + "\n")
+    raw_model, saved = _restore(cfg, config["storage_root"], device, attention.name, rank)
+    model = ray.train.torch.prepare_model(raw_model)  # Ray: DDP (gloo on CPU, NCCL on GPU)
+    optimizer, scheduler = _optimizer(cfg, raw_model, saved, state, rank)
+    _log_start(run_dir, rank, world, state["step"])
+    val_perplexity = _validation(cfg, raw_model, rank, world, amp, state)
 
-    val_batches = list(ray.train.get_dataset_shard("val").iter_torch_batches(  # Ray: held-out
-        batch_size=cfg.eval_batch_size, dtypes=torch.long))
-    val_blocks = torch.cat([b["input_ids"] for b in val_batches])  # (N_val, T)
-    # task=rag_qa rows carry labels (answer tokens only) and an attention mask (padding).
-    val_labels = torch.cat([b["labels"] for b in val_batches]) if "labels" in val_batches[0] else None
-    val_mask = torch.cat([b["attention_mask"] for b in val_batches]) if "attention_mask" in val_batches[0] else None
-
-    def val_perplexity() -> float:
-        return math.exp(validation_nll(raw_model, val_blocks, rank, world, cfg.eval_batch_size, amp, val_labels,
-                                       val_mask))
-
-    if state["initial_val_perplexity"] is None:
-        state["initial_val_perplexity"] = val_perplexity()
-        if rank == 0:
-            print(f"[train] step 0 val_perplexity={state['initial_val_perplexity']:.4f}", flush=True)
 
     train_shard = ray.train.get_dataset_shard("train")  # Ray: this worker's data
-    stride = cfg.shard == "stride"
-    fetch = cfg.batch_size * world if stride else cfg.batch_size
-    def micro_batches():
-        """Endless micro-batches ``{"input_ids": (B, T), ...}``, continuing the epoch where the checkpoint left it."""
-        while True:
-            batches = train_shard.iter_torch_batches(batch_size=fetch, drop_last=True, dtypes=torch.long)
-            for i, batch in enumerate(batches):
-                if i < state["batch_in_epoch"]:
-                    continue
-                state["batch_in_epoch"] = i + 1
-                yield {k: v[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] if stride else v
-                       for k, v in batch.items()}
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-
-    stream = micro_batches()
+    stream = _micro_batches(train_shard, cfg, rank, world, state)
     model.train()
     # A step's time runs from the end of the previous step's compute, so the Ray report and any
     # validation/checkpoint in between count against throughput.
@@ -334,24 +413,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # step until the controller collects the previous one). Validation steps are always reported.
     gap_s, t_reported = report_interval_s(), -math.inf
     while state["step"] < cfg.max_steps:
-        loss_sum, step_tokens = 0.0, 0
-        for micro in range(cfg.grad_accum):
-            batch = next(stream)
-            ids, labels, mask = _trimmed(batch["input_ids"], batch.get("labels"), batch.get("attention_mask"),
-                                         device)  # (B, T)
-            step_tokens += ids.numel() if mask is None else int(mask.sum())
-            # DDP all-reduces gradients only on the last micro-batch of a step.
-            sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    if labels is None:
-                        loss = model(input_ids=ids, labels=ids).loss
-                    else:
-                        nll, count = answer_nll(model, ids, labels, mask)
-                        loss = nll / count.clamp(min=1)
-                    loss = loss / cfg.grad_accum
-                loss.backward()
-            loss_sum += loss.item()
+        loss_sum, step_tokens = _accumulate(model, stream, cfg, device, amp)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in raw_model.parameters() if p.requires_grad], cfg.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]
@@ -377,11 +439,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics["val_perplexity"] = val_perplexity()
         state["history"].append(metrics)
         if rank == 0:
-            extra = f" val_perplexity={metrics['val_perplexity']:.4f}" if evaluate else ""
-            print(f"[train] step {step}/{cfg.max_steps} loss={loss_value:.4f} lr={lr:.2e} "
-                  f"grad_norm={metrics['grad_norm']:.3f} tokens/s={metrics['tokens_per_s']:.0f}{extra}", flush=True)
-            with (run_dir / HISTORY_FILE).open("a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
+            _log_step(metrics, cfg.max_steps, run_dir)
         if not evaluate:
             if report_now:
                 ray.train.report(metrics)  # Ray: per-step metrics
@@ -390,13 +448,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # The next step reports regardless: its report waits until the controller has taken this
         # checkpoint, so a worker lost right after it still resumes from it.
         t_reported = -math.inf
-        with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as tmp:
-            if rank == 0:
-                raw_model.save_pretrained(tmp, safe_serialization=True)
-                torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "rng": torch.get_rng_state()}, Path(tmp) / STATE_FILE)
-            ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{step:06d}")  # Ray: checkpoint
+        _report_checkpoint(metrics, raw_model, optimizer, scheduler, state, rank)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,35 +498,36 @@ def export(cfg: TrainConfig, result, storage: str, wall_s: float, tokenizer) -> 
         "steps": final["step"], "tokens": final["tokens"], "train_time_s": final["train_time_s"],
         "wall_time_s": wall_s, "tokens_per_s": final["tokens"] / max(final["train_time_s"], 1e-9),
     }
-    kind = "adapters" if cfg.method == "lora" else "models"
-    with writable_artifact(cfg.storage, kind, cfg.name) as out, best_ckpt.as_directory() as best:
+    kind = artifacts.Kind.ADAPTERS if cfg.method == "lora" else artifacts.Kind.MODELS
+    with artifacts.publish(cfg.storage, kind, cfg.name) as out, best_ckpt.as_directory() as best:
         for f in Path(best).iterdir():
             if f.name != STATE_FILE and f.is_file():
                 shutil.copy2(f, out / f.name)
         if cfg.method == "full":
             tokenizer.save_pretrained(out)
         save_config(cfg, out)
-        (out / MANIFEST).write_text(json.dumps({
-            "kind": "adapter" if cfg.method == "lora" else "model", "base_model": cfg.model, "method": cfg.method,
-            "name": cfg.name, "run": str(Path(storage) / "runs" / cfg.name), "step": best_metrics["step"],
-            "val_perplexity": best_metrics["val_perplexity"]}, indent=2))
+        manifest = artifacts.AdapterManifest if cfg.method == "lora" else artifacts.ModelManifest
+        artifacts.write_manifest(out, manifest(
+            base_model=cfg.model, method=cfg.method, name=cfg.name, run=artifacts.uri(cfg.storage, "runs", cfg.name),
+            step=best_metrics["step"], val_perplexity=best_metrics["val_perplexity"]))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out / "history.json").write_text(json.dumps(history))
         plot_curves(history, initial, out / "curves.png")
-    published = Path(storage) / kind / cfg.name
+    published = artifacts.require(cfg.storage, kind, cfg.name)
     if cfg.merge:
-        base = load_model(cfg.model, storage=storage, dtype="float32")
+        base = load_model(cfg.model, storage=cfg.storage, dtype="float32")
         merged = merge_adapter(apply_adapter(base, published))
-        with writable_artifact(cfg.storage, "models", f"{cfg.name}-merged") as out:
+        with artifacts.publish(cfg.storage, artifacts.Kind.MODELS, f"{cfg.name}-merged") as out:
             merged.save_pretrained(out, safe_serialization=True)
             tokenizer.save_pretrained(out)
-            (out / MANIFEST).write_text(json.dumps({"kind": "model", "base_model": cfg.model,
-                                                    "adapter": str(published), "merged": True}, indent=2))
-        print(f"[train] merged model: {Path(storage) / 'models' / (cfg.name + '-merged')}", flush=True)
+            artifacts.write_manifest(out, artifacts.ModelManifest(
+                name=f"{cfg.name}-merged", base_model=cfg.model, merged=True,
+                adapter=artifacts.uri(cfg.storage, kind, cfg.name)))
+        print(f"[train] merged model: {artifacts.uri(cfg.storage, 'models', cfg.name + '-merged')}", flush=True)
     print(f"[train] val perplexity {initial:.4f} -> best {metrics['best_val_perplexity']:.4f} at step "
           f"{metrics['best_step']} ({100 * metrics['val_perplexity_reduction']:.1f}% lower); {metrics['steps']} steps, "
           f"{metrics['tokens']:,} tokens, {metrics['tokens_per_s']:.0f} tokens/s", flush=True)
-    print(f"[train] exported: {published}", flush=True)
+    print(f"[train] exported: {artifacts.uri(cfg.storage, kind, cfg.name)}", flush=True)
     return published
 
 
@@ -513,12 +566,12 @@ def build_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> tuple[Any,
 
     storage = local_storage_root(cfg.storage)
     if cfg.method == "lora":
-        check_lora_targets(cfg, storage)
+        check_lora_targets(cfg, cfg.storage)
     init_ray()
     # Per-step progress lines are the job's log; Ray Data's progress bars would drown them.
     ray.data.DataContext.get_current().enable_progress_bars = False
     use_gpu = check_resources(cfg)
-    tokenizer = load_tokenizer(cfg.model, storage=storage)
+    tokenizer = load_tokenizer(cfg.model, storage=cfg.storage)
     if cfg.task == "rag_qa":
         train_ds, val_ds = qa_datasets(cfg, cfg.qa, tokenizer, cfg.block_size, cfg.seed)
     else:
@@ -536,13 +589,13 @@ def build_trainer(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> tuple[Any,
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**cfg.model_dump(), "run_dir": str(run_dir), "storage_root": storage},
+        train_loop_config={**cfg.model_dump(), "run_dir": str(run_dir), "storage_root": resolve_storage(cfg.storage)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         # NCCL all-reduces GPU tensors in place; gloo is the CPU collective library.
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=f"{resolve_storage(cfg.storage)}/runs",
+            name=cfg.name, **ray_storage(join(resolve_storage(cfg.storage), "runs")),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                          checkpoint_score_attribute="val_perplexity",
@@ -566,7 +619,17 @@ def main(cfg: TrainConfig) -> Path:
     require_free({"CPU": cfg.num_workers * cfg.cpus_per_worker, "GPU": gpus}, "jobs.train",
                  f"num_workers={cfg.num_workers} x cpus_per_worker={cfg.cpus_per_worker}"
                  + (" + 1 GPU each" if gpus else ""))
-    trainer, tokenizer, storage = build_trainer(cfg)
+    return train(cfg, t0=t0)
+
+
+def train(cfg: TrainConfig, callbacks: Sequence[Any] = (), t0: float | None = None) -> Path:
+    """Train and publish; returns the local directory of the published adapter (or model).
+
+    The entry for a caller that has placed the work itself (a Tune trial, with ``callbacks``
+    forwarding its reports): no check of free resources.
+    """
+    t0 = time.perf_counter() if t0 is None else t0
+    trainer, tokenizer, storage = build_trainer(cfg, callbacks)
     result = trainer.fit()
     return export(cfg, result, storage, time.perf_counter() - t0, tokenizer)
 

@@ -30,14 +30,17 @@ import torch
 from pydantic import Field, model_validator
 
 from cluster.cli import run_job
-from cluster.config import BaseConfig, save_config
+from cluster.config import BaseConfig, save_config, storage_field
 from cluster.resources import require_free
 from cluster.runtime import cluster_cpus, init_ray
-from cluster.storage import local_storage_root, resolve_storage, validate_name, writable_artifact
-from jobs.data import read_documents, split_by_position, token_stream
-from jobs.train import TrainConfig, build_trainer, export
+from cluster.storage import join, ray_storage, resolve_storage, validate_name
+from jobs.data import token_stream
+from jobs.train import TrainConfig, train
+from ops import artifacts
+from ops.datasets import held_out_ids, read_documents
 from ops.errors import UserError
-from ops.model import MANIFEST, load_model, load_tokenizer, model_size_bytes
+from ops.evaluation import EvalSpec, measure
+from ops.model import load_model, load_tokenizer
 
 DESCRIPTION = __doc__
 NO_QUANT = "none"
@@ -72,19 +75,14 @@ class SearchSpace(BaseConfig):
                              description="quantization recipes (names of `recipes`)")
 
 
-class EvalSection(BaseConfig):
-    max_tokens: int = Field(2048, ge=16, description="held-out tokens for the final perplexity of each trial")
-    window: int = Field(512, ge=2, description="perplexity window")
-    stride: int = Field(256, ge=1, description="perplexity stride")
-    prompt_tokens: int = Field(64, ge=1, description="prompt length for latency")
-    new_tokens: int = Field(16, ge=1, description="decoded tokens for latency")
-    repeats: int = Field(3, ge=1, description="latency repeats (median)")
-    calibration_samples: int = Field(8, ge=1, description="static_int8: calibration sequences from the train split")
+class CalibrationSection(BaseConfig):
+    samples: int = Field(8, ge=1, description="static_int8: calibration sequences (train.block_size tokens each) "
+                         "from the train split")
 
 
 class TuneJobConfig(BaseConfig):
     name: str = Field("sweep", description="sweep name: runs/<name>/, reports/<name>/, <name>-best exports")
-    storage: str = Field("./artifacts", description="artifact root: local path or URI")
+    storage: str = storage_field()
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(num_workers=1),
                                description="base training config of every trial")
     space: SearchSpace = Field(default_factory=SearchSpace)
@@ -98,7 +96,9 @@ class TuneJobConfig(BaseConfig):
                                        "reserves trial_cpus + its train workers)")
     trial_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each trial's driver (quantize + measure)")
     max_ppl_increase: float = Field(0.02, ge=0, description="winner: lowest latency within this of the best ppl")
-    eval: EvalSection = Field(default_factory=EvalSection)
+    eval: EvalSpec = Field(default_factory=lambda: EvalSpec(max_tokens=2048, window=512, stride=256),
+                           description="how every trial's final (merged, quantized) model is measured")
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     fresh: bool = Field(False, description="start over instead of resuming an earlier sweep of the same name "
                         "(its Tune run and its trials' runs/ and adapters/ directories are deleted)")
 
@@ -110,8 +110,6 @@ class TuneJobConfig(BaseConfig):
             raise ValueError(f"space.quant names unknown recipes {unknown}; valid: {sorted(self.recipes)}")
         if any(r < 1 for r in self.space.lora_r):
             raise ValueError(f"space.lora_r must be >= 1, got {self.space.lora_r}")
-        if self.eval.stride > self.eval.window:
-            raise ValueError(f"eval.stride must be <= eval.window ({self.eval.window}), got {self.eval.stride}")
         return self
 
 
@@ -127,17 +125,6 @@ def trial_train_config(params: dict[str, Any], trial_id: str) -> TrainConfig:
                 lora={**base.get("lora", {}), "r": r, "alpha": float(params["lora_alpha_ratio"]) * r,
                       "target_modules": list(params["target_modules"])})
     return TrainConfig.model_validate(base)
-
-
-def measure_trial(model: torch.nn.Module, val_ids: torch.Tensor, ev: dict[str, Any]) -> dict[str, float]:
-    """Validation perplexity, batch-1 decode latency and in-memory size of a (quantized) model."""
-    from ops.metrics import measure_latency, sliding_window_perplexity
-
-    window = min(ev["window"], val_ids.numel())
-    ppl = sliding_window_perplexity(model, val_ids, window, min(ev["stride"], window))
-    lat = measure_latency(model, val_ids[: ev["prompt_tokens"]], ev["new_tokens"], ev["repeats"])
-    return {"perplexity": ppl.perplexity, "decode_ms_per_token": lat.decode_ms_per_token,
-            "prefill_ms_per_token": lat.prefill_ms_per_token, "size_mb": model_size_bytes(model) / 2**20}
 
 
 def run_trial(params: dict[str, Any], val_ids: list[int], calibration_ids: list[list[int]]) -> None:
@@ -167,22 +154,21 @@ def run_trial(params: dict[str, Any], val_ids: list[int], calibration_ids: list[
     recipe = dict(params["recipes"][params["quant"]])
     method = recipe.pop("method")
     t0 = time.perf_counter()
-    trainer, tokenizer, storage = build_trainer(cfg, callbacks=[EvalReports()])
-    result = trainer.fit()
-    adapter_dir = export(cfg, result, storage, time.perf_counter() - t0, tokenizer)
+    adapter_dir = train(cfg, callbacks=[EvalReports()])
     trained = json.loads((adapter_dir / "metrics.json").read_text())
-    model = merge_adapter(load_model(cfg.model, storage=storage, adapter=str(adapter_dir)))
+    model = merge_adapter(load_model(cfg.model, storage=cfg.storage, adapter=str(adapter_dir)))
     if method != NO_QUANT:
         calibration = torch.tensor(calibration_ids, dtype=torch.long) if method == "static_int8" else None
         model = quantize(model, method, calibration=calibration, **recipe)
-    measured = measure_trial(model, torch.tensor(val_ids, dtype=torch.long), params["eval"])
+    measured = measure(model, torch.tensor(val_ids, dtype=torch.long), EvalSpec.model_validate(params["eval"]))
     ray.tune.report({
         "step": trained["steps"], "val_perplexity": trained["best_val_perplexity"],
         "initial_val_perplexity": trained["initial_val_perplexity"], "quant_perplexity": measured["perplexity"],
         OBJECTIVE: measured["perplexity"],
         "decode_ms_per_token": measured["decode_ms_per_token"],
         "prefill_ms_per_token": measured["prefill_ms_per_token"], "size_mb": measured["size_mb"],
-        "adapter": str(adapter_dir), "trial_wall_s": time.perf_counter() - t0,
+        "adapter": artifacts.uri(cfg.storage, artifacts.Kind.ADAPTERS, cfg.name), "adapter_name": cfg.name,
+        "trial_wall_s": time.perf_counter() - t0,
     })
 
 
@@ -191,16 +177,14 @@ def run_trial(params: dict[str, Any], val_ids: list[int], calibration_ids: list[
 # ---------------------------------------------------------------------------------------------
 
 def clear_trial_artifacts(storage: str, sweep: str) -> int:
-    """Delete ``runs/`` and ``adapters/`` directories of earlier trials of ``sweep`` (named
+    """Delete ``runs/`` and ``adapters/`` artifacts of earlier trials of ``sweep`` (named
     ``<sweep>-<tune trial id>``, e.g. ``demo-702f4_00003``); the ``<sweep>-best`` export and any
     other name are kept. Returns how many were removed."""
     pattern = re.compile(rf"{re.escape(sweep)}-[0-9a-f]{{5}}_\d{{5}}")
     removed = 0
-    for kind in ("runs", "adapters"):
-        root = Path(storage) / kind
-        for path in sorted(root.iterdir()) if root.is_dir() else []:
-            if path.is_dir() and pattern.fullmatch(path.name):
-                shutil.rmtree(path)
+    for kind in (artifacts.Kind.RUNS, artifacts.Kind.ADAPTERS):
+        for name in artifacts.names(storage, kind):
+            if pattern.fullmatch(name) and artifacts.remove(storage, kind, name):
                 removed += 1
     return removed
 
@@ -228,20 +212,16 @@ def search_algorithm(cfg: TuneJobConfig):
     return OptunaSearch(metric=OBJECTIVE, mode="min", seed=cfg.train.seed)
 
 
-def held_out_ids(cfg: TuneJobConfig, storage: str) -> tuple[list[int], list[list[int]]]:
+def trial_data(cfg: TuneJobConfig, storage: str) -> tuple[list[int], list[list[int]]]:
     """Tokens every trial is measured on (start of the validation split) and calibration sequences."""
     tokenizer = load_tokenizer(cfg.train.model, storage=storage)
     docs = read_documents(cfg.train.data, cfg.train.data_format, cfg.train.text_field)
-    ids = token_stream(docs, tokenizer, cfg.train.max_tokens or None)
-    train_ids, val_ids = split_by_position(ids, cfg.train.val_fraction)
-    val = val_ids[: cfg.eval.max_tokens].tolist()
-    if len(val) < 16:
-        raise UserError(f"the validation split has {len(val_ids)} tokens; valid: more data or a larger "
-                        f"train.val_fraction")
+    train_ids, val = held_out_ids(docs, lambda d: token_stream(d, tokenizer, cfg.train.max_tokens or None),
+                                  cfg.train.val_fraction, cfg.eval.max_tokens)
     block = cfg.train.block_size
     calibration = [train_ids[i * block:(i + 1) * block].tolist()
-                   for i in range(min(cfg.eval.calibration_samples, len(train_ids) // block))]
-    return val, calibration
+                   for i in range(min(cfg.calibration.samples, len(train_ids) // block))]
+    return val.tolist(), calibration
 
 
 def trial_rows(results) -> list[dict[str, Any]]:
@@ -263,6 +243,7 @@ def trial_rows(results) -> list[dict[str, Any]]:
             "decode_ms_per_token": m.get("decode_ms_per_token") if done else None,
             "prefill_ms_per_token": m.get("prefill_ms_per_token") if done else None,
             "size_mb": m.get("size_mb") if done else None, "adapter": m.get("adapter") if done else None,
+            "adapter_name": m.get("adapter_name") if done else None,
         })
     return sorted(rows, key=lambda r: r["trial_id"])
 
@@ -291,11 +272,19 @@ def choose_winner(rows: list[dict[str, Any]], max_ppl_increase: float) -> dict[s
     return min(ok, key=lambda r: (r["decode_ms_per_token"], r["quant_perplexity"]))
 
 
-def markdown(rows: list[dict[str, Any]], front: list[str], winner: dict[str, Any] | None) -> str:
+def markdown(rows: list[dict[str, Any]], front: list[str], winner: dict[str, Any] | None,
+             cfg: TuneJobConfig) -> str:
     cols = ["trial_id", "status", "lora_r", "lr", "quant", "steps", "val_perplexity", "quant_perplexity",
             "decode_ms_per_token", "size_mb"]
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(cols + ["pareto", "winner"]) + " |", "|" + "---|" * (len(cols) + 2)]
+    ev, t = cfg.eval, cfg.train
+    # Two perplexities from different measurements: the page says which is which.
+    lines = [f"`val_perplexity`: Ray Train's validation of the float adapter (up to {t.val_blocks or 'all'} held-out "
+             f"blocks of {t.block_size} tokens, {'answer tokens only' if t.task == 'rag_qa' else 'every token'}); "
+             f"`quant_perplexity`: the merged, quantized model on the first {ev.max_tokens} held-out tokens "
+             f"(window {ev.window}, stride {ev.stride}), the objective. They differ in data and window, so only "
+             f"rows compare, not the two columns.", "",
+             "| " + " | ".join(cols + ["pareto", "winner"]) + " |", "|" + "---|" * (len(cols) + 2)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r[c]) for c in cols) + f" | {'*' if r['trial_id'] in front else ''} | "
                      f"{'**winner**' if winner and r['trial_id'] == winner['trial_id'] else ''} |")
@@ -337,36 +326,64 @@ def export_winner(cfg: TuneJobConfig, winner: dict[str, Any], storage: str, cali
     from ops.quantization import quantize, save_quantized
 
     recipe = dict(cfg.recipes[winner["quant"]])
-    src = Path(winner["adapter"])
-    with writable_artifact(cfg.storage, "adapters", f"{cfg.name}-best") as out:
+    best = f"{cfg.name}-best"
+    src = artifacts.require(cfg.storage, artifacts.Kind.ADAPTERS, winner["adapter_name"])
+    with artifacts.publish(cfg.storage, artifacts.Kind.ADAPTERS, best) as out:
         for f in src.iterdir():
-            if f.is_file():
+            if f.is_file() and not f.name.startswith("."):
                 shutil.copy2(f, out / f.name)
-        manifest = json.loads((src / MANIFEST).read_text())
-        manifest.update(sweep=cfg.name, trial_id=winner["trial_id"], quantization=recipe)
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        (out / "recipe.json").write_text(json.dumps({"adapter": f"{cfg.name}-best", "quantization": recipe,
+        manifest = artifacts.read_manifest(src).model_copy(update={
+            "name": best, "sweep": cfg.name, "trial_id": winner["trial_id"], "quantization": recipe})
+        artifacts.write_manifest(out, manifest)
+        (out / "recipe.json").write_text(json.dumps({"adapter": best, "quantization": recipe,
                                                      "metrics": winner}, indent=2, default=str))
-    adapter = Path(storage) / "adapters" / f"{cfg.name}-best"
-    model = merge_adapter(load_model(cfg.train.model, storage=storage, adapter=str(adapter)))
+        model = merge_adapter(load_model(cfg.train.model, storage=storage, adapter=str(out)))
     method = recipe.pop("method")
-    exported = {"adapter": str(adapter)}
+    exported = {"adapter": artifacts.uri(cfg.storage, artifacts.Kind.ADAPTERS, best)}
     if method != NO_QUANT:
         calib = torch.tensor(calibration, dtype=torch.long) if method == "static_int8" else None
         model = quantize(model, method, calibration=calib, **recipe)
         tokenizer = load_tokenizer(cfg.train.model, storage=storage)
-        with writable_artifact(cfg.storage, "quantized", f"{cfg.name}-best") as out:
+        with artifacts.publish(cfg.storage, artifacts.Kind.QUANTIZED, best) as out:
             save_quantized(model, out, method, recipe, base_model=cfg.train.model, tokenizer=tokenizer)
-        exported["quantized"] = str(Path(storage) / "quantized" / f"{cfg.name}-best")
+        exported["quantized"] = artifacts.uri(cfg.storage, artifacts.Kind.QUANTIZED, best)
     return exported
+
+
+def tuner(cfg: TuneJobConfig, trainable: Any, concurrent: int) -> Any:
+    """A new ``Tuner`` for the sweep, or the earlier one of the same name restored (``fresh=false``)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    runs = ray_storage(join(resolve_storage(cfg.storage), artifacts.Kind.RUNS.value))
+    experiment = f"{runs['storage_path']}/{cfg.name}"  # a path inside storage_filesystem when there is one
+    fs = runs.get("storage_filesystem")
+    if not cfg.fresh and tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        print(f"[tune] resuming sweep {cfg.name} from {artifacts.uri(cfg.storage, 'runs', cfg.name)}", flush=True)
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_errored=False, restart_errored=False,
+                                  param_space=param_space(cfg), storage_filesystem=fs)
+    if cfg.fresh and artifacts.remove(cfg.storage, artifacts.Kind.RUNS, cfg.name):
+        removed = clear_trial_artifacts(cfg.storage, cfg.name)
+        print(f"[tune] fresh: removed the earlier sweep and its {removed} trial run/adapter directories", flush=True)
+    # stop_last_trials=False: a trial that reaches max_steps still gets quantized and measured.
+    scheduler = (ASHAScheduler(time_attr="step", metric="val_perplexity", mode="min",
+                               max_t=cfg.train.max_steps, grace_period=cfg.grace_steps or cfg.train.eval_every,
+                               stop_last_trials=False)
+                 if cfg.scheduler == "asha" else FIFOScheduler())
+    return tune.Tuner(
+        trainable, param_space=param_space(cfg),
+        tune_config=tune.TuneConfig(num_samples=cfg.num_samples, scheduler=scheduler,
+                                    search_alg=search_algorithm(cfg), max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=cfg.name, **runs,
+                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+    )
 
 
 def main(cfg: TuneJobConfig) -> dict[str, Any]:
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    storage = local_storage_root(cfg.storage)
+    storage = resolve_storage(cfg.storage)
     init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     need = cfg.trial_cpus + cfg.train.num_workers * cfg.train.cpus_per_worker
@@ -377,35 +394,11 @@ def main(cfg: TuneJobConfig) -> dict[str, Any]:
     # with no room for one trial now, Tune would wait without end: run as many as the free CPUs fit.
     require_free({"CPU": need}, "jobs.tune", "one trial: trial_cpus + train.num_workers x train.cpus_per_worker")
     concurrent = cfg.max_concurrent_trials or max(1, int(ray.available_resources().get("CPU", 0) // need))
-    val_ids, calibration = held_out_ids(cfg, storage)
-    run_path = Path(resolve_storage(cfg.storage)) / "runs" / cfg.name
+    val_ids, calibration = trial_data(cfg, storage)
     trainable = tune.with_resources(tune.with_parameters(run_trial, val_ids=val_ids, calibration_ids=calibration),
                                     {"cpu": cfg.trial_cpus})
-    if run_path.exists() and tune.Tuner.can_restore(str(run_path)) and not cfg.fresh:
-        print(f"[tune] resuming sweep {cfg.name} from {run_path}", flush=True)
-        tuner = tune.Tuner.restore(str(run_path), trainable=trainable, resume_errored=False,
-                                   restart_errored=False, param_space=param_space(cfg))
-    else:
-        if run_path.exists() and cfg.fresh:
-            shutil.rmtree(run_path)
-            removed = clear_trial_artifacts(resolve_storage(cfg.storage), cfg.name)
-            print(f"[tune] fresh: removed the earlier sweep and its {removed} trial run/adapter directories",
-                  flush=True)
-        # stop_last_trials=False: a trial that reaches max_steps still gets quantized and measured.
-        scheduler = (ASHAScheduler(time_attr="step", metric="val_perplexity", mode="min",
-                                   max_t=cfg.train.max_steps, grace_period=cfg.grace_steps or cfg.train.eval_every,
-                                   stop_last_trials=False)
-                     if cfg.scheduler == "asha" else FIFOScheduler())
-        tuner = tune.Tuner(
-            trainable, param_space=param_space(cfg),
-            tune_config=tune.TuneConfig(num_samples=cfg.num_samples, scheduler=scheduler,
-                                        search_alg=search_algorithm(cfg),
-                                        max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=cfg.name, storage_path=str(run_path.parent),
-                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
-        )
     t0 = time.perf_counter()
-    results = tuner.fit()
+    results = tuner(cfg, trainable, concurrent).fit()
     wall = time.perf_counter() - t0
     rows = trial_rows(results)
     front = pareto_front(rows)
@@ -417,21 +410,21 @@ def main(cfg: TuneJobConfig) -> dict[str, Any]:
                "pareto": front, "winner": winner, "exported": exported, "max_ppl_increase": cfg.max_ppl_increase}
     import pandas as pd
 
-    with writable_artifact(cfg.storage, "reports", cfg.name) as out:
+    with artifacts.publish(cfg.storage, artifacts.Kind.REPORTS, cfg.name) as out:
         pd.DataFrame(rows).to_parquet(out / "trials.parquet", index=False)
         (out / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
-        (out / "trials.md").write_text(markdown(rows, front, winner))
+        (out / "trials.md").write_text(markdown(rows, front, winner, cfg))
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         plot_pareto(rows, front, winner, out / "pareto.png")
         save_config(cfg, out)
-    print(markdown(rows, front, winner), flush=True)
+    print(markdown(rows, front, winner, cfg), flush=True)
     print(f"[tune] {summary['trials']} trials ({summary['finished']} finished, {summary['stopped_early']} stopped "
           f"early, {summary['failed']} failed) in {wall:.0f}s", flush=True)
     if winner:
         print(f"[tune] winner {winner['trial_id']}: r={winner['lora_r']} quant={winner['quant']} perplexity "
               f"{winner['quant_perplexity']:.4f}, decode {winner['decode_ms_per_token']:.2f} ms/token, "
               f"{winner['size_mb']:.1f} MB -> {exported}", flush=True)
-    print(f"[tune] report: {Path(storage) / 'reports' / cfg.name}", flush=True)
+    print(f"[tune] report: {artifacts.uri(cfg.storage, artifacts.Kind.REPORTS, cfg.name)}", flush=True)
     return summary
 
 

@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
+from ops import artifacts
+from cluster.storage import default_storage
 from ops.errors import UserError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_STORAGE = "./artifacts"
-MANIFEST = "manifest.json"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -52,13 +52,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a spec points: ``kind`` is ``hf`` (directory or hub id), ``adapter`` or ``quantized``."""
-
-    kind: str
-    path: str
-    spec: str
+ModelSource = artifacts.Resolved
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -111,7 +105,8 @@ def ensure_embedded(name: str, storage: str | os.PathLike | None = None) -> Path
     """
     from filelock import FileLock
 
-    cache = Path(storage or DEFAULT_STORAGE).expanduser().resolve() / "models" / name
+    # Derived from a package every node has: each node converts into its own (cache of the) root.
+    cache = Path(artifacts.local_root(str(storage or default_storage()))) / "models" / name
     if _is_complete_hf_dir(cache):
         return cache
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -134,9 +129,9 @@ def ensure_embedded(name: str, storage: str | os.PathLike | None = None) -> Path
         try:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            (tmp / MANIFEST).write_text(json.dumps({
-                "kind": "model", "name": name, "source": str(gguf), "source_format": "gguf",
-                "description": EMBEDDED[name].description, "dtype": "float32"}, indent=2))
+            artifacts.write_manifest(tmp, artifacts.ModelManifest(
+                name=name, source=str(gguf), source_format="gguf", description=EMBEDDED[name].description,
+                dtype="float32"))
             if cache.exists():
                 shutil.rmtree(cache)
             tmp.rename(cache)
@@ -147,7 +142,7 @@ def ensure_embedded(name: str, storage: str | os.PathLike | None = None) -> Path
 
 
 def resolve(spec: str, storage: str | os.PathLike | None = None) -> ModelSource:
-    """Decide what ``spec`` names without loading weights.
+    """Decide what ``spec`` names without loading weights (an artifact in remote storage is fetched).
 
     Raises:
         UserError: a path that does not exist or a directory that holds no model.
@@ -156,25 +151,16 @@ def resolve(spec: str, storage: str | os.PathLike | None = None) -> ModelSource:
         raise UserError(f"empty model spec; valid: '{DEFAULT_MODEL}', a local directory or a Hugging Face id")
     if spec in EMBEDDED:
         return ModelSource("hf", str(ensure_embedded(spec, storage)), spec)
+    found = artifacts.resolve(spec, str(storage or default_storage()))
+    if found is not None:
+        return found
     path = Path(spec).expanduser()
-    in_storage = Path(storage or DEFAULT_STORAGE).expanduser() / spec
-    if not path.is_dir() and not path.is_absolute() and in_storage.is_dir():
-        # Artifacts by name relative to the storage root: quantized/<name>, adapters/<name>, models/<name>.
-        path = in_storage
-    if path.is_dir():
-        if (path / "adapter_config.json").is_file():
-            return ModelSource("adapter", str(path.resolve()), spec)
-        if (path / "quantization.json").is_file():
-            return ModelSource("quantized", str(path.resolve()), spec)
-        if (path / "config.json").is_file():
-            return ModelSource("hf", str(path.resolve()), spec)
-        raise UserError(f"model directory '{spec}' holds no config.json, adapter_config.json or "
-                        f"quantization.json; valid: a Hugging Face model directory or an artifact of this project")
     if path.exists():
         raise UserError(f"model path '{spec}' is a file, not a model directory")
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep + os.sep in spec:
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep + os.sep in spec or "://" in spec:
         raise UserError(f"model path '{spec}' does not exist; valid: '{DEFAULT_MODEL}' (embedded), "
-                        f"an existing local directory, or a Hugging Face id like 'org/name'")
+                        f"an existing local directory or artifact (adapters/<name>, quantized/<name>), "
+                        f"or a Hugging Face id like 'org/name'")
     return ModelSource("hf", spec, spec)
 
 
@@ -243,18 +229,12 @@ def _hub_error(spec: str, exc: Exception) -> UserError:
                      f"directory, or a cached/reachable Hugging Face id ({type(exc).__name__})")
 
 
-def base_spec_of(adapter_dir: str | os.PathLike) -> str:
-    """The base model spec an adapter was trained on (our manifest first, then PEFT's field)."""
-    adapter_dir = Path(adapter_dir)
-    manifest = adapter_dir / MANIFEST
-    if manifest.is_file():
-        base = json.loads(manifest.read_text()).get("base_model")
-        if base:
-            return base
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = cfg.get("base_model_name_or_path")
+def base_spec_of(path: str | os.PathLike) -> str:
+    """The base model spec an adapter or quantized artifact was built on (see ``ops.artifacts.base_of``)."""
+    base = artifacts.base_of(path)
     if not base:
-        raise UserError(f"adapter '{adapter_dir}' does not name its base model (adapter_config.json)")
+        raise UserError(f"artifact '{path}' does not name its base model (manifest.json, adapter_config.json "
+                        f"or quantization.json)")
     return base
 
 
@@ -314,7 +294,8 @@ def load_model(spec: str, *, storage: str | os.PathLike | None = None, dtype: st
     if adapter:
         from ops.lora import apply_adapter
 
-        model = apply_adapter(model, adapter)
+        found = artifacts.resolve(adapter, str(storage or default_storage()))  # adapters/<name> or a URI: fetched
+        model = apply_adapter(model, found.path if found is not None else adapter)
     model.to(device)
     model.eval()
     log.info("loaded model %s (%s) in %.2fs", spec, source.kind, time.perf_counter() - t0)
@@ -330,8 +311,7 @@ def load_tokenizer(spec: str, *, storage: str | os.PathLike | None = None, trust
     if not (Path(path) / "tokenizer_config.json").is_file() and source.kind == "adapter":
         return load_tokenizer(base_spec_of(path), storage=storage, trust_remote_code=trust_remote_code)
     if source.kind == "quantized" and not (Path(path) / "tokenizer_config.json").is_file():
-        base = json.loads((Path(path) / "quantization.json").read_text()).get("base_model")
-        return load_tokenizer(base, storage=storage, trust_remote_code=trust_remote_code)
+        return load_tokenizer(base_spec_of(path), storage=storage, trust_remote_code=trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, EnvironmentError) as exc:

@@ -1,7 +1,7 @@
 """Build and load the compiled ops in `native/` once per machine, and say which path is active.
 
 The extension is compiled on first use with `torch.utils.cpp_extension.load` into
-`~/.cache/raylm/torch_extensions/<key>`, where the key hashes the sources, the flags, the torch
+`~/.cache/raylm/build/torch_extensions/<key>` (`RAYLM_BUILD_CACHE`; apart from the artifact cache), where the key hashes the sources, the flags, the torch
 version and the CPU's ISA flags. A later process finds the built library under that key and
 only `torch.ops.load_library`s it (well under a second). `RAYLM_OPS` picks the policy:
 
@@ -94,6 +94,12 @@ def _cuda_buildable() -> bool:
     return torch.cuda.is_available() and torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def build_cache_root() -> Path:
+    """Compiled code (this extension, Inductor's graphs): ``RAYLM_BUILD_CACHE``, apart from the
+    artifact cache (``RAYLM_CACHE``) so that emptying that one never recompiles anything."""
+    return Path(os.environ.get("RAYLM_BUILD_CACHE") or Path.home() / ".cache" / "raylm" / "build")
+
+
 def cache_dir(with_cuda: bool) -> Path:
     """The build directory for this machine, sources, flags and torch version.
 
@@ -107,7 +113,7 @@ def cache_dir(with_cuda: bool) -> Path:
         h.update((NATIVE_DIR / name).read_bytes())
     h.update(repr((CPU_FLAGS, CUDA_FLAGS if with_cuda else (), torch.__version__, torch.version.cuda)).encode())
     h.update(_cpu_isa_flags().encode())
-    root = Path(os.environ.get("RAYLM_CACHE", Path.home() / ".cache" / "raylm")) / "torch_extensions"
+    root = build_cache_root() / "torch_extensions"
     return root / h.hexdigest()[:16]
 
 

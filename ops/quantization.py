@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ops.errors import UserError
+from ops.errors import UserError, first_validation_error
 
 FORMAT_VERSION = 2  # 2: int4 scales/mins in float32 (1: bf16 scales_and_zeros, still loads)
 WEIGHTS_FILE = "model.safetensors"
@@ -149,8 +149,8 @@ def parse_settings(method: str, settings: dict[str, Any]) -> BaseModel:
     try:
         return SETTINGS[method].model_validate(settings)
     except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "settings"
+        key, _, first = first_validation_error(err.errors())
+        key = key or "settings"
         if first["type"] == "extra_forbidden":
             raise UserError(f"unknown setting '{key}' for {method}; valid: "
                             f"{', '.join(SETTINGS[method].model_fields)}") from None

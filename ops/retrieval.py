@@ -570,7 +570,7 @@ class RetrievalStore:
         if missing:
             raise UserError(f"index directory '{directory}' lacks {', '.join(missing)}; build it with "
                             f"`python -m jobs.index name={directory.name}`")
-        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+        manifest = read_manifest(directory)
         index = faiss.read_index(str(directory / INDEX_FILE))
         if isinstance(index, faiss.IndexHNSWFlat):
             index.hnsw.efSearch = HNSW_EF_SEARCH
@@ -593,3 +593,8 @@ class RetrievalStore:
                                 f"'{directory}' holds {manifest['dimension']}-d ones (built with "
                                 f"{manifest['embedder']})")
         return cls(index, documents, manifest, model, bm25, Reranker(reranker) if reranker else None)
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The one reader of an index's manifest.json (:meth:`RetrievalStore.save` is the one writer)."""
+    return json.loads((Path(directory) / MANIFEST_FILE).read_text())

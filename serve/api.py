@@ -10,19 +10,19 @@ it on the response and tags the replicas' log lines of that request with it.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ops.errors import first_validation_error
 from serve import schemas, serving
 from serve.errors import ApiError
 from serve.security import key_matches
 
-if TYPE_CHECKING:
-    from serve.app import Ingress
+from serve.serving import Ingress
 
 log = logging.getLogger("ray.serve")
 
@@ -45,13 +45,13 @@ def error_response(err: ApiError) -> JSONResponse:
 
 def validation_error(exc: RequestValidationError) -> ApiError:
     """422 naming the first bad field, with OpenAI's code for a missing or unknown one."""
-    first = exc.errors()[0]
+    field, msg, first = first_validation_error(exc.errors(), skip=("body",))
     code = VALIDATION_CODES.get(first.get("type", ""), "invalid_value")
     if first.get("type") == "json_invalid":
         return ApiError(422, f"request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})",
                         code=code)
-    field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-    return ApiError(422, f"{field}: {first.get('msg')}", field, code=code)
+    field = field or "body"
+    return ApiError(422, f"{field}: {msg}", field, code=code)
 
 
 def _refused(request: Request, err: ApiError) -> JSONResponse:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -36,8 +35,9 @@ from pydantic import Field, SecretStr, field_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.config import BaseConfig, ConfigError, _format_validation_error
-from cluster.storage import local_storage_root, validate_name
+from cluster.config import BaseConfig, ConfigError, format_validation_error, storage_field
+from cluster.storage import resolve_storage, validate_name
+from ops import artifacts
 from ops.model import DEFAULT_MODEL
 from ops.rag_prompt import RAG_SYSTEM_PROMPT
 from ops.rag_prompt import rag_messages as _rag_prompt_messages
@@ -57,7 +57,7 @@ DEFAULT_SYSTEM_PROMPT = RAG_SYSTEM_PROMPT
 class AppArgs(BaseConfig):
     """``args`` of :func:`build_app` (the ``args:`` section of serve/config.yaml)."""
 
-    storage: str = Field("./artifacts", description="artifact root holding models/, indexes/, adapters/")
+    storage: str = storage_field()
     model: str = Field(DEFAULT_MODEL, description="generator: embedded name, HF dir/id or a quantized/adapter "
                        "artifact dir")
     model_id: str | None = Field(None, description="model id in /v1/models (default: last part of `model`)")
@@ -122,10 +122,10 @@ def parse_app_args(args: dict[str, Any] | None) -> AppArgs:
     try:
         parsed = AppArgs.model_validate(dict(args or {}))
     except ValidationError as err:
-        raise ConfigError("serve app args: " + _format_validation_error(err)) from None
+        raise ConfigError("serve app args: " + format_validation_error(err)) from None
     if not parsed.api_key and os.environ.get(API_KEY_ENV):
         parsed.api_key = os.environ[API_KEY_ENV]
-    parsed.storage = local_storage_root(parsed.storage)
+    parsed.storage = resolve_storage(parsed.storage)
     if not parsed.model_id:
         parsed.model_id = default_model_id(parsed.model)
     return parsed
@@ -134,19 +134,6 @@ def parse_app_args(args: dict[str, Any] | None) -> AppArgs:
 def default_model_id(model: str) -> str:
     """The id a model spec is served under when ``model_id`` is not given: its last path part."""
     return Path(model.rstrip("/")).name or model
-
-
-def adapter_base(path: Path) -> str | None:
-    """The base model an adapter was trained on: its manifest's ``base_model`` (this project's
-    training and Tune write it), else PEFT's ``base_model_name_or_path``."""
-    for name, key in (("manifest.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
-        try:
-            value = json.loads((path / name).read_text()).get(key)
-        except (OSError, ValueError):
-            continue
-        if value:
-            return str(value)
-    return None
 
 
 def _same_model(a: str | None, b: str) -> bool:
@@ -162,11 +149,13 @@ def registered_adapters(storage: str, base: str | None = None) -> list[str]:
     """Names of the adapters under ``<storage>/adapters/`` (directories with adapter_config.json);
     with ``base``, only those trained on that base model: an adapter stacked on another model
     (a quantized artifact that already holds a merged adapter, a different base) would be wrong."""
-    root = Path(storage) / "adapters"
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").is_file() and not p.name.startswith(".")
-                  and (base is None or _same_model(adapter_base(p), base)))
+    found = []
+    for name in artifacts.names(storage, artifacts.Kind.ADAPTERS):
+        path = artifacts.local(storage, artifacts.Kind.ADAPTERS, name)
+        if path is not None and (path / artifacts.ADAPTER_CONFIG).is_file() \
+                and (base is None or _same_model(artifacts.base_of(path), base)):
+            found.append(name)
+    return found
 
 
 def adapter_dir(storage: str, name: str, base: str | None = None) -> Path:
@@ -179,12 +168,12 @@ def adapter_dir(storage: str, name: str, base: str | None = None) -> Path:
     if not re.match(schemas.NAME_PATTERN, name) or ".." in name:
         raise ApiError(422, f"adapter name {name[:80]!r} is not a registry name (letters, digits, '.', '-', '_')",
                        "adapter")
-    path = Path(storage) / "adapters" / name
-    if not (path / "adapter_config.json").is_file():
+    path = artifacts.local(storage, artifacts.Kind.ADAPTERS, name)
+    if path is None or not (path / artifacts.ADAPTER_CONFIG).is_file():
         raise ApiError(404, f"adapter '{name}' is not registered; registered: {registered_adapters(storage, base)}",
                        "adapter", code="model_not_found")
-    if base is not None and not _same_model(adapter_base(path), base):
-        raise ApiError(422, f"adapter '{name}' was trained on '{adapter_base(path)}', not on the served model "
+    if base is not None and not _same_model(artifacts.base_of(path), base):
+        raise ApiError(422, f"adapter '{name}' was trained on '{artifacts.base_of(path)}', not on the served model "
                        f"'{base}'; serve that base model to use it", "adapter")
     return path
 
@@ -282,10 +271,10 @@ class Generator:
         self.attention = choose_attention(self.args.attention, device=self.device,
                                           dtype=torch_dtype(self.placement.dtype))
         self.tokenizer = load_tokenizer(self.args.model, storage=self.args.storage)
-        from cluster.storage import local_cache_root
+        from ops.native_build import build_cache_root
 
         # compiled decode graphs persist across restarts (Inductor's FX graph cache is on by default)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(local_cache_root() / "inductor"))
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(build_cache_root() / "inductor"))
         self.op_path = "reference"
         self.default_adapter: str | None = None  # set when `model` is an adapter artifact (served unmerged)
         self.engine = self._engine()
@@ -466,12 +455,14 @@ def _sample_engines(generator: weakref.ref) -> None:
 class Retriever:
     """Embedder + FAISS + BM25; concurrent queries are embedded and searched as one batch."""
 
-    def __init__(self, index_dir: str, embedder: str | None = None, search: str = "hybrid",
+    def __init__(self, storage: str, index: str, embedder: str | None = None, search: str = "hybrid",
                  reranker: str | None = None):
         from ops.retrieval import RetrievalStore
 
-        self.store = RetrievalStore.load(index_dir, embedder, reranker=reranker)
-        self.name = Path(index_dir).name
+        # This replica's node reads the index into its own cache (a URI root: from the bucket).
+        self.store = RetrievalStore.load(artifacts.require(storage, artifacts.Kind.INDEXES, index), embedder,
+                                         reranker=reranker)
+        self.name = index
         # An index built before BM25 existed searches dense (the store logged why).
         self.mode = search if self.store.bm25 is not None else "dense"
 
@@ -628,10 +619,10 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     dumped = parsed.model_dump()
     retriever = None
     if parsed.index:
-        index_dir = Path(parsed.storage) / "indexes" / parsed.index
-        if not (index_dir / "manifest.json").is_file():
-            raise ConfigError(f"index '{parsed.index}' not found at {index_dir}; build it with "
+        if parsed.index not in artifacts.names(parsed.storage, artifacts.Kind.INDEXES):
+            raise ConfigError(f"index '{parsed.index}' not found at "
+                              f"{artifacts.uri(parsed.storage, artifacts.Kind.INDEXES, parsed.index)}; build it with "
                               f"`python -m jobs.index name={parsed.index} storage={parsed.storage}` or set index: null")
-        retriever = Retriever.bind(str(index_dir), parsed.embedder, parsed.search, parsed.reranker)
+        retriever = Retriever.bind(parsed.storage, parsed.index, parsed.embedder, parsed.search, parsed.reranker)
     generator = Generator.options(ray_actor_options=generator_actor_options(parsed.use_gpu)).bind(dumped)
     return Ingress.bind(generator, retriever, dumped)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Literal, Protocol
 
 from fastapi.responses import StreamingResponse
 
@@ -19,8 +19,25 @@ from ops.rag_prompt import cited_passages
 from serve import schemas
 from serve.errors import ApiError, sse
 
-if TYPE_CHECKING:
-    from serve.app import Ingress
+
+class Ingress(Protocol):
+    """What the routes use of the ingress replica (``serve.app.Ingress`` is the one implementation;
+    a protocol here keeps serve.app -> serve.api -> serve.serving one-way)."""
+
+    args: Any
+    metrics: Any
+
+    def resolve_model(self, model: str | None, param: str = "model") -> str: ...
+
+    def model_cards(self) -> list[dict]: ...
+
+    async def retrieve(self, question: str, top_k: int, deadline: float) -> list[dict]: ...
+
+    async def generate(self, adapter: str, payload: dict, deadline: float) -> dict: ...
+
+    def stream(self, adapter: str, payload: dict, deadline: float) -> AsyncIterator[dict]: ...
+
+    async def health(self) -> dict: ...
 
 Kind = Literal["chat", "text"]
 

@@ -15,6 +15,7 @@ import yaml
 
 from tests.conftest import REPO, _free_port
 from tests.jobs.test_train import TINY_OVERRIDES
+from tests.s3 import bucket, s3_server  # noqa: F401 (fixtures)
 from tests.serve.conftest import rag_reference, tiny_documents, wait_ready
 
 # A hang (a node or replica that never comes up) fails the test, and the fixture still shuts down.
@@ -55,11 +56,19 @@ def cluster():
             c.add_node(num_cpus=0, node_ip_address="127.0.0.1", include_dashboard=True,
                        dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
                        dashboard_agent_listen_port=_free_port())
-            a = c.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"node_a": 1})
-            b = c.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"node_b": 1})
+            # Each node its own artifact cache, as on separate machines: what one node fetched or
+            # wrote there is not what the other reads.
+            caches = {n: Path(ray_tmp) / f"cache-{n}" for n in ("a", "b")}
+            a = c.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"node_a": 1},
+                           env_vars={"RAYLM_CACHE": str(caches["a"])})
+            b = c.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"node_b": 1},
+                           env_vars={"RAYLM_CACHE": str(caches["b"])})
             c.wait_for_nodes()
-            ray.init(address=c.address, _node_ip_address="127.0.0.1", runtime_env=local_runtime_env())
-            yield {"a": a.node_id, "b": b.node_id, "dashboard": f"http://127.0.0.1:{dashboard_port}"}
+            runtime_env = local_runtime_env()
+            runtime_env["env_vars"].pop("RAYLM_CACHE", None)  # the nodes' own, not the driver's
+            ray.init(address=c.address, _node_ip_address="127.0.0.1", runtime_env=runtime_env)
+            yield {"a": a.node_id, "b": b.node_id, "dashboard": f"http://127.0.0.1:{dashboard_port}",
+                   "caches": caches}
         finally:
             ray.shutdown()
             c.shutdown()
@@ -101,25 +110,31 @@ def _tiny_index(storage: Path, name: str) -> None:
     store.save(storage / "indexes" / name)
 
 
-def test_serve_retriever_and_generator_on_two_nodes(cluster, tiny_model_dir, tmp_path):
+def test_serve_retriever_and_generator_on_two_nodes(cluster, bucket, tiny_model_dir, tmp_path):
     """serve/config.yaml as `serve deploy` sends it, with each deployment pinned to a node through
-    the config's per-deployment ray_actor_options (build_app itself is unchanged)."""
+    the config's per-deployment ray_actor_options (build_app itself is unchanged). The index is in
+    the bucket: the retriever's node reads it into its own cache."""
     from ray import serve
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     from cluster.runtime import local_runtime_env
 
+    from ops import artifacts
+
     _tiny_index(tmp_path, "tiny")
+    with artifacts.publish(bucket, "indexes", "tiny") as out:
+        shutil.copytree(tmp_path / "indexes" / "tiny", out, dirs_exist_ok=True)
     port = _free_port()
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     config["http_options"].update(host="127.0.0.1", port=port)
     assert config["proxy_location"] == "HeadOnly"  # every node is 127.0.0.1: one proxy per node would clash
     (app,) = config["applications"]
-    app["args"].update(storage=str(tmp_path), model=str(tiny_model_dir), model_id="tiny", index="tiny",
+    app["args"].update(storage=bucket, model=str(tiny_model_dir), model_id="tiny", index="tiny",
                        api_key=API_KEY, max_seq_len=512, num_threads=1, request_timeout_s=30,
                        compile=False)  # compiling costs a minute on 2 CPUs; tests/ops covers it
     # The Serve controller builds the app in its own task: give it this checkout's import path.
     app["runtime_env"]["env_vars"].update(local_runtime_env()["env_vars"])
+    app["runtime_env"]["env_vars"].pop("RAYLM_CACHE", None)
     deployments = {d["name"]: d for d in app["deployments"]}
     deployments["Generator"].pop("autoscaling_config", None)
     deployments["Generator"]["num_replicas"] = 1
@@ -145,5 +160,8 @@ def test_serve_retriever_and_generator_on_two_nodes(cluster, tiny_model_dir, tmp
         # The generator on node a answers from the passages the retriever on node b found.
         want = rag_reference(tiny_model_dir, "Who jumps over the lazy dog?", body["sources"], 4, 512)
         assert body["answer"] == want["text"] and body["usage"]["completion_tokens"] == want["completion_tokens"]
+        # Only the retriever's node fetched the index, into its own cache.
+        fetched = {n: list(c.rglob("indexes/tiny/index.faiss")) for n, c in cluster["caches"].items()}
+        assert fetched["b"] and not fetched["a"], fetched
     finally:
         serve.shutdown()

@@ -2,7 +2,8 @@ import re
 
 import pytest
 
-from cluster.storage import LAUNCH_DIR_ENV, artifact_path, resolve_storage, validate_name, writable_artifact
+from cluster.storage import LAUNCH_DIR_ENV, resolve_storage, validate_name
+from ops import artifacts
 from ops.errors import UserError
 
 
@@ -30,7 +31,7 @@ def test_relative_storage_in_ray_working_dir_copy_is_refused(tmp_path, monkeypat
 
 def test_uris_pass_through():
     assert resolve_storage("s3://bucket/prefix/") == "s3://bucket/prefix"
-    assert artifact_path("gs://b/p", "adapters", "x") == "gs://b/p/adapters/x"
+    assert artifacts.uri("gs://b/p", "adapters", "x") == "gs://b/p/adapters/x"
 
 
 @pytest.mark.parametrize("name", ["", "..", "../x", "a/b", ".hidden"])
@@ -40,12 +41,12 @@ def test_bad_names(name):
 
 
 def test_writable_artifact_is_atomic(tmp_path):
-    with writable_artifact(str(tmp_path), "reports", "r") as out:
+    with artifacts.publish(str(tmp_path), "reports", "r") as out:
         (out / "a.json").write_text("1")
         assert not (tmp_path / "reports" / "r").exists()
     assert (tmp_path / "reports" / "r" / "a.json").read_text() == "1"
     with pytest.raises(RuntimeError, match="crash mid-write"):
-        with writable_artifact(str(tmp_path), "reports", "r") as out:
+        with artifacts.publish(str(tmp_path), "reports", "r") as out:
             (out / "a.json").write_text("2")
             raise RuntimeError("crash mid-write")
     assert (tmp_path / "reports" / "r" / "a.json").read_text() == "1"

@@ -19,8 +19,8 @@ REPORT_KEYS = {"perplexity", "tokens", "window", "stride", "prefill_ms_per_token
 @pytest.mark.integration
 def test_report_matches_direct_transformers_loss(ray_local, tiny_model_dir, tiny_text_file, tmp_path):
     cfg = load_config(EvaluateConfig, overrides=[
-        f"model={tiny_model_dir}", f"data={tiny_text_file}", f"storage={tmp_path}", "name=t", "window=256",
-        "stride=256", "max_tokens=256", "latency.new_tokens=2", "latency.repeats=1"])
+        f"model={tiny_model_dir}", f"data={tiny_text_file}", f"storage={tmp_path}", "name=t", "eval.window=256",
+        "eval.stride=256", "eval.max_tokens=256", "eval.latency.new_tokens=2", "eval.latency.repeats=1"])
     report = main(cfg)
     saved = json.loads((tmp_path / "reports" / "t" / "report.json").read_text())
     assert REPORT_KEYS <= saved.keys() and saved["perplexity"] == report["perplexity"]
@@ -36,7 +36,8 @@ def test_report_matches_direct_transformers_loss(ray_local, tiny_model_dir, tiny
 def test_help_lists_keys():
     proc = run_cli("jobs.evaluate", "--help")
     assert proc.returncode == 0
-    for key in ("model", "data", "window", "stride", "max_tokens", "latency.new_tokens", "storage"):
+    for key in ("model", "data", "eval.window", "eval.stride", "eval.max_tokens", "eval.latency.new_tokens",
+                "eval.num_threads", "storage"):
         assert f"  {key} " in proc.stdout
 
 
@@ -51,8 +52,8 @@ def _one_line_error(proc, fragment):
     (["model=/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
     (["model=nobody/no-such-model-xyz"], "unknown model 'nobody/no-such-model-xyz'"),
     (["colour=red"], "unknown config key 'colour'"),
-    (["stride=abc"], "bad value for 'stride'"),
-    (["window=128", "stride=256"], "stride must be between 1 and window (128)"),
+    (["eval.stride=abc"], "bad value for 'eval.stride'"),
+    (["eval.window=128", "eval.stride=256"], "stride=256 must be between 1 and window (128)"),
     (["data=/nonexistent.txt"], "data '/nonexistent.txt' does not exist"),
 ])
 def test_bad_input_is_one_line(args, fragment, tiny_model_dir, tmp_path):
@@ -93,8 +94,8 @@ def test_evaluate_applies_adapter(ray_local, tiny_model_dir, tiny_text_file, tmp
                 p.normal_(0, 0.05)  # B starts at zero; make the adapter change the logits
     lora.save_pretrained(tmp_path / "adapter")
 
-    common = [f"model={tiny_model_dir}", f"data={tiny_text_file}", "window=32", "stride=32", "max_tokens=96",
-              "latency.enabled=false", f"storage={tmp_path}"]
+    common = [f"model={tiny_model_dir}", f"data={tiny_text_file}", "eval.window=32", "eval.stride=32", "eval.max_tokens=96",
+              "eval.latency.enabled=false", f"storage={tmp_path}"]
     base = evaluate(load_config(EvaluateConfig, None, common))
     adapted = evaluate(load_config(EvaluateConfig, None, [*common, f"adapter={tmp_path / 'adapter'}"]))
     assert adapted["adapter"] == str(tmp_path / "adapter")

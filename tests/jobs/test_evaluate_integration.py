@@ -12,7 +12,7 @@ from tests.conftest import REPO, run_module, shared_file
 
 # `ray job submit` to a loopback head: a child process and a Ray cluster.
 pytestmark = [pytest.mark.integration, pytest.mark.subprocess]
-SLICE = ["max_tokens=512", "window=256", "stride=128", "latency.new_tokens=4", "latency.repeats=1"]
+SLICE = ["eval.max_tokens=512", "eval.window=256", "eval.stride=128", "eval.latency.new_tokens=4", "eval.latency.repeats=1"]
 
 
 def _report(storage, name):
@@ -31,7 +31,7 @@ def test_job_submit_matches_local_run_and_transformers(ray_head, embedded_storag
     submitted = _report(embedded_storage, name)
 
     # The same job run directly (a driver of its own, attached to the same cluster).
-    local = run_module("jobs.evaluate", *args[3:-1], f"name={name}-local", "latency.enabled=false", head=ray_head)
+    local = run_module("jobs.evaluate", *args[3:-1], f"name={name}-local", "eval.latency.enabled=false", head=ray_head)
     assert local.returncode == 0, local.stderr[-3000:]
     assert _report(embedded_storage, f"{name}-local")["perplexity"] == pytest.approx(submitted["perplexity"],
                                                                                     rel=1e-6)
@@ -60,7 +60,7 @@ def test_raw_job_submit_with_relative_storage_lands_in_launch_dir(ray_head, tiny
     """`ray job submit --working-dir .` runs in a temporary copy; relative storage must not vanish there."""
     name = f"raw-{uuid.uuid4().hex[:6]}"
     entry = ["python", "-m", "jobs.evaluate", f"model={tiny_model_dir}", "data=stdlib", "storage=./artifacts",
-             f"name={name}", "max_tokens=256", "window=128", "stride=128", "latency.enabled=false"]
+             f"name={name}", "eval.max_tokens=256", "eval.window=128", "eval.stride=128", "eval.latency.enabled=false"]
     refused = ray_head.submit(*entry, raw=True)
     assert refused.returncode != 0
     assert "is relative, but this job runs in a temporary copy" in refused.stdout + refused.stderr

@@ -110,8 +110,8 @@ def test_pipeline_via_job_submit_serves_its_model_and_reuses_artifacts_on_rerun(
             "train.max_steps=2", "train.eval_every=1", "train.block_size=32", "train.batch_size=2",
             "train.val_blocks=2", "train.max_tokens=0", "train.val_fraction=0.2",
             "index.name=tiny", "index.workers=1", "index.chunk.size=200", "index.chunk.overlap=20",
-            "eval.tokens=256", "eval.window=64", "eval.stride=32", "eval.latency_new_tokens=2",
-            "eval.latency_repeats=1", "quantize.methods=[weight_only_int8]",
+            "eval.max_tokens=256", "eval.window=64", "eval.stride=32", "eval.latency.new_tokens=2",
+            "eval.latency.repeats=1", "quantize.methods=[weight_only_int8]",
             # Compiling the decode step costs a minute on 2 CPUs; tests/ops covers the compiled path.
             "serve.app={compile: false}"]
     try:
@@ -122,7 +122,7 @@ def test_pipeline_via_job_submit_serves_its_model_and_reuses_artifacts_on_rerun(
         assert summary["train"]["steps"] == 2 and summary["train"]["num_workers"] == 2
         assert (tmp_path / "adapters" / "pipe" / "adapter_model.safetensors").is_file()
         [qrow] = summary["quantized"]
-        expected_model = qrow["artifact"] if qrow["passes"] else str(tmp_path / "adapters" / "pipe")
+        expected_model = qrow["artifact"] if qrow["passes"] else "adapters/pipe"
         assert summary["served"]["model"] == expected_model
         assert len(summary["answers"]) == 2 and all(a["sources"] for a in summary["answers"])
         assert "| fine-tuned + weight_only_int8 |" in (tmp_path / "reports" / "pipe" / "summary.md").read_text()

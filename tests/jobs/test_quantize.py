@@ -6,17 +6,16 @@ import pytest
 
 from tests.conftest import run_cli, run_module
 
-SMALL = ["max_tokens=256", "window=64", "stride=32", "calibration.samples=4", "calibration.seq_len=32",
-         "latency.repeats=1", "latency.prompt_tokens=16", "latency.new_tokens=4"]
+SMALL = ["eval.max_tokens=256", "eval.window=64", "eval.stride=32", "calibration.samples=4", "calibration.seq_len=32",
+         "eval.latency.repeats=1", "eval.latency.prompt_tokens=16", "eval.latency.new_tokens=4"]
 
 
 @pytest.mark.subprocess
 @pytest.mark.integration
 def test_quantize_then_evaluate(ray_head, tiny_model_dir, tiny_text_file, tmp_path):
-    storage, bench = tmp_path / "st", tmp_path / "bench"
+    storage = tmp_path / "st"
     proc = run_module("jobs.quantize", f"model={tiny_model_dir}", f"data={tiny_text_file}", "name=t",
-                      f"storage={storage}", f"benchmark_dir={bench}", "methods=[static_int8,weight_only_int8]", *SMALL,
-                      head=ray_head)
+                      f"storage={storage}", "methods=[static_int8,weight_only_int8]", *SMALL, head=ray_head)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((storage / "reports" / "t" / "report.json").read_text())
     rows = {r["method"]: r for r in report["rows"]}
@@ -26,11 +25,12 @@ def test_quantize_then_evaluate(ray_head, tiny_model_dir, tiny_text_file, tmp_pa
         assert abs(rows[method]["perplexity_ratio"] - 1) < 0.02
         assert rows[method]["size_ratio"] < 0.5
         assert (storage / "quantized" / f"t-{method}" / "report.json").is_file()
-    assert "| static_int8 |" in (bench / "quantization.md").read_text()
+    assert "| static_int8 |" in (storage / "reports" / "t" / "quantization.md").read_text()
 
     artifact = storage / "quantized" / "t-static_int8"
     proc = run_module("jobs.evaluate", f"model={artifact}", f"data={tiny_text_file}", "name=e", f"storage={storage}",
-                      "max_tokens=256", "window=64", "stride=32", "latency.enabled=false", head=ray_head)
+                      "eval.max_tokens=256", "eval.window=64", "eval.stride=32", "eval.latency.enabled=false",
+                      head=ray_head)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evaluated = json.loads((storage / "reports" / "e" / "report.json").read_text())
     assert evaluated["perplexity"] == pytest.approx(rows["static_int8"]["perplexity"], rel=1e-6)
@@ -43,7 +43,7 @@ def test_quantize_then_evaluate(ray_head, tiny_model_dir, tiny_text_file, tmp_pa
 ])
 def test_bad_input_is_one_error_line(tiny_model_dir, tiny_text_file, tmp_path, args, fragment):
     proc = run_cli("jobs.quantize", f"model={tiny_model_dir}", f"data={tiny_text_file}",
-                   f"storage={tmp_path}", "benchmark_dir=null", *args)
+                   f"storage={tmp_path}", *args)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

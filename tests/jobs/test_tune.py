@@ -33,7 +33,8 @@ def _config(tmp_path, tiny_model_dir, tiny_text_file, name):
                     "bad_int4": {"method": "weight_only_int4", "group_size": 7}},
         "space": {"lora_r": [2], "quant": ["none", "wo_int8", "bad_int4"],
                   "target_modules": [["q_proj", "v_proj"]]},
-        "eval": {"max_tokens": 128, "window": 64, "stride": 64, "prompt_tokens": 8, "new_tokens": 4, "repeats": 1},
+        "eval": {"max_tokens": 128, "window": 64, "stride": 64,
+                 "latency": {"prompt_tokens": 8, "new_tokens": 4, "repeats": 1}},
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -27,7 +27,7 @@ def _run(code: str, **env: str) -> str:
 def fresh_backend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A process state where the backend is not decided yet, with an empty build cache."""
     monkeypatch.setattr(native_build, "_backend", None)
-    monkeypatch.setenv("RAYLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("RAYLM_BUILD_CACHE", str(tmp_path))
 
 
 def test_native_backend_is_active_wherever_a_compiler_exists(native_ops) -> None:
@@ -41,7 +41,7 @@ def test_native_backend_is_active_wherever_a_compiler_exists(native_ops) -> None
 def test_importing_ops_builds_nothing(tmp_path: Path) -> None:
     # An empty build cache: a build at import would create the library under it.
     out = _run("import ops.kernels, ops.patch, ops.engine; from ops import native_build as nb; print(nb._backend)",
-               RAYLM_CACHE=str(tmp_path), RAYLM_OPS="auto")
+               RAYLM_BUILD_CACHE=str(tmp_path), RAYLM_OPS="auto")
     assert out.splitlines()[-1] == "None"
     assert not list(tmp_path.rglob("*.so"))
 

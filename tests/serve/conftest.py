@@ -30,7 +30,7 @@ def tiny_documents() -> list[dict]:
 
 def build_test_index(storage: Path, name: str) -> None:
     """The SQuAD Notre Dame paragraphs when ../shared/data has them, else a few sentences."""
-    from jobs.data import read_squad
+    from ops.datasets import read_squad
     from ops.retrieval import DEFAULT_EMBEDDER, RetrievalStore, chunk_documents, embed, load_embedder
 
     docs = read_squad(SQUAD)[0] if SQUAD.is_file() else tiny_documents()

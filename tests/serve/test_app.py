@@ -106,7 +106,7 @@ def test_rag_with_an_adapter_answers_with_the_adapter(rag_app, tiny_model_dir, s
 def test_rag_recall_at_5_on_squad_notre_dame(rag_app):
     if not SQUAD.is_file():
         pytest.skip(f"{SQUAD} is absent (shared data only exists beside the checkout)")
-    from jobs.data import read_squad
+    from ops.datasets import read_squad
 
     questions = random.Random(0).sample(read_squad(SQUAD)[1], 30)
     found = 0

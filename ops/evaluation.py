@@ -1,0 +1,79 @@
+"""One evaluation: sliding-window perplexity, batch-1 latency and size, with one set of key names.
+
+Every job that measures a model (evaluate, quantize, tune, pipeline) embeds :class:`EvalSpec` as
+its ``eval`` section and calls :func:`measure`, so ``eval.window`` means the same in each job's
+``--help`` and a row from one job compares with a row from another.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ops.metrics import check_window, measure_latency, sliding_window_perplexity
+from ops.model import model_size_bytes
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LatencySpec(_Section):
+    enabled: bool = Field(True, description="measure batch-1 prefill/decode latency at all")
+    prompt_tokens: int = Field(64, ge=1, description="prompt length (tokens from the head of the evaluated "
+                               "tokens) for prefill timing")
+    new_tokens: int = Field(16, ge=1, description="greedy tokens decoded for decode timing")
+    repeats: int = Field(3, ge=1, description="timed runs; the median is reported")
+
+
+class EvalSpec(_Section):
+    max_tokens: int = Field(2048, ge=0, description="held-out tokens scored for perplexity (0 = all)")
+    window: int = Field(512, description="tokens per forward pass for perplexity (>= 2)")
+    stride: int = Field(256, description="step between perplexity windows (1 <= stride <= window)")
+    num_threads: int = Field(0, ge=0, description="torch intra-op threads while measuring (0 = torch default)")
+    latency: LatencySpec = Field(default_factory=LatencySpec)
+
+    @model_validator(mode="after")
+    def _window(self) -> "EvalSpec":
+        check_window(self.window, self.stride)
+        return self
+
+    def apply_threads(self) -> None:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+
+
+def measure(model: torch.nn.Module, ids: torch.Tensor, spec: EvalSpec,
+            progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Perplexity over ``ids`` (1-D, already cut to ``spec.max_tokens``), latency and size of ``model``.
+
+    Returns:
+        ``perplexity``, ``nll_sum``, ``tokens`` (evaluated), ``predicted_tokens`` (scored), ``window``, ``stride`` (as used: at most the tokens
+        there are), ``perplexity_s``, ``prefill_ms_per_token`` and ``decode_ms_per_token`` (None
+        with latency off), ``size_mb`` (weights in memory) and ``num_threads``.
+    """
+    window = min(spec.window, ids.numel())
+    stride = min(spec.stride, window)
+    t0 = time.perf_counter()
+    ppl = sliding_window_perplexity(model, ids, window, stride, progress=progress)
+    row: dict[str, Any] = {"perplexity": ppl.perplexity, "nll_sum": ppl.nll_sum, "tokens": ppl.tokens,
+                           "predicted_tokens": ppl.predicted, "window": ppl.window,
+                           "stride": ppl.stride, "perplexity_s": time.perf_counter() - t0,
+                           "prefill_ms_per_token": None, "decode_ms_per_token": None,
+                           "size_mb": model_size_bytes(model) / 2**20, "num_threads": torch.get_num_threads()}
+    if spec.latency.enabled:
+        lat = measure_latency(model, ids[: spec.latency.prompt_tokens], spec.latency.new_tokens, spec.latency.repeats)
+        row.update(prefill_ms_per_token=lat.prefill_ms_per_token, decode_ms_per_token=lat.decode_ms_per_token)
+    return row
+
+
+def describe(row: dict[str, Any]) -> str:
+    """One line for a log: perplexity with its window, and latency when measured."""
+    text = f"perplexity={row['perplexity']:.4f} over {row['tokens']} tokens (window={row['window']}, " \
+           f"stride={row['stride']})"
+    if row.get("decode_ms_per_token") is not None:
+        text += f", prefill {row['prefill_ms_per_token']:.2f} ms/token, decode {row['decode_ms_per_token']:.2f} ms/token"
+    return text
