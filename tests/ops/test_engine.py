@@ -64,7 +64,8 @@ LONG_PROMPT = " ".join(f"Passage {i}: the river runs past mill number {i * 7} an
 @pytest.mark.parametrize("chunk", [3, 16])
 def test_chunked_prefill_matches_hf_generate(tiny_model, tokenizer, chunk):
     """Prompts prefilled a few tokens per step, interleaved with the others' decode steps, say what generate says."""
-    prompts = [LONG_PROMPT, *PROMPTS]
+    # the first prompt runs while the long one is prefilled in chunks (alone it would be prefilled whole)
+    prompts = [PROMPTS[0], LONG_PROMPT, *PROMPTS[1:]]
     assert len(tokenizer(LONG_PROMPT)["input_ids"]) > 8 * chunk
     with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=3, max_seq_len=512,
                                                     prefill_chunk_tokens=chunk)) as eng:
@@ -100,6 +101,21 @@ def test_running_stream_keeps_producing_tokens_while_a_long_prompt_is_prefilled(
     # one decode step of the running stream after every chunk but the last
     for before, after in zip(chunks, chunks[1:]):
         assert [c for c in calls[before + 1:after]] == [("decode", 1)]
+
+
+def test_a_prompt_with_no_stream_running_is_prefilled_in_one_forward(tiny_model, tokenizer):
+    with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=2, max_seq_len=512,
+                                                    prefill_chunk_tokens=8)) as eng:
+        sizes: list[int] = []
+        prefill = eng.runner.prefill
+
+        def record_prefill(row, ids, **kwargs):
+            sizes.append(ids.shape[0])
+            return prefill(row, ids, **kwargs)
+
+        eng.runner.prefill = record_prefill
+        out = eng.generate_sync([Request(prompt=LONG_PROMPT, max_tokens=2, ignore_eos=True)])[0]
+    assert sizes == [out.prompt_tokens] and out.prompt_tokens > 8
 
 
 def test_hf_fallback_matches_generate(tokenizer):
