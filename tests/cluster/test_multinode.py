@@ -15,7 +15,6 @@ import yaml
 
 from tests.conftest import REPO, _free_port
 from tests.jobs.test_train import TINY_OVERRIDES
-from tests.s3 import bucket, s3_server  # noqa: F401 (fixtures)
 from tests.serve.conftest import rag_reference, tiny_documents, wait_ready
 
 # A hang (a node or replica that never comes up) fails the test, and the fixture still shuts down.

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import _free_port, run_module
 from tests.jobs.test_train import TINY_OVERRIDES
-from tests.s3 import CACHE, bucket, empty_cache, keys, s3_server  # noqa: F401 (fixtures)
+from tests.s3 import CACHE, empty_cache, keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
