@@ -81,7 +81,10 @@ class AppArgs(BaseConfig):
     max_seq_len: int = Field(3072, ge=16, description="prompt + generated tokens per request: a 2k-token RAG "
                              "prompt plus the longest answer a request may ask for (1024); the KV cache holds "
                              "max_batch_size rows of it")
-    num_threads: int | None = Field(None, ge=1, description="torch threads per generator replica")
+    num_threads: int | None = Field(None, ge=1, description="torch threads per generator replica; null = every CPU "
+                                    "the replica's process may run on (Ray sets OMP_NUM_THREADS to the replica's "
+                                    "num_cpus, 1, which would leave prefill, a matmul, on one core); set it when "
+                                    "several replicas share a node")
     quantization: Literal["weight_only_int4", "weight_only_int8", "none"] = Field(
         "weight_only_int4", description="quantize a float generator as it loads on CPU (the embedded model's int4 "
         "holds its GGUF's Q4_1 weights bit for bit); an adapter artifact as `model` serves unmerged on its "
@@ -218,6 +221,11 @@ def serving_quantization(model: Any, spec: str, kind: str, method: str, device: 
         return model, f"as loaded ({method} does not apply: {exc})"
 
 
+def generator_threads(num_threads: int | None) -> int:
+    """Intra-op threads of a generator replica: ``num_threads``, else every CPU this process may run on."""
+    return num_threads or len(os.sched_getaffinity(0))
+
+
 def resolve_use_gpu(use_gpu: bool | str) -> tuple[bool, str]:
     """Whether Generator replicas get a GPU, and why (``use_gpu: auto`` asks the cluster).
 
@@ -299,7 +307,7 @@ class Generator:
         model, self.quantization = serving_quantization(model, spec, source.kind, self.args.quantization, self.device)
         self.op_path = op_path(model)
         config = EngineConfig(max_batch_size=self.args.max_batch_size, max_queue=self.args.max_queue,
-                              max_seq_len=self.args.max_seq_len, num_threads=self.args.num_threads,
+                              max_seq_len=self.args.max_seq_len, num_threads=generator_threads(self.args.num_threads),
                               compile=self.args.compile, max_adapters=self.args.max_adapters,
                               max_lora_rank=self.args.max_lora_rank,
                               prefill_chunk_tokens=self.args.prefill_chunk_tokens,

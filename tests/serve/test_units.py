@@ -231,3 +231,12 @@ def test_prefix_cache_hits_are_counted_once():
     assert gen.metrics.prefix_hits.calls == [("inc", 64, {"model": "tiny"}), ("inc", 32, {"model": "tiny"})]
     assert gen.metrics.prefix_lookups.calls == [("inc", 100, {"model": "tiny"}), ("inc", 50, {"model": "tiny"})]
 
+
+
+def test_generator_threads_default_to_the_cpus_the_process_may_use():
+    import os
+
+    from serve.app import generator_threads
+
+    assert generator_threads(None) == len(os.sched_getaffinity(0))
+    assert generator_threads(3) == 3
