@@ -90,7 +90,7 @@ class AppArgs(BaseConfig):
         "holds its GGUF's Q4_1 weights bit for bit); an adapter artifact as `model` serves unmerged on its "
         "quantized base, which is the trained model itself; quantized artifacts load as saved; GPUs serve "
         "bfloat16")
-    prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens prefilled per engine step; a long "
+    prefill_chunk_tokens: int = Field(64, ge=1, description="prompt tokens prefilled per engine step; a long "
                                       "prompt is prefilled in chunks between the running streams' decode steps")
     prefix_cache_mb: float = Field(256, ge=0, description="MiB of prompt-prefix keys/values kept per generator "
                                    "replica and reused by later prompts with the same prefix (LRU); 0: off")
