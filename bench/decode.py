@@ -173,13 +173,13 @@ def bench_served(args) -> dict:
             return [await stream_one(client, url, q, args.new_tokens) for q in QUESTIONS]
 
     t0 = time.perf_counter()
-    with served_app(Path(args.storage).resolve(), index=None, num_threads=args.threads) as (url, _):
+    with served_app(Path(args.storage).resolve(), index=None) as (url, _):
         ready_s = time.perf_counter() - t0
         runs = asyncio.run(run(url))
     tokens = sum(r["tokens"] for r in runs)
-    out = {"config": {k: v for k, v in shipped_args().items() if k in ("model", "quantization", "compile", "dtype",
+    out = {"config": {k: v for k, v in shipped_args().items() if k in ("model", "quantization", "compile", "num_threads",
                                                                        "max_batch_size", "max_adapters")},
-           "overrides": {"index": None, "num_threads": args.threads}, "ready_s": ready_s,
+           "overrides": {"index": None}, "ready_s": ready_s,
            "tokens_per_s": tokens / sum(r["total_s"] for r in runs),
            "decode_tokens_per_s": (tokens - len(runs)) / sum(r["total_s"] - r["ttft_s"] for r in runs),
            "mean_completion_tokens": tokens / len(runs), "mean_ttft_s": statistics.mean(r["ttft_s"] for r in runs)}
