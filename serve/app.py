@@ -92,7 +92,7 @@ class AppArgs(BaseConfig):
         "bfloat16")
     prefill_chunk_tokens: int = Field(64, ge=1, description="prompt tokens prefilled per engine step; a long "
                                       "prompt is prefilled in chunks between the running streams' decode steps")
-    prefix_cache_mb: float = Field(256, ge=0, description="MiB of prompt-prefix keys/values kept per generator "
+    prefix_cache_mb: float = Field(0, ge=0, description="MiB of prompt-prefix keys/values kept per generator "
                                    "replica and reused by later prompts with the same prefix (LRU); 0: off")
     compile: bool = Field(False, description="torch.compile the engine's decode step (faster decode; the replica "
                           "compiles before it serves, then later starts read the Inductor cache in the node-local "
