@@ -139,9 +139,9 @@ def bench_adapters(float_model, qmodel, tokenizer, prompts, config: EngineConfig
     return out
 
 
-async def stream_one(client, url: str, prompt: str, new_tokens: int) -> dict:
+async def stream_one(client, url: str, model: str, prompt: str, new_tokens: int) -> dict:
     """One streamed chat completion: tokens (from usage), time to first token, total time."""
-    body = {"model": "default", "messages": [{"role": "user", "content": prompt}], "max_tokens": new_tokens,
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": new_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first, tokens = None, 0
@@ -169,8 +169,9 @@ def bench_served(args) -> dict:
 
     async def run(url: str) -> list[dict]:
         async with httpx.AsyncClient(timeout=600) as client:
-            await stream_one(client, url, QUESTIONS[0], 8)  # first-call allocations
-            return [await stream_one(client, url, q, args.new_tokens) for q in QUESTIONS]
+            model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
+            await stream_one(client, url, model, QUESTIONS[0], 8)  # first-call allocations
+            return [await stream_one(client, url, model, q, args.new_tokens) for q in QUESTIONS]
 
     t0 = time.perf_counter()
     with served_app(Path(args.storage).resolve(), index=None) as (url, _):
@@ -467,11 +468,13 @@ def render_markdown(r: dict) -> str:
             f"| {a['mixed_concurrency']} concurrent requests over {a['mixed_adapters']} adapters (r={a['rank']}), "
             f"aggregate tokens/s | {a['mixed_tokens_per_s']:.1f} ({ratio(a['mixed_tokens_per_s'])} of llama.cpp "
             f"batch 1) |",
-            f"| resident memory added by loading {a['adapters']} adapters | {a['rss_growth_bytes'] / 2**20:.1f} MiB |",
-            f"| their files (adapter_model.safetensors + config) | {a['file_bytes'] / 2**20:.1f} MiB "
-            f"(growth {a['rss_growth_bytes'] / a['file_bytes']:.2f}x) |",
-            f"| slot size (float32, rank {a['rank']}, allocated when the engine starts) | "
-            f"{a['slot_bytes'] / 2**20:.1f} MiB per adapter |",
+            f"| their files (adapter_model.safetensors + config), {a['adapters']} adapters | "
+            f"{a['file_bytes'] / 2**20:.1f} MiB |",
+            f"| memory of their {a['adapters']} slots (float32, rank {a['rank']}, allocated and zeroed when the "
+            f"engine starts) | {a['adapters'] * a['slot_bytes'] / 2**20:.1f} MiB "
+            f"({a['adapters'] * a['slot_bytes'] / a['file_bytes']:.2f}x the files) |",
+            f"| resident memory added by then loading all {a['adapters']} into their slots | "
+            f"{a['rss_growth_bytes'] / 2**20:.1f} MiB |",
             "",
         ]
     for e in r["engines"]:

@@ -236,7 +236,9 @@ class LlamaRunner:
         # every row at the last position (always at batch 1): no mask. Compiled, several rows always
         # take the masked path, so that two graphs (1 row / several) cover every step.
         uniform = tokens.shape[0] == 1 or (not self.compiled and int(positions.min()) + 1 == T)
-        if self.lora is not None:
+        if self.lora is not None and not self.compiled and (slots is None or not bool(slots.any())):
+            slots = None  # eager, base rows only: every delta would be zero, at ~30 small ops per layer
+        elif self.lora is not None:
             # Made here, inside inference mode, whether given or not: a tensor made outside it carries
             # one more dispatch key, which the compiled graph's guards see as a new input (recompile).
             slots = torch.zeros_like(tokens) if slots is None else slots.clone()
