@@ -223,7 +223,10 @@ def serving_quantization(model: Any, spec: str, kind: str, method: str, device: 
 
 def generator_threads(num_threads: int | None) -> int:
     """Intra-op threads of a generator replica: ``num_threads``, else every CPU this process may run on."""
-    return num_threads or len(os.sched_getaffinity(0))
+    if num_threads:
+        return num_threads
+    # sched_getaffinity is Linux-only (macOS laptops have none); cpu_count is the machine's CPUs there
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def resolve_use_gpu(use_gpu: bool | str) -> tuple[bool, str]:
