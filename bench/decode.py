@@ -403,10 +403,8 @@ def main() -> None:
 
 def render_markdown(r: dict) -> str:
     lcpp = r["llama_cpp_tokens_per_s"]
-    lcpp_cell = r["llama_cpp_info"] if lcpp is None else f"{lcpp:.1f}"
     ratio = lambda x: "-" if lcpp is None else f"{x / lcpp:.2f}x"  # noqa: E731
     q = r["quant"]
-    ppl = r["perplexity"]
     lines = [
         "# Decode benchmark",
         "",
@@ -429,6 +427,16 @@ def render_markdown(r: dict) -> str:
             f"| ops.engine ({e['label']}), decode steps only | {e['batch1_decode_only']:.1f} | "
             f"{ratio(e['batch1_decode_only'])} | |",
         ]
+    lines += _served_and_baseline_rows(r, ratio) + _perplexity_lines(r) + _adapter_lines(r, ratio)
+    lines += _concurrency_lines(r, ratio)
+    return "\n".join(lines)
+
+
+def _served_and_baseline_rows(r: dict, ratio) -> list[str]:
+    """Batch-1 rows of the endpoint, transformers and llama.cpp."""
+    lcpp = r["llama_cpp_tokens_per_s"]
+    lcpp_cell = r["llama_cpp_info"] if lcpp is None else f"{lcpp:.1f}"
+    lines: list[str] = []
     hf = r["transformers_generate_tokens_per_s"]
     served = r.get("served")
     if served:
@@ -444,6 +452,11 @@ def render_markdown(r: dict) -> str:
         f"{'1.00x' if lcpp else '-'} | |",
         "",
     ]
+    return lines
+
+
+def _perplexity_lines(r: dict) -> list[str]:
+    q, ppl, lines = r["quant"], r["perplexity"], []
     if ppl["float32"] is not None:
         rel = f"{ppl['quantized'] / ppl['float32']:.4f}x" if ppl["quantized"] is not None else "-"
         quant_cell = f"{ppl['quantized']:.4f}" if ppl["quantized"] is not None else "-"
@@ -460,6 +473,11 @@ def render_markdown(r: dict) -> str:
                 + ".",
                 "",
             ]
+    return lines
+
+
+def _adapter_lines(r: dict, ratio) -> list[str]:
+    q, lines = r["quant"], []
     a = r.get("adapters")
     if a:
         lines += [
@@ -477,6 +495,11 @@ def render_markdown(r: dict) -> str:
             f"{a['rss_growth_bytes'] / 2**20:.1f} MiB |",
             "",
         ]
+    return lines
+
+
+def _concurrency_lines(r: dict, ratio) -> list[str]:
+    lines: list[str] = []
     for e in r["engines"]:
         if not e["concurrent"]:
             continue
@@ -492,8 +515,7 @@ def render_markdown(r: dict) -> str:
                 f"{c['p50_latency_s']:.2f} | {c['p99_latency_s']:.2f} | {c['mean_ttft_s']:.2f} |"
             )
         lines.append("")
-    return "\n".join(lines)
-
+    return lines
 
 if __name__ == "__main__":
     main()
