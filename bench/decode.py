@@ -36,14 +36,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from ops.engine import Engine, EngineConfig, Request  # noqa: E402
+from ops.evaluation import DECODE_QUESTIONS, engine_decode_rate, engine_perplexity as engine_path_perplexity  # noqa: E402
 from ops.model import DEFAULT_MODEL, embedded_gguf, load_model, load_tokenizer  # noqa: E402
 
-QUESTIONS = [
-    "Explain what a hash map is and when to use one.",
-    "Write a short story about a robot learning to paint.",
-    "What are the main causes of the seasons on Earth?",
-    "Give me three tips for writing readable Python code.",
-]
+QUESTIONS = DECODE_QUESTIONS
 
 
 def parse_args() -> argparse.Namespace:
@@ -251,16 +247,10 @@ def llama_cpp_rate(prompts: list[str], new_tokens: int, threads: int) -> tuple[f
     return total / elapsed, " ".join(f.removeprefix("CPU : ") for f in features)
 
 
-def bench_engine_batch1(engine: Engine, prompts: list[str], new_tokens: int) -> tuple[float, float]:
+def bench_engine_batch1(engine: Engine, new_tokens: int) -> tuple[float, float]:
     """Returns (end-to-end new tokens/s, decode-only tokens/s) of the engine at batch 1."""
-    total, elapsed, decode = 0, 0.0, []
-    for prompt in prompts:
-        t0 = time.perf_counter()
-        out = engine.generate_sync([Request(prompt=prompt, max_tokens=new_tokens, ignore_eos=True)])[0]
-        elapsed += time.perf_counter() - t0
-        total += out.completion_tokens
-        decode.append(out.tokens_per_s)
-    return total / elapsed, statistics.mean(decode)
+    rate = engine_decode_rate(engine, engine.tokenizer, new_tokens=new_tokens, questions=QUESTIONS)
+    return rate["tokens_per_s"], rate["decode_tokens_per_s"]
 
 
 async def bench_concurrent(engine: Engine, prompts: list[str], n: int, new_tokens: int) -> dict:
@@ -287,25 +277,11 @@ def perplexity_of(model, tokenizer, path: str, tokens: int = 2048) -> float:
     return sliding_window_perplexity(model, ids, 1024, 512).perplexity
 
 
-def engine_perplexity(engine: Engine, tokenizer, path: str, chunks: int = 2, length: int = 512) -> float:
-    """Teacher-forced perplexity through the engine's own prefill + decode steps (compiled or not).
-
-    Each chunk of `length` tokens of `path` is fed one token per decode step into cache row 0,
-    so the numbers cover exactly the code path that serves requests.
-    """
-    import math
-
-    runner = engine.runner
-    ids = tokenizer(Path(path).read_text()[: chunks * length * 8], add_special_tokens=False)["input_ids"]
-    nll, count = 0.0, 0
-    for c in range(chunks):
-        chunk = torch.tensor(ids[c * length:(c + 1) * length])
-        logits = runner.prefill(0, chunk[:1])
-        for t in range(1, length):
-            nll -= torch.log_softmax(logits.float(), -1)[chunk[t]].item()
-            count += 1
-            logits = runner.decode_one_token(chunk[t:t + 1], torch.tensor([t]))[0]
-    return math.exp(nll / count)
+def engine_perplexity(engine: Engine, tokenizer, path: str, rows: int = 2, length: int = 512) -> float:
+    """Teacher-forced perplexity through the engine's own prefill + decode steps (compiled or not):
+    `rows` pieces of `length` tokens of `path` side by side, one token per row per decode step."""
+    ids = tokenizer(Path(path).read_text()[: rows * length * 8], add_special_tokens=False)["input_ids"]
+    return engine_path_perplexity(engine, torch.tensor(ids[: rows * length]), rows=rows)["perplexity"]
 
 
 def run_engine(model, tokenizer, prompts, config: EngineConfig, args, levels: list[int] | None,
@@ -319,7 +295,7 @@ def run_engine(model, tokenizer, prompts, config: EngineConfig, args, levels: li
         if config.compile and not engine.compiled:
             raise SystemExit(f"compiling the decode step failed: {engine.warmup_error}")
         engine.generate_sync([Request(prompt=prompts[0], max_tokens=4)])  # first-call allocations
-        out["batch1"], out["batch1_decode_only"] = bench_engine_batch1(engine, prompts, args.new_tokens)
+        out["batch1"], out["batch1_decode_only"] = bench_engine_batch1(engine, args.new_tokens)
         print(f"engine {label}: {out['batch1']:.1f} tok/s (decode only {out['batch1_decode_only']:.1f}), "
               f"warm-up {out['warmup_s']:.1f} s", flush=True)
         out["concurrent"] = []
@@ -468,7 +444,7 @@ def _perplexity_lines(r: dict) -> list[str]:
         through = [e for e in r["engines"] if e.get("engine_perplexity") is not None]
         if through:
             lines += [
-                "Through the engine's own prefill + decode steps (teacher-forced, 2 chunks of 512 tokens of "
+                "Through the engine's own prefill + decode steps (teacher-forced, 2 rows of 512 tokens of "
                 "the same file): " + ", ".join(f"{e['label']} {e['engine_perplexity']:.4f}" for e in through)
                 + ".",
                 "",

@@ -8,9 +8,12 @@ Steps, each a library call of the job that owns it:
 1. **train**: LoRA fine-tune with Ray Train on ``train.num_workers`` workers (``jobs.train``);
 2. **evaluate**: held-out perplexity (the corpus tail the training never saw), batch-1 decode
    latency and size of the base model and of base + adapter;
-3. **quantize**: merge the adapter, quantize with the first of ``quantize.methods`` whose
-   held-out perplexity stays within ``quantize.max_ppl_increase`` of the fine-tuned float model
-   (``ops.quantization``); none passing means the float model is served, and the summary says so;
+3. **quantize**: first the adapter unmerged on the base as Serve quantizes it (``weight_only_int4``
+   by default, the embedded model's GGUF weights exactly): its perplexity through the engine's own
+   decode path against the float base + adapter's; within ``quantize.max_ppl_increase`` that is
+   what is served, nothing merged. Otherwise merge the adapter and quantize with the first of
+   ``quantize.methods`` within the bar of the fine-tuned float model (``ops.quantization``); none
+   passing means the float model is served, and the summary says so;
 4. **index**: chunk and embed the corpus into a FAISS index (``jobs.index``);
 5. **serve**: deploy the RAG app (``serve.app``) with the fine-tuned, quantized generator on
    ``http://<serve.host>:<serve.port>``, ask ``questions`` through HTTP and print each answer with
@@ -55,7 +58,7 @@ from ops import artifacts
 from ops.datasets import DEFAULT_CORPUS, detect_format, held_out_ids, read_documents
 from ops.evaluation import EvalSpec, describe, measure
 from ops.qa_metrics import score_answers
-from ops.model import DEFAULT_MODEL, load_model, load_tokenizer
+from ops.model import DEFAULT_MODEL, load_model, load_tokenizer, model_size_bytes
 from ops.quantization import METHODS, check_method
 from ops.retrieval import read_manifest as read_index_manifest
 from serve.security import API_KEY_ENV, require_key_off_loopback
@@ -110,6 +113,10 @@ DEFAULT_QUESTIONS = [
 
 
 class QuantizeSection(BaseConfig):
+    unmerged: bool = Field(True, description="first try the adapter unmerged on the base as Serve quantizes it "
+                           "(serve.app quantization, weight_only_int4 by default: the embedded model's GGUF weights "
+                           "exactly): perplexity through the engine's decode path vs the float base + adapter; within "
+                           "max_ppl_increase it is served as is and nothing is merged")
     methods: list[str] = Field(["weight_only_int4", "weight_only_int8"], description="candidates, best first: the "
                                "first within max_ppl_increase of the fine-tuned float model is served")
     max_ppl_increase: float = Field(0.02, ge=0, description="quality bar, relative to the fine-tuned float model")
@@ -328,6 +335,50 @@ def step_quantize(cfg: PipelineConfig, storage: str, tuned: torch.nn.Module, tun
     return None, rows, built
 
 
+def step_unmerged(cfg: PipelineConfig, adapter: Path, ids: torch.Tensor, tokenizer: Any) -> dict | None:
+    """The adapter unmerged on the base quantized as Serve quantizes it, measured through the engine.
+
+    Both the float base + adapter and the quantized base + adapter are scored by
+    :func:`ops.evaluation.engine_perplexity` (the served decode path, LoRA gather included) on the
+    held-out ids; the served one's batch-1 decode is :func:`ops.evaluation.engine_decode_rate`
+    (``bench/decode.py``'s prompts and 128 new tokens). None when Serve would not quantize.
+    """
+    from ops.engine import Engine, EngineConfig
+    from ops.evaluation import engine_decode_rate, engine_perplexity
+    from ops.model import resolve
+    from serve.app import AppArgs, serving_quantization
+
+    method = cfg.serve.app.get("quantization", AppArgs.model_fields["quantization"].default)
+    if method == "none":
+        return None
+    rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
+    config = EngineConfig(max_batch_size=4, max_seq_len=max(512, ids.numel() // 4 + 1), max_adapters=1,
+                          max_lora_rank=rank, num_threads=torch.get_num_threads())
+    row: dict[str, Any] = {"method": method, "artifact": f"{artifacts.Kind.ADAPTERS.value}/{cfg.name}"}
+    for label in ("float", "served"):
+        model = load_model(cfg.model, storage=cfg.storage)
+        if label == "served":
+            model, row["how"] = serving_quantization(model, cfg.model, resolve(cfg.model, cfg.storage).kind,
+                                                     method, "cpu")
+            row["size_mb"] = model_size_bytes(model) / 2**20 + sum(
+                f.stat().st_size for f in adapter.glob("adapter_model.*")) / 2**20
+        with Engine(model, tokenizer, config) as engine:
+            engine.add_adapter(cfg.name, adapter)
+            ppl = engine_perplexity(engine, ids, adapter=cfg.name)
+            row[f"{label}_perplexity"] = ppl["perplexity"]
+            row.update(rows=ppl["rows"], row_tokens=ppl["row_tokens"])
+            if label == "served" and cfg.eval.latency.enabled:
+                row.update(engine_decode_rate(engine, tokenizer, adapter=cfg.name))
+        del model
+    row["model"] = f"fine-tuned, adapter unmerged on the {method} base ({row['how']})"
+    row["ppl_ratio"] = row["served_perplexity"] / row["float_perplexity"]
+    row["passes"] = row["ppl_ratio"] <= 1 + cfg.quantize.max_ppl_increase
+    rate = f", {row['tokens_per_s']:.1f} tokens/s at batch 1" if "tokens_per_s" in row else ""
+    log(f"quantize: adapter unmerged on the {method} base: engine-path perplexity {row['served_perplexity']:.4f} vs "
+        f"{row['float_perplexity']:.4f} on the float base (x{row['ppl_ratio']:.4f}){rate}")
+    return row
+
+
 def step_index(cfg: PipelineConfig, storage: str) -> tuple[str, dict, bool]:
     from jobs import index
 
@@ -412,6 +463,17 @@ def summary_markdown(s: dict[str, Any]) -> str:
     for row in [base, tuned] + s["quantized"]:
         lines.append(f"| {row['model']} | {row['perplexity']:.4f} | {row['perplexity'] / base['perplexity']:.3f} "
                      f"| {row['decode_ms_per_token']:.1f} | {row['size_mb']:.1f} |")
+    u = s.get("unmerged")
+    if u:
+        lines += ["", f"Through the engine (what Serve runs): teacher-forced perplexity of the same held-out tokens in "
+                  f"{u['rows']} rows of {u['row_tokens']} tokens, one decode step per token; batch-1 decode as "
+                  "`bench/decode.py` measures it (its 4 chat prompts, 128 new tokens).", "",
+                  "| model | engine perplexity | x float base + adapter | decode tokens/s | decode ms/token | size MB "
+                  "| passes |", "|---|---|---|---|---|---|---|",
+                  f"| fine-tuned, float32 base + adapter | {u['float_perplexity']:.4f} | 1.000 | - | - | - | - |",
+                  f"| {u['model']} | {u['served_perplexity']:.4f} | {u['ppl_ratio']:.4f} | "
+                  f"{f(u.get('decode_tokens_per_s'), '.1f')} | {f(u.get('decode_ms_per_token'), '.1f')} | "
+                  f"{u['size_mb']:.1f} | {'yes' if u['passes'] else 'no'} |"]
     t = s["train"]
     lines += ["", f"Training: {t['steps']} steps, {t['tokens']:,} tokens, {t['tokens_per_s']:.0f} tokens/s on "
               f"{t['num_workers']} workers; its own validation perplexity {t['initial_val_perplexity']:.3f} -> "
@@ -521,9 +583,15 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
     tuned_row = measure_model(tuned, ids, cfg, "fine-tuned (float32)")
 
     log("step 3/5 quantize")
-    served_model, qrows, quantized = step_quantize(cfg, storage, tuned, tuned_row, ids, adapter, retrained,
-                                                   tokenizer)
-    built += ["quantize"] if quantized else []
+    unmerged = step_unmerged(cfg, adapter, ids, tokenizer) if cfg.quantize.unmerged else None
+    if unmerged is not None and unmerged["passes"]:
+        log(f"quantize: serving the adapter unmerged on the {unmerged['method']} base: its perplexity is within "
+            f"{100 * cfg.quantize.max_ppl_increase:.1f}% of the float base + adapter; nothing to merge")
+        served_model, qrows = unmerged["artifact"], []
+    else:
+        served_model, qrows, quantized = step_quantize(cfg, storage, tuned, tuned_row, ids, adapter, retrained,
+                                                       tokenizer)
+        built += ["quantize"] if quantized else []
     del tuned
 
     log("step 4/5 index")
@@ -543,7 +611,7 @@ def main(cfg: PipelineConfig) -> dict[str, Any]:
         "name": cfg.name, "model": cfg.model, "data": cfg.data, "threads": torch.get_num_threads(),
         "train": {k: train_metrics[k] for k in ("steps", "tokens", "tokens_per_s", "num_workers",
                                                  "initial_val_perplexity", "best_val_perplexity", "wall_time_s")},
-        "base": base_row, "tuned": tuned_row, "quantized": qrows,
+        "base": base_row, "tuned": tuned_row, "quantized": qrows, "unmerged": unmerged,
         "served": {"model": model_spec, "url": url, "index": index_name,
                    "index_chunks": index_manifest.get("num_chunks")},
         "answers": answers, "retrieval_hits": f"{sum(a['hit'] for a in scored)}/{len(scored)}", "qa": qa,

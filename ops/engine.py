@@ -13,6 +13,7 @@ FlashAttention, the compiled ops in the hot path).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -412,6 +413,27 @@ class Engine:
             self.adapters.add(name, path)
             if self.prefix_cache is not None:  # the same name may now hold other weights
                 self.prefix_cache.drop((self._model_key, name))
+
+    @contextlib.contextmanager
+    def adapter_slot(self, name: str | None) -> Iterator[int]:
+        """Pins ``name``'s LoRA slot (loading it) for direct ``runner`` calls; yields it (0: no adapter).
+
+        For evaluation on an engine with no requests in flight (``ops.evaluation.engine_perplexity``).
+        """
+        if name is None:
+            yield 0
+            return
+        if self.adapters is None:
+            raise ValueError("this engine has no LoRA slots; valid: EngineConfig(max_adapters >= 1)")
+        with self._adapter_lock:
+            slot = self.adapters.acquire(name)
+        if slot is None:
+            raise EngineError(f"every LoRA slot is pinned by running requests; none free for {name!r}")
+        try:
+            yield slot
+        finally:
+            with self._adapter_lock:
+                self.adapters.release(slot)
 
     def adapter_stats(self) -> dict[str, Any]:
         """Resident adapters (least recently used first), loads, evictions, capacity and bytes per slot."""

@@ -77,3 +77,73 @@ def describe(row: dict[str, Any]) -> str:
     if row.get("decode_ms_per_token") is not None:
         text += f", prefill {row['prefill_ms_per_token']:.2f} ms/token, decode {row['decode_ms_per_token']:.2f} ms/token"
     return text
+
+
+# bench/decode.py's prompt set: the engine-path latency of a report is measured as that benchmark
+# measures it, so the two agree on the same artifact.
+DECODE_QUESTIONS = [
+    "Explain what a hash map is and when to use one.",
+    "Write a short story about a robot learning to paint.",
+    "What are the main causes of the seasons on Earth?",
+    "Give me three tips for writing readable Python code.",
+]
+
+
+@torch.inference_mode()
+def engine_perplexity(engine: Any, ids: torch.Tensor, adapter: str | None = None, rows: int = 0) -> dict[str, Any]:
+    """Teacher-forced perplexity of ``ids`` through the engine's own prefill and decode steps.
+
+    ``ids`` is cut into ``rows`` equal pieces (at most the engine's batch size) that run side by
+    side in cache rows 0..rows-1, one token per row per decode step, with ``adapter`` (registered
+    with ``engine.add_adapter``) in every row: exactly the kernels, LoRA gather and KV cache that
+    serve a request. Call it on an engine with no requests in flight.
+
+    Returns:
+        ``perplexity``, ``nll_sum``, ``predicted_tokens``, ``rows`` and ``row_tokens`` (context of each row).
+    """
+    import math
+
+    runner = engine.runner
+    rows = max(1, min(rows or engine.config.max_batch_size, engine.config.max_batch_size, ids.numel() // 2))
+    length = min(ids.numel() // rows, engine.config.max_seq_len)
+    pieces = ids[: rows * length].reshape(rows, length)
+    with engine.adapter_slot(adapter) as slot:
+        kwargs = {"slot": slot} if slot else {}
+        logits = torch.stack([runner.prefill(r, pieces[r, :1], **kwargs) for r in range(rows)])  # (rows, V)
+        slots = torch.full((rows,), slot, dtype=torch.long) if slot else None
+        nll = 0.0
+        for t in range(1, length):
+            nll -= torch.log_softmax(logits.float(), -1).gather(1, pieces[:, t:t + 1]).sum().item()
+            if t + 1 < length:
+                step = (pieces[:, t], torch.full((rows,), t)) + ((slots,) if slots is not None else ())
+                logits = runner.decode_one_token(*step)
+    count = rows * (length - 1)
+    return {"perplexity": math.exp(nll / count), "nll_sum": nll, "predicted_tokens": count, "rows": rows,
+            "row_tokens": length}
+
+
+def engine_decode_rate(engine: Any, tokenizer: Any, adapter: str | None = None, new_tokens: int = 128,
+                       questions: list[str] = DECODE_QUESTIONS) -> dict[str, float]:
+    """Batch-1 decode through the engine as ``bench/decode.py`` measures it: its chat prompts, one at a
+    time, ``new_tokens`` each (EOS ignored).
+
+    Returns:
+        ``tokens_per_s`` (end to end, prefill included), ``decode_tokens_per_s`` (after the first
+        token) and ``decode_ms_per_token`` (its inverse).
+    """
+    import statistics
+
+    from ops.engine import Request
+
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=False) for q in questions]
+    total, elapsed, decode = 0, 0.0, []
+    for prompt in prompts:
+        t0 = time.perf_counter()
+        out = engine.generate_sync([Request(prompt=prompt, max_tokens=new_tokens, ignore_eos=True,
+                                            adapter=adapter)])[0]
+        elapsed += time.perf_counter() - t0
+        total += out.completion_tokens
+        decode.append(out.tokens_per_s)
+    rate = statistics.mean(decode)
+    return {"tokens_per_s": total / elapsed, "decode_tokens_per_s": rate, "decode_ms_per_token": 1000.0 / rate}

@@ -113,7 +113,9 @@ def test_pipeline_via_job_submit_serves_its_model_and_reuses_artifacts_on_rerun(
             "eval.max_tokens=256", "eval.window=64", "eval.stride=32", "eval.latency.new_tokens=2",
             "eval.latency.repeats=1", "quantize.methods=[weight_only_int8]",
             # Compiling the decode step costs a minute on 2 CPUs; tests/ops covers the compiled path.
-            "serve.app={compile: false}"]
+            # Float serving: the merge-and-quantize path runs here; the default (the adapter unmerged
+            # on Serve's int4 base) is the slow test below, on the embedded model it is exact for.
+            "serve.app={compile: false, quantization: none}"]
     try:
         first = ray_head.submit(*args, timeout=900)
         assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
@@ -121,6 +123,7 @@ def test_pipeline_via_job_submit_serves_its_model_and_reuses_artifacts_on_rerun(
         assert summary["built"] == ["train", "quantize", "index"]
         assert summary["train"]["steps"] == 2 and summary["train"]["num_workers"] == 2
         assert (tmp_path / "adapters" / "pipe" / "adapter_model.safetensors").is_file()
+        assert summary["unmerged"] is None  # Serve would not quantize: nothing to serve unmerged
         [qrow] = summary["quantized"]
         expected_model = qrow["artifact"] if qrow["passes"] else "adapters/pipe"
         assert summary["served"]["model"] == expected_model
@@ -147,15 +150,7 @@ def test_pipeline_via_job_submit_serves_its_model_and_reuses_artifacts_on_rerun(
                         "-y"], env=ray_head.env, capture_output=True, timeout=120)
 
 
-def test_squad_data_switches_to_rag_qa_and_the_summary_reports_em_f1(tmp_path):
-    from tests.jobs.test_qa_data import write_squad
-
-    squad = write_squad(tmp_path / "s.json")
-    cfg = PipelineConfig.model_validate({"data": str(squad), "storage": str(tmp_path)})
-    assert cfg.rag_qa and cfg.train_config().task == "rag_qa" and cfg.questions == []
-    plain = PipelineConfig.model_validate({"storage": str(tmp_path)})
-    assert not plain.rag_qa and plain.train_config().task == "lm" and len(plain.questions) == 3
-
+def _summary_for_markdown() -> dict:
     row = {"perplexity": 10.0, "tokens": 100, "decode_ms_per_token": 5.0, "size_mb": 1.0}
     qa_row = {"exact_match": 0.25, "f1": 0.5, "contains_gold": 0.4, "recall@1": 0.8, "recall@5": 1.0, "p50_s": 1.5}
     summary = {
@@ -167,6 +162,53 @@ def test_squad_data_switches_to_rag_qa_and_the_summary_reports_em_f1(tmp_path):
         "qa": {"questions": 4, "train_paragraphs": 9, "val_paragraphs": 3, "top_k": 5, "max_tokens": 24,
                "rows": {"base": {**qa_row, "f1": 0.1}, "fine-tuned": qa_row}},
     }
+    return summary
+
+
+def test_squad_data_switches_to_rag_qa_and_the_summary_reports_em_f1(tmp_path):
+    from tests.jobs.test_qa_data import write_squad
+
+    squad = write_squad(tmp_path / "s.json")
+    cfg = PipelineConfig.model_validate({"data": str(squad), "storage": str(tmp_path)})
+    assert cfg.rag_qa and cfg.train_config().task == "rag_qa" and cfg.questions == []
+    plain = PipelineConfig.model_validate({"storage": str(tmp_path)})
+    assert not plain.rag_qa and plain.train_config().task == "lm" and len(plain.questions) == 3
+
+    summary = _summary_for_markdown()
     text = summary_markdown(summary)
     assert "| fine-tuned | 0.250 | 0.500 | 0.400 | 0.800 | 1.000 | 1.50 |" in text
     assert "| base | 0.250 | 0.100 |" in text and "| question |" not in text
+
+
+@pytest.mark.slow
+def test_an_adapter_unmerged_on_the_embedded_int4_base_scores_as_on_the_float_base(tmp_path):
+    """The embedded model's int4 is its GGUF's weights exactly, so the adapter on it is the trained
+    model: the engine-path perplexity matches the float base + adapter's, and the pipeline serves it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from jobs.pipeline import step_unmerged
+    from ops.model import DEFAULT_MODEL, load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    peft = get_peft_model(load_model(DEFAULT_MODEL), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                init_lora_weights=False))
+    adapter = tmp_path / "adapters" / "unm"
+    peft.save_pretrained(adapter)
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    ids = torch.tensor(tokenizer("The University of Notre Dame is a private research university in Indiana. "
+                                 "Its main building has a golden dome topped by a statue of the Virgin Mary. " * 4,
+                                 add_special_tokens=False)["input_ids"][:96])
+    cfg = parse("name=unm", f"storage={tmp_path}", "eval.latency.enabled=false")
+    row = step_unmerged(cfg, adapter, ids, tokenizer)
+    assert row["method"] == "weight_only_int4" and "GGUF" in row["how"] and row["artifact"] == "adapters/unm"
+    assert (row["rows"], row["row_tokens"]) == (4, 24)
+    assert row["ppl_ratio"] == pytest.approx(1.0, abs=5e-3) and row["passes"]
+    assert "decode_ms_per_token" not in row  # latency off
+    # the int4 base + the adapter file, against 513 MB of float32 weights
+    assert 60 < row["size_mb"] < 140
+    md = summary_markdown({**_summary_for_markdown(), "unmerged": row})
+    assert f"| {row['model']} | {row['served_perplexity']:.4f} | {row['ppl_ratio']:.4f} | - | - |" in md
+    assert parse("quantize.unmerged=false", "serve.app={quantization: none}").quantize.unmerged is False
+    none = parse("name=unm", f"storage={tmp_path}", "serve.app={quantization: none}")
+    assert step_unmerged(none, adapter, ids, tokenizer) is None  # Serve would not quantize: nothing to measure
