@@ -94,7 +94,7 @@ class TuneJobConfig(BaseConfig):
     grace_steps: int = Field(0, ge=0, description="ASHA: steps before a trial may be stopped (0 = train.eval_every)")
     max_concurrent_trials: int = Field(0, ge=0, description="0 = as many as the cluster's CPUs fit (each trial "
                                        "reserves trial_cpus + its train workers)")
-    trial_cpus: float = Field(1.0, ge=0, description="CPUs reserved by each trial's driver (quantize + measure)")
+    trial_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each trial's driver (quantize + measure; Tune needs > 0)")
     max_ppl_increase: float = Field(0.02, ge=0, description="winner: lowest latency within this of the best ppl")
     eval: EvalSpec = Field(default_factory=lambda: EvalSpec(max_tokens=2048, window=512, stride=256),
                            description="how every trial's final (merged, quantized) model is measured")

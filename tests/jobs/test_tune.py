@@ -234,6 +234,7 @@ def test_random_search_draws_num_samples_trials_from_the_space(ray_head, tmp_pat
     (["space.quant=[nope]"], "unknown recipes ['nope']"),
     (["space.lora_r=[0]"], "space.lora_r must be >= 1"),
     (["search=bayes"], "bad value for 'search'"),
+    (["trial_cpus=0"], "bad value for 'trial_cpus': Input should be greater than 0"),
 ])
 def test_bad_sweep_configs(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
