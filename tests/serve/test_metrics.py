@@ -1,5 +1,5 @@
 """serve/metrics.py without Ray: names, tags and buckets of every metric, what a finished request
-records, and the docs table (the scrape of a live app is in tests/serve/test_openai.py)."""
+records, and the docs table (the scrape of a live app is in tests/serve/test_app.py)."""
 
 from __future__ import annotations
 
