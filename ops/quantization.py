@@ -57,13 +57,15 @@ ComputeDtype = Literal["bfloat16", "float32"]
 CUDA_METHODS = ("weight_only_int4", "weight_only_int8", "bf16")
 HeadMode = Literal["quantize", "int8", "float"]
 # Weight-only layers switch from torch's matrix-vector kernels to "dequantize the weight, one GEMM"
-# at this many input rows (tokens): the packed kernels cost about the same per row at any row count,
-# while oneDNN's bf16 GEMM gets 2-3x cheaper per row from a few dozen rows on (bench/prefill.py,
-# docs/benchmarks/prefill.md). Decode (one row per request) keeps the matrix-vector kernels.
+# at this many input rows (tokens). The layer sweep of bench/prefill.py (docs/benchmarks/prefill.md)
+# on the embedded model's shapes: at 64 rows the packed kernels are still 1.3-1.7x cheaper per row
+# (int8 and int4), at 128 the two are even, at 512 the GEMM is 1.6-2x cheaper. Serve's 64-token
+# prefill chunks therefore stay on the kernels; a whole prompt takes the GEMM. Decode (one row per
+# request) keeps the matrix-vector kernels.
 # The dequantized weight is not cached: casting it is O(N K) against the GEMM's O(M N K), a few
-# percent of a prefill's time from 64 rows on, while a cache would hold a bf16 copy of every layer
+# percent of a prefill's time from 128 rows on, while a cache would hold a bf16 copy of every layer
 # (twice the int8 model, four times the int4 one) and undo the memory the method saves.
-GEMM_MIN_ROWS = 32
+GEMM_MIN_ROWS = 128
 
 
 # ----------------------------------------------------------------------------- settings
