@@ -23,6 +23,24 @@ _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAYLM_OPS", "RAYLM_
                   STORAGE_ENV, LAUNCH_DIR_ENV, "RAYLM_FAIL_AT_STEP", "OMP_NUM_THREADS", *AWS_ENV)
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+# Wake-ups of an idle cluster that cost a small machine CPU for nothing (bench/idle_cost.py,
+# docs/benchmarks/idle_cost.md): the Serve controller's reconcile loop (Ray: every 0.1 s), each
+# handle's router metrics export (every 0.1 s) and the dashboard agent's parent check (0.4 s).
+# Ray reads them when its processes start, so they are set before a cluster starts (init_ray's local
+# cluster, `make ray-up`); health checks and failure detection are untouched, and the benchmark
+# times a killed replica's replacement with and without them.
+IDLE_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+            "RAY_DASHBOARD_AGENT_CHECK_PARENT_INTERVAL_S": "2"}
+RAY_DEFAULTS_ENV = "RAYLM_RAY_DEFAULTS"  # "1": leave Ray's own intervals (for the benchmark's baseline)
+
+
+def apply_idle_env() -> dict[str, str]:
+    """Sets :data:`IDLE_ENV` in this process's environment (values already set win); returns what applies."""
+    if os.environ.get(RAY_DEFAULTS_ENV) == "1":
+        return {}
+    for key, value in IDLE_ENV.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in IDLE_ENV}
 
 
 def worker_env() -> dict[str, str]:
@@ -73,6 +91,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
                 kwargs.setdefault("runtime_env", local_runtime_env())
             ray.init(address=address, log_to_driver=True, **kwargs)
         else:
+            apply_idle_env()  # the cluster's processes inherit this environment
             # address="local": always a new cluster of this process's own, never an existing one
             # another program on this machine started (`ray start`, a test, a benchmark).
             ray.init(
@@ -114,3 +133,8 @@ def report_interval_s() -> float:
         return max(0.0, float(os.environ.get(HEALTH_CHECK_ENV, "2.0")))
     except ValueError:
         return 2.0
+
+
+if __name__ == "__main__":
+    # `make ray-up`: the KEY=VALUE pairs `ray start` runs with
+    print(" ".join(f"{k}={v}" for k, v in apply_idle_env().items()))

@@ -297,6 +297,10 @@ class RayHead:
                     # to 30 s for it (for Serve traffic on Kubernetes); stop() signals the GCS too, so
                     # that wait always ran out. A test head has nothing to drain.
                     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+        from cluster.runtime import IDLE_ENV
+
+        # the intervals `make ray-up` starts a user's head with
+        self.env.update({k: self.env.get(k, v) for k, v in IDLE_ENV.items()})
         self.env.pop("PYTHONPATH", None)
         self.ray = str(Path(bin_dir) / "ray")
         self.num_cpus = num_cpus
