@@ -181,7 +181,7 @@ def test_squad_data_switches_to_rag_qa_and_the_summary_reports_em_f1(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_adapter_unmerged_on_the_embedded_int4_base_scores_as_on_the_float_base(tmp_path):
+def test_an_adapter_unmerged_on_the_embedded_int4_base_scores_as_on_the_float_base(tmp_path, embedded_storage):
     """The embedded model's int4 is its GGUF's weights exactly, so the adapter on it is the trained
     model: the engine-path perplexity matches the float base + adapter's, and the pipeline serves it."""
     import torch
@@ -191,15 +191,15 @@ def test_an_adapter_unmerged_on_the_embedded_int4_base_scores_as_on_the_float_ba
     from ops.model import DEFAULT_MODEL, load_model, load_tokenizer
 
     torch.manual_seed(0)
-    peft = get_peft_model(load_model(DEFAULT_MODEL), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    peft = get_peft_model(load_model(DEFAULT_MODEL, storage=embedded_storage), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                                 init_lora_weights=False))
     adapter = tmp_path / "adapters" / "unm"
     peft.save_pretrained(adapter)
-    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    tokenizer = load_tokenizer(DEFAULT_MODEL, storage=embedded_storage)
     ids = torch.tensor(tokenizer("The University of Notre Dame is a private research university in Indiana. "
                                  "Its main building has a golden dome topped by a statue of the Virgin Mary. " * 4,
                                  add_special_tokens=False)["input_ids"][:96])
-    cfg = parse("name=unm", f"storage={tmp_path}", "eval.latency.enabled=false")
+    cfg = parse("name=unm", f"storage={embedded_storage}", "eval.latency.enabled=false")
     row = step_unmerged(cfg, adapter, ids, tokenizer)
     assert row["method"] == "weight_only_int4" and "GGUF" in row["how"] and row["artifact"] == "adapters/unm"
     assert (row["rows"], row["row_tokens"]) == (4, 24)
@@ -210,5 +210,5 @@ def test_an_adapter_unmerged_on_the_embedded_int4_base_scores_as_on_the_float_ba
     md = summary_markdown({**_summary_for_markdown(), "unmerged": row})
     assert f"| {row['model']} | {row['served_perplexity']:.4f} | {row['ppl_ratio']:.4f} | - | - |" in md
     assert parse("quantize.unmerged=false", "serve.app={quantization: none}").quantize.unmerged is False
-    none = parse("name=unm", f"storage={tmp_path}", "serve.app={quantization: none}")
+    none = parse("name=unm", f"storage={embedded_storage}", "serve.app={quantization: none}")
     assert step_unmerged(none, adapter, ids, tokenizer) is None  # Serve would not quantize: nothing to measure
