@@ -378,7 +378,10 @@ class _SharedHead:
 
     def get(self) -> RayHead:
         if self.head is None:
-            head = RayHead()
+            # 4 logical CPUs on a 2-core machine: a Tune trial (trial_cpus 1 + one 1-CPU worker) spends
+            # most of its time starting processes, so two at a time finish sooner than one after the
+            # other; every job a test submits still fits this head.
+            head = RayHead(num_cpus=4)
             head.start()
             self.head = head
         return self.head
