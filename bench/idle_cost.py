@@ -51,7 +51,7 @@ def role(cmdline: list[str], name: str) -> str:
                    "runtime_env/agent"):
         if daemon in text:
             return daemon.removesuffix(".py")
-    return "driver" if str(os.getpid()) == name else name
+    return name
 
 
 def cpu_by_role(pids: set[int], seconds: float) -> dict[str, float]:
@@ -65,7 +65,9 @@ def cpu_by_role(pids: set[int], seconds: float) -> dict[str, float]:
                                                 for part in ("ray::", "gcs_server", "raylet", "ray/dashboard",
                                                              "log_monitor", "ray/autoscaler")):
                 t = proc.info["cpu_times"]
-                out[proc.info["pid"]] = (role(proc.info["cmdline"] or [], proc.info["name"] or ""), t.user + t.system)
+                name = "driver (this benchmark)" if proc.info["pid"] in pids else role(proc.info["cmdline"] or [],
+                                                                                         proc.info["name"] or "")
+                out[proc.info["pid"]] = (name, t.user + t.system)
         return out
 
     before, t0 = sample(), time.monotonic()
