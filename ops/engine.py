@@ -485,12 +485,34 @@ class Engine:
             if not done:
                 self.cancel(request_id)
 
-    async def generate(self, request: Request) -> Completion:
-        """Runs a request to completion and returns its `Completion`."""
-        async for delta in self.stream(request):
-            if delta.completion is not None:
-                return delta.completion
-        raise EngineError("stream ended without a completion")
+    def generate(self, request: Request) -> asyncio.Future[Completion]:
+        """Submits a request now; the returned future resolves to its `Completion`.
+
+        No per-token events: the caller's event loop wakes once, when the request finishes (a
+        server thread that only needs the answer does not trade the GIL with the decode thread
+        every token). Cancelling the future (a timeout, a client that went away) cancels the request.
+
+        Raises:
+            QueueFullError: immediately, so a server can answer 503.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Completion] = loop.create_future()
+
+        def settle(event: Delta | BaseException) -> None:
+            if future.done():
+                return
+            if isinstance(event, BaseException):
+                future.set_exception(EngineError(str(event)))
+            else:
+                future.set_result(event.completion)
+
+        def on_event(event: Delta | BaseException) -> None:
+            if isinstance(event, BaseException) or event.completion is not None:
+                loop.call_soon_threadsafe(settle, event)
+
+        request_id = self.submit(request, on_event)
+        future.add_done_callback(lambda f: self.cancel(request_id) if f.cancelled() else None)
+        return future
 
     def stream_sync(self, request: Request) -> Iterator[Delta]:
         """Synchronous `stream` for scripts: submits now, yields `Delta`s."""

@@ -382,11 +382,13 @@ class Generator:
             return Request(messages=payload["messages"], **params)
         return Request(prompt=payload["prompt"], **params)
 
-    async def _start(self, payload: dict) -> AsyncIterator[Any]:
+    def _start(self, payload: dict, stream: bool = True) -> Any:
+        """The engine's delta stream for ``payload`` (``stream``), else the future of its completion."""
         from ops.engine import QueueFullError
 
         try:
-            return self.engine.stream(self._request(self.engine, payload, self._adapter_for_request()))
+            request = self._request(self.engine, payload, self._adapter_for_request())
+            return self.engine.stream(request) if stream else self.engine.generate(request)
         except QueueFullError as exc:
             raise ApiError(503, f"generator queue is full, retry later ({exc})", retry_after=1) from None
         except ValueError as exc:  # too long for max_seq_len, empty prompt, bad sampling values
@@ -405,7 +407,7 @@ class Generator:
     async def stream(self, payload: dict) -> AsyncIterator[dict]:
         """Yield ``{"text"}`` events, then ``{"text", "completion"}``; or an ``{"error"}`` event last."""
         try:
-            deltas = await self._start(payload)
+            deltas = self._start(payload)
         except ApiError as exc:
             yield {"error": exc.to_dict()}
             return
@@ -419,13 +421,10 @@ class Generator:
     async def generate(self, payload: dict) -> dict:
         """``{"completion": {...}}`` or ``{"error": {...}}``."""
         try:
-            deltas = await self._start(payload)
+            completion = self._start(payload, stream=False)
         except ApiError as exc:
             return {"error": exc.to_dict()}
-        async for delta in deltas:
-            if delta.completion is not None:
-                return self._finished(delta.completion)
-        raise RuntimeError("engine stream ended without a completion")
+        return self._finished(await completion)
 
     def engine_attention(self):
         """The attention that runs: the engine's own forward's, else the HF model's implementation."""

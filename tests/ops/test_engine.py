@@ -329,6 +329,27 @@ def test_cancellation_frees_the_slot(tiny_model, tokenizer):
         assert eng.num_running == 0 and eng.num_waiting == 0
 
 
+def test_a_generate_that_times_out_cancels_its_request(tiny_model, tokenizer):
+    with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=1, max_seq_len=512)) as eng:
+        cancelled, cancel = [], eng.cancel
+        eng.cancel = lambda request_id: (cancelled.append(request_id), cancel(request_id))
+
+        async def run():
+            long = eng.generate(Request(prompt=PROMPTS[0], max_tokens=450, ignore_eos=True))
+            while not eng.num_running:  # admitted and decoding
+                await asyncio.sleep(0.01)  # poll interval
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(long, 0.05)
+            assert long.cancelled()
+            # the only row is free again: a new request runs to its end
+            return await asyncio.wait_for(eng.generate(Request(prompt=PROMPTS[1], max_tokens=4, ignore_eos=True)), 30)
+
+        out = asyncio.run(run())
+        assert len(cancelled) == 1  # the timed-out future cancelled its request, which gave the row back
+        assert out.completion_tokens == 4 and out.finish_reason == "length"
+        assert eng.num_running == 0 and eng.num_waiting == 0
+
+
 def test_request_validation_names_bad_value(engine):
     with pytest.raises(ValueError, match="top_p"):
         Request(prompt="x", top_p=0)
