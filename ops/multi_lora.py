@@ -139,12 +139,16 @@ class MultiLora:
 
         Args:
             x: (B, T, K) the group's input.
-            slots: (B,) slot of each row (0: no adapter).
+            slots: (B,) slot of each row (0: no adapter), or one int slot that every row uses.
 
         Returns:
             (B, T, sum N_p) ``scale * B (A x)`` per row.
         """
         projs = self.groups[group]
+        if isinstance(slots, int):  # every row on this one slot (eager): its weights as views, plain matmuls
+            xa = (x @ self.A[f"{group}.{i}"][slots].T) * self.scale[slots]  # (B, T, P * r)
+            return torch.cat([h @ self.B[f"{p}.{i}"][slots].T
+                              for h, p in zip(xa.split(self.max_rank, -1), projs)], -1)  # (B, T, sum N_p)
         A = self.A[f"{group}.{i}"][slots]  # (B, P * r, K)
         Bs = [self.B[f"{p}.{i}"][slots] for p in projs]  # (B, N_p, r) each
         if x.shape[1] == 1:

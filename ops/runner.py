@@ -209,7 +209,7 @@ class LlamaRunner:
         x = self.embed_tokens(input_ids[None])  # (1, T, C)
         positions = torch.arange(start, start + T, device=x.device)
         rope = self._rope(x, positions[None])
-        slots = torch.tensor([slot], device=x.device) if self.lora is not None and slot else None
+        slots = slot if self.lora is not None and slot else None  # one row: its adapter's weights as they are
         for i, layer in enumerate(self.layers):
             q, k, v = self._heads(i, layer.input_layernorm(x), rope, slots)
             x = x + self._o_proj(i, self._attention(i, q, k, v, positions, start + T, None, row=row), slots)
@@ -238,6 +238,10 @@ class LlamaRunner:
         uniform = tokens.shape[0] == 1 or (not self.compiled and int(positions.min()) + 1 == T)
         if self.lora is not None and not self.compiled and (slots is None or not bool(slots.any())):
             slots = None  # eager, base rows only: every delta would be zero, at ~30 small ops per layer
+        elif self.lora is not None and not self.compiled and bool((slots == slots[0]).all()):
+            # eager, every row on one adapter (always at batch 1): plain matmuls on that slot's
+            # weights, without gathering a copy per row (MultiLora.delta with an int slot)
+            return self._step(tokens, positions, T, uniform, int(slots[0]))
         elif self.lora is not None:
             # Made here, inside inference mode, whether given or not: a tensor made outside it carries
             # one more dispatch key, which the compiled graph's guards see as a new input (recompile).
