@@ -197,13 +197,14 @@ def test_an_adapter_unmerged_on_the_embedded_int4_base_scores_as_on_the_float_ba
     peft.save_pretrained(adapter)
     tokenizer = load_tokenizer(DEFAULT_MODEL, storage=embedded_storage)
     ids = torch.tensor(tokenizer("The University of Notre Dame is a private research university in Indiana. "
-                                 "Its main building has a golden dome topped by a statue of the Virgin Mary. " * 4,
-                                 add_special_tokens=False)["input_ids"][:96])
+                                 "Its main building has a golden dome topped by a statue of the Virgin Mary. " * 18,
+                                 add_special_tokens=False)["input_ids"][:384])
     cfg = parse("name=unm", f"storage={embedded_storage}", "eval.latency.enabled=false")
     row = step_unmerged(cfg, adapter, ids, tokenizer)
     assert row["method"] == "weight_only_int4" and "GGUF" in row["how"] and row["artifact"] == "adapters/unm"
-    assert (row["rows"], row["row_tokens"]) == (4, 24)
-    assert row["ppl_ratio"] == pytest.approx(1.0, abs=5e-3) and row["passes"]
+    assert (row["rows"], row["row_tokens"]) == (16, 24)
+    # bf16 activations in the int4 kernels against float32: close, within the pipeline's 2% bar
+    assert row["ppl_ratio"] == pytest.approx(1.0, abs=0.02) and row["passes"]
     assert "decode_ms_per_token" not in row  # latency off
     # the int4 base + the adapter file, against 513 MB of float32 weights
     assert 60 < row["size_mb"] < 140
