@@ -158,7 +158,7 @@ def main() -> None:
             raise SystemExit(f"the {setting} run failed:\n{proc.stderr[-3000:]}")
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"[bench.idle_cost] {runs[-1]}", flush=True)
-    report = {"command": "python bench/idle_cost.py " + " ".join(sys.argv[1:]), "date": time.strftime(
+    report = {"command": " ".join(["python bench/idle_cost.py", *sys.argv[1:]]), "date": time.strftime(
               "%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(), "cpus": os.cpu_count(),
               "load_at_start": load, "seconds": args.seconds, "settle": args.settle, "idle_env": IDLE_ENV,
               "runs": runs}
