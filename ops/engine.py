@@ -1,7 +1,8 @@
 """Generation engine: continuous-batching, streaming decode over a loaded HF causal LM (gpt-fast's generate.py).
 
 One background thread owns the model and runs the scheduler loop (admit -> prefill a chunk of
-at most `prefill_chunk_tokens` prompt tokens -> decode_one_token -> sample -> emit); asyncio
+at most `prefill_chunk_tokens` prompt tokens, sized by ops/prefill_budget.py while others decode
+-> decode_one_token -> sample -> emit); asyncio
 callers and plain scripts talk to it through thread-safe queues. The forward itself lives in
 ops/runner.py (Llama-family models through `LlamaRunner` with a static KV cache, any other causal
 LM through `HFRunner`), sampling in ops/sampling.py, the OpenMP thread hygiene of the decode
@@ -32,6 +33,7 @@ from ops.attention import AttentionChoice
 from ops.lora import DEFAULT_TARGETS
 from ops.multi_lora import AdapterRegistry, MultiLora
 from ops.openmp import release_openmp_workers, set_threads
+from ops.prefill_budget import PrefillBudget, keys_per_unit
 from ops.prefix_cache import PrefixCache
 from ops.runner import LLAMA_FAMILY, HFRunner, LlamaRunner, is_llama_family
 from ops.sampling import sample
@@ -163,6 +165,11 @@ class EngineConfig:
             a long prompt is prefilled over several steps, each followed by one decode step of the
             running requests, so their streams keep going while it arrives; several short prompts
             share one step's budget. On CUDA prompts are prefilled whole (`CudaLlamaRunner`).
+        prefill_stall: With requests decoding, size each prefill chunk so that the step takes at
+            most about this many times a decode step (`ops.prefill_budget`: a cost model of the
+            chunk's Linear and attention work, fitted to the steps measured so far), at most
+            `prefill_chunk_tokens`; a chunk deep in a long prompt reads more keys, so it gets
+            fewer tokens. None: always `prefill_chunk_tokens` (deterministic chunk boundaries).
         prefix_cache_mb: Memory bound of the prefix cache (MiB of keys and values): the KV of
             every whole `prefix_block_tokens` block of a prefilled prompt is kept, per model and
             adapter, and a later prompt that starts with the same blocks copies them instead of
@@ -184,6 +191,7 @@ class EngineConfig:
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     cuda_graphs: bool = True
     prefill_chunk_tokens: int = 256
+    prefill_stall: float | None = None
     prefix_cache_mb: float = 0
     prefix_block_tokens: int = 32
 
@@ -193,6 +201,8 @@ class EngineConfig:
         if self.max_adapters < 0 or self.max_lora_rank < 1:
             raise ValueError(f"max_adapters must be >= 0 and max_lora_rank >= 1, got {self.max_adapters} and "
                              f"{self.max_lora_rank}")
+        if self.prefill_stall is not None and self.prefill_stall <= 1:
+            raise ValueError(f"prefill_stall must be > 1 or None, got {self.prefill_stall}")
         if self.prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be >= 0 (0: off), got {self.prefix_cache_mb}")
         for name in ("max_batch_size", "max_queue", "max_seq_len", "prefill_chunk_tokens", "prefix_block_tokens"):
@@ -290,6 +300,7 @@ class Engine:
             self.runner = HFRunner(model, cfg.max_batch_size, cfg.max_seq_len)
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         self.prefix_cache = self._prefix_cache(cfg)
+        self._budget = self._prefill_budget(cfg)
         self._model_key = getattr(model.config, "_name_or_path", "") or type(model).__name__
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # decoding requests; index == KV cache row
@@ -304,6 +315,13 @@ class Engine:
         self._adapter_lock = threading.Lock()  # registry: add_adapter from callers, acquire on the engine thread
         self._threads = cfg.num_threads or torch.get_num_threads()  # intra-op threads of prefill / batches
         release_openmp_workers()  # this thread loaded the model: its idle OpenMP team would slow decode
+
+    def _prefill_budget(self, cfg: EngineConfig) -> PrefillBudget | None:
+        if cfg.prefill_stall is None or not isinstance(self.runner, LlamaRunner) or not self.runner.chunked_prefill:
+            return None
+        mc, r = self.model.config, self.runner
+        return PrefillBudget(cfg.prefill_stall, cfg.prefill_chunk_tokens, keys_per_unit(
+            mc.hidden_size, mc.intermediate_size, r.n_head, r.n_kv_head, r.head_dim))
 
     def _prefix_cache(self, cfg: EngineConfig) -> PrefixCache | None:
         if not cfg.prefix_cache_mb:
@@ -634,21 +652,12 @@ class Engine:
     def step(self) -> None:
         """One scheduler iteration: prefill up to `prefill_chunk_tokens` prompt tokens, decode one token for all."""
         self._retire()
-        chunk = self.config.prefill_chunk_tokens
-        # Chunks exist for the running streams' sake; with none running, one forward over the whole
-        # prompt is the fastest prefill (docs/benchmarks/prefill.md: 1.13 vs 1.54 ms/token for 1024 vs 256).
-        budget = chunk if self._running else self.config.max_seq_len
-        while budget > 0:
-            seq = self._prefilling or self._admit()
-            if seq is None:
-                break
-            budget -= self._prefill_chunk(seq, budget)
-            if self._running:
-                budget = min(budget, chunk)
+        prefilled = self._prefill_step()
         self._retire()
         if not self._running:
             return
         set_threads(self._decode_threads(len(self._running)))
+        started = time.perf_counter()
         tokens = torch.tensor([s.token_ids[-1] for s in self._running], device=self.device)
         positions = torch.tensor([s.position for s in self._running], device=self.device)
         if self.adapters is not None:
@@ -657,9 +666,49 @@ class Engine:
         else:
             logits = self.runner.decode_one_token(tokens, positions)
         greedy = logits.argmax(-1).tolist()
+        if self._budget is not None and not prefilled:  # a decode step alone: what a chunk's stall is measured against
+            self._budget.observe_decode(time.perf_counter() - started)
         for b, seq in enumerate(self._running):
             token = greedy[b] if seq.request.temperature == 0 else sample(logits[b], seq.request, seq.generator)
             self._accept(seq, token)
+
+    def _prefill_step(self) -> bool:
+        """The prefill part of a step: prompt chunks of the admitted requests, within the step's budget.
+
+        Returns whether any prompt token was prefilled.
+
+        Chunks exist for the running streams' sake; with none running, one forward over the whole
+        prompt is the fastest prefill (docs/benchmarks/prefill.md: 1.13 vs 1.54 ms/token for 1024 vs
+        256). With streams running, a step prefills at most `prefill_chunk_tokens`, and with
+        `prefill_stall` at most what fits in its time budget.
+        """
+        chunk = self.config.prefill_chunk_tokens
+        tokens = chunk if self._running else self.config.max_seq_len
+        budget_ms = self._budget.step_ms() if self._budget is not None and self._running else None
+        prefilled = False
+        while tokens > 0:
+            seq = self._prefilling or self._admit()
+            if seq is None:
+                break
+            take = tokens
+            if budget_ms is not None:
+                take = min(tokens, self._budget.tokens(seq.prefilled, budget_ms))
+            start, t0 = seq.prefilled, time.perf_counter()
+            taken = self._prefill_chunk(seq, take)
+            elapsed = time.perf_counter() - t0
+            prefilled |= taken > 0
+            tokens -= taken
+            if self._running:
+                tokens = min(tokens, chunk)
+            if self._budget is not None and taken <= chunk:  # the chunk sizes the model is for
+                self._budget.observe_prefill(start, taken, elapsed)
+                if budget_ms is None and self._running:
+                    budget_ms = self._budget.step_ms()
+                if budget_ms is not None:
+                    budget_ms -= 1000.0 * elapsed
+                    if budget_ms <= 0:
+                        break
+        return prefilled
 
     def _admit(self) -> _Sequence | None:
         """Takes the next waiting request into the free row after the running ones (None: no row or none waiting)."""

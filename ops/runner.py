@@ -317,8 +317,11 @@ class LlamaRunner:
             if start:  # attend to the row's earlier positions too: position p sees 0..p
                 k, v = k_cache[row : row + 1, :, :T], v_cache[row : row + 1, :, :T]
                 causal = torch.arange(T, device=q.device)[None, :] <= positions[:, None]  # (S, T)
-            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (1, nh, T, hs)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, is_causal=causal is None, scale=scale)
+            # enable_gqa: each kv head serves its n_rep query heads in place. Copying the keys and
+            # values per query head (repeat_interleave) over a 2k-token row cost 6x the attention
+            # itself for a 16-token chunk (148 vs 25 ms over 30 layers on 2 CPUs).
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, is_causal=causal is None, scale=scale,
+                                               enable_gqa=n_rep > 1)
             return y.transpose(1, 2).reshape(1, S, -1)
         if mask is None:  # one position for all rows: no index_put
             k_cache[:B].index_copy_(2, positions[:1], k)

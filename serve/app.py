@@ -91,7 +91,13 @@ class AppArgs(BaseConfig):
         "quantized base, which is the trained model itself; quantized artifacts load as saved; GPUs serve "
         "bfloat16")
     prefill_chunk_tokens: int = Field(64, ge=1, description="prompt tokens prefilled per engine step; a long "
-                                      "prompt is prefilled in chunks between the running streams' decode steps")
+                                      "prompt is prefilled in chunks between the running streams' decode steps "
+                                      "(the largest chunk; prefill_stall sizes each one)")
+    prefill_stall: float | None = Field(2.0, gt=1, description="while streams decode, a step that also prefills "
+                                        "takes at most about this many times a decode step: each chunk is sized "
+                                        "by a cost model of its Linear and attention work fitted to the measured "
+                                        "steps (deep in a long prompt, fewer tokens); null: always "
+                                        "prefill_chunk_tokens")
     prefix_cache_mb: float = Field(0, ge=0, description="MiB of prompt-prefix keys/values kept per generator "
                                    "replica and reused by later prompts with the same prefix (LRU); 0: off")
     compile: bool = Field(False, description="torch.compile the engine's decode step (faster decode; the replica "
@@ -314,6 +320,7 @@ class Generator:
                               compile=self.args.compile, max_adapters=self.args.max_adapters,
                               max_lora_rank=self.args.max_lora_rank,
                               prefill_chunk_tokens=self.args.prefill_chunk_tokens,
+                              prefill_stall=self.args.prefill_stall,
                               prefix_cache_mb=self.args.prefix_cache_mb)
         try:
             engine = Engine(model, self.tokenizer, config)

@@ -103,6 +103,35 @@ def test_running_stream_keeps_producing_tokens_while_a_long_prompt_is_prefilled(
         assert [c for c in calls[before + 1:after]] == [("decode", 1)]
 
 
+@pytest.mark.parametrize("stall, tight", [(1.001, True), (1000.0, False)])
+def test_prefill_stall_sizes_chunks_from_measured_steps(tiny_model, tokenizer, stall, tight):
+    """A tight stall budget takes the smallest chunk once a chunk has been measured; a loose one the
+    largest; the outputs are generate's either way."""
+    with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=2, max_seq_len=512, prefill_chunk_tokens=16,
+                                                    prefill_stall=stall)) as eng:
+        sizes: list[int] = []
+        prefill = eng.runner.prefill
+
+        def record_prefill(row, ids, **kwargs):
+            sizes.append(ids.shape[0])
+            return prefill(row, ids, **kwargs)
+
+        eng.runner.prefill = record_prefill
+        running = eng.stream_sync(Request(prompt=PROMPTS[0], max_tokens=400, ignore_eos=True))
+        for _ in range(3):
+            next(running)  # decoding, and a decode step has been timed
+        sizes.clear()
+        long = eng.generate_sync([Request(prompt=LONG_PROMPT, max_tokens=4, ignore_eos=True)])[0]
+        running.close()
+        assert eng._budget.decode_ms > 0 and eng._budget.ms_per_unit > 0
+    assert sum(sizes) == long.prompt_tokens > 64
+    if tight:  # the running stream's prompt was measured: every chunk is the floor of 8
+        assert all(n == 8 for n in sizes[:-1]) and len(sizes) == -(-sum(sizes) // 8)
+    else:
+        assert all(n == 16 for n in sizes[:-1])
+    assert long.token_ids == hf_greedy(tiny_model, tokenizer, LONG_PROMPT, 4)
+
+
 def test_a_prompt_with_no_stream_running_is_prefilled_in_one_forward(tiny_model, tokenizer):
     with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=2, max_seq_len=512,
                                                     prefill_chunk_tokens=8)) as eng:
