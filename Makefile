@@ -39,10 +39,15 @@ ray-up: setup
 	@test -n "$$RAY_AUTH_TOKEN" || test -s "$${RAY_AUTH_TOKEN_PATH:-$$HOME/.ray/auth_token}" || \
 	  $(VENV)/bin/ray get-auth-token --generate >/dev/null
 	@# the idle-wake-up intervals of cluster.runtime.IDLE_ENV (docs/benchmarks/idle_cost.md) apply from the start
-	@$(VENV)/bin/ray status --address 127.0.0.1:6379 >/dev/null 2>&1 || \
+	@# `ray status` takes ~40 s to give up when nothing listens: probe the GCS port first
+	@if $(PY) -c "import socket; socket.create_connection(('127.0.0.1', 6379), 1)" 2>/dev/null && \
+	  $(VENV)/bin/ray status --address 127.0.0.1:6379 >/dev/null 2>&1; then \
+	  echo "ray: using the cluster already running at 127.0.0.1:6379"; \
+	else \
 	  env $$($(PY) -m cluster.runtime) $(VENV)/bin/ray start --head --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 \
 	    --port=6379 --dashboard-port=8265 --metrics-export-port=8080 --disable-usage-stats >/dev/null && \
-	  echo "ray: loopback cluster at 127.0.0.1:6379 (token auth on), jobs at $(RAY_ADDRESS_HTTP), metrics at http://127.0.0.1:8080/metrics"
+	  echo "ray: loopback cluster at 127.0.0.1:6379 (token auth on), jobs at $(RAY_ADDRESS_HTTP), metrics at http://127.0.0.1:8080/metrics"; \
+	fi
 
 demo: ray-up
 	$(PY) -m cluster.submit --address $(RAY_ADDRESS_HTTP) -- python -m jobs.pipeline $(ARGS)
