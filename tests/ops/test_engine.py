@@ -103,20 +103,26 @@ def test_running_stream_keeps_producing_tokens_while_a_long_prompt_is_prefilled(
         assert [c for c in calls[before + 1:after]] == [("decode", 1)]
 
 
+def _record_prefill_sizes(eng: Engine) -> list[int]:
+    """The token count of every prefill call the engine makes from now on (appended as they happen)."""
+    sizes: list[int] = []
+    prefill = eng.runner.prefill
+
+    def record_prefill(row, ids, **kwargs):
+        sizes.append(ids.shape[0])
+        return prefill(row, ids, **kwargs)
+
+    eng.runner.prefill = record_prefill
+    return sizes
+
+
 @pytest.mark.parametrize("stall, tight", [(1.001, True), (1000.0, False)])
 def test_prefill_stall_sizes_chunks_from_measured_steps(tiny_model, tokenizer, stall, tight):
     """A tight stall budget takes the smallest chunk once a chunk has been measured; a loose one the
     largest; the outputs are generate's either way."""
     with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=2, max_seq_len=512, prefill_chunk_tokens=16,
                                                     prefill_stall=stall)) as eng:
-        sizes: list[int] = []
-        prefill = eng.runner.prefill
-
-        def record_prefill(row, ids, **kwargs):
-            sizes.append(ids.shape[0])
-            return prefill(row, ids, **kwargs)
-
-        eng.runner.prefill = record_prefill
+        sizes = _record_prefill_sizes(eng)
         running = eng.stream_sync(Request(prompt=PROMPTS[0], max_tokens=400, ignore_eos=True))
         for _ in range(3):
             next(running)  # decoding, and a decode step has been timed
@@ -135,14 +141,7 @@ def test_prefill_stall_sizes_chunks_from_measured_steps(tiny_model, tokenizer, s
 def test_a_prompt_with_no_stream_running_is_prefilled_in_one_forward(tiny_model, tokenizer):
     with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=2, max_seq_len=512,
                                                     prefill_chunk_tokens=8)) as eng:
-        sizes: list[int] = []
-        prefill = eng.runner.prefill
-
-        def record_prefill(row, ids, **kwargs):
-            sizes.append(ids.shape[0])
-            return prefill(row, ids, **kwargs)
-
-        eng.runner.prefill = record_prefill
+        sizes = _record_prefill_sizes(eng)
         out = eng.generate_sync([Request(prompt=LONG_PROMPT, max_tokens=2, ignore_eos=True)])[0]
     assert sizes == [out.prompt_tokens] and out.prompt_tokens > 8
 
