@@ -2,8 +2,8 @@
 
 A step that prefills a chunk of S prompt tokens and then decodes the running rows delays each of
 their streams by the chunk's time. A fixed S cannot bound that delay: a chunk's Linear layers cost
-the same per token anywhere in the prompt, but its attention reads every earlier key, so on 2 CPUs
-32 tokens take 60 ms at the start of a prompt and 105 ms at position 2,000 (SmolLM2-135M int4).
+the same per token anywhere in the prompt, but its attention reads every earlier key, so the same
+chunk costs more the deeper it is in the prompt.
 
 :class:`PrefillBudget` sizes each chunk from a cost model fitted to the steps the engine has
 measured: a chunk of S tokens starting at position p costs
