@@ -148,12 +148,18 @@ class EngineConfig:
             `nn.Linear` (a snapshot of their weights is taken at engine creation), and q/k/v
             and SwiGLU gate/up when they are weight-only int4/int8 modules of one kind.
         force_hf_forward: Use the plain HF forward even for Llama-family models.
-        compile: `torch.compile` the decode step of the Llama-family forward (Inductor; on CPU
-            with its C++ wrapper), so the per-layer Python and the small ops between the
-            matmuls become one generated graph. Two graphs are compiled at engine start (one
-            request / several), which takes tens of seconds per graph on a small CPU the first
-            time (Inductor caches them on disk). Ignored, with a warning, by the HF fallback, and
-            on a CUDA device, whose decode step is captured in CUDA graphs instead (`cuda_graphs`).
+        compile: `torch.compile` the decoder layer of the Llama-family decode step (Inductor; on
+            CPU with its C++ wrapper), so the small ops between the matmuls become generated
+            code. Regional: one layer's graph is built and runs for every layer (with adapter
+            slots a whole-model graph holds a LoRA gather per projection per layer, and its
+            build took longer than anyone would wait). Two graphs (one request / several) are
+            built at warm-up (Inductor caches them on disk). Ignored, with a warning, by the HF
+            fallback, and on a CUDA device, whose decode step is captured in CUDA graphs instead
+            (`cuda_graphs`).
+        compile_background: With `compile`, build the graphs on a helper thread over a scratch KV
+            cache while the engine already serves with the eager forward; decode steps switch to
+            the graphs once both are built (`compiled`; `wait_compiled` waits for it). A server
+            is then ready in seconds, not after the compile. False: `warmup` compiles first.
         max_adapters: LoRA adapters resident at once (slots of stacked weights, allocated at
             creation: ``max_adapters * adapter_slot_bytes``); 0 = no unmerged adapters. More
             registered adapters are loaded on use and the least recently used idle one is evicted.
@@ -186,6 +192,7 @@ class EngineConfig:
     fuse_qkv: bool = True
     force_hf_forward: bool = False
     compile: bool = False
+    compile_background: bool = False
     max_adapters: int = 0
     max_lora_rank: int = 16
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
@@ -310,6 +317,7 @@ class Engine:
         self._wakeup = threading.Condition()
         self._ready = threading.Event()  # set by the engine thread once warm (decode graphs compiled)
         self.warmup_error: BaseException | None = None  # why compiling failed
+        self._compile_thread: threading.Thread | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
         self._adapter_lock = threading.Lock()  # registry: add_adapter from callers, acquire on the engine thread
@@ -577,10 +585,30 @@ class Engine:
         if not self._ready.wait(timeout):
             raise EngineError(f"engine not warm after {timeout} s")
 
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Starts the engine and waits until compiling is over (at once without `compile`).
+
+        Returns:
+            `compiled`: False when there was nothing to compile, compiling failed
+            (`warmup_error`), or it was still running after `timeout` seconds.
+        """
+        self.warmup(timeout)
+        thread = self._compile_thread
+        if thread is not None:
+            thread.join(timeout)
+        return self.compiled
+
     @property
     def compiled(self) -> bool:
-        """Whether decode steps run compiled: torch.compile's graphs (CPU) or captured CUDA graphs."""
-        return isinstance(self.runner, LlamaRunner) and self.runner.compiled
+        """Whether decode steps run compiled: torch.compile's graphs (CPU) or captured CUDA graphs
+        (with `compile_background`: from the first step after the graphs were built)."""
+        runner = self.runner
+        return isinstance(runner, LlamaRunner) and (runner.compiled or runner._pending_step is not None)
+
+    @property
+    def compiling(self) -> bool:
+        """Whether the decode graphs are being built in the background right now."""
+        return self._compile_thread is not None and self._compile_thread.is_alive()
 
     def close(self) -> None:
         """Stops the decode thread; running and waiting requests end as cancelled."""
@@ -603,6 +631,13 @@ class Engine:
         return single if single is not None and batch == 1 else self._threads
 
     def _warm(self) -> None:
+        runner = self.runner
+        if self.config.compile_background and type(runner) is LlamaRunner and runner.compiles:
+            self._compile_thread = threading.Thread(target=self._compile_off_thread, name="engine-compile",
+                                                    daemon=True)
+            self._compile_thread.start()
+            self._ready.set()
+            return
         try:
             if isinstance(self.runner, LlamaRunner):
                 self.runner.warmup(lambda batch: set_threads(self._decode_threads(batch)))
@@ -613,6 +648,18 @@ class Engine:
             self.runner.compiled = False
         finally:
             self._ready.set()
+
+    def _compile_off_thread(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.runner.warmup(lambda batch: set_threads(self._decode_threads(batch)), background=True)
+            log.info("decode graphs built in the background in %.1f s; decode steps run them from now on",
+                     time.perf_counter() - started)
+        except Exception as exc:  # noqa: BLE001 - the engine keeps serving eagerly
+            log.exception("compiling the decode step failed; decoding eagerly")
+            self.warmup_error = exc
+        finally:
+            release_openmp_workers()  # this thread's idle OpenMP team would slow the decode thread's steps
 
     def _loop(self) -> None:
         if self.config.num_threads is not None:

@@ -12,6 +12,8 @@ without importing PEFT: only plain LoRA (no DoRA, no per-module rank/alpha patte
 
 from __future__ import annotations
 
+import copy
+
 import json
 import math
 import os
@@ -90,6 +92,15 @@ class MultiLora:
                 for p, m in zip(projs, mods):
                     self.B[f"{p}.{i}"] = torch.zeros(self.num_slots, m.out_features, max_rank, device=param.device)
         self.scale = torch.zeros(self.num_slots, device=param.device)  # (S + 1,)
+
+    def layer_view(self, i: int) -> MultiLora:
+        """These slots seen as a one-layer model's: layer ``i``'s stacks under layer index 0 (the same
+        tensors, so loads and evictions show through). Every layer's view has the same structure,
+        which is what lets one compiled layer graph serve them all."""
+        view = copy.copy(self)
+        view.A = {f"{g}.0": self.A[f"{g}.{i}"] for g in self.groups}
+        view.B = {f"{p}.0": self.B[f"{p}.{i}"] for projs in self.groups.values() for p in projs}
+        return view
 
     @property
     def slot_bytes(self) -> int:

@@ -8,6 +8,7 @@ other architecture. The scheduler (ops/engine.py) owns which request sits in whi
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import time
@@ -81,12 +82,23 @@ class LlamaRunner:
                       for layer in self.layers]
         self.final_norm = _fast_norm(self.norm)
         self.attention = AttentionChoice("sdpa", f"torch SDPA over the KV cache on {param.device.type}")
-        self.compiled = compile
-        self._step = self._decode
+        self.compiled = False  # True once decode steps run the compiled graphs (after `warmup`)
+        self._step: Callable[..., torch.Tensor] = self._decode
+        self._compiled_layer: Callable[..., torch.Tensor] | None = None
+        self._pending_step: Callable[..., torch.Tensor] | None = None  # compiled off-thread, swapped in by a step
+        self._layer_views: list[LlamaRunner] = []
         if compile:
-            # dynamic: the attended length T (and the batch size above 1) are symbols, not one graph each
+            # Regional compilation: one graph of one decoder layer, run for every layer. The layers
+            # differ only in their tensors, so the graph built for the first serves all the others
+            # (Dynamo guards their types and shapes): the build is one layer's, not the model's, which
+            # with adapter slots (a LoRA gather per projection) is what makes compiling affordable.
+            # dynamic: the attended length T (and the batch size above 1) are symbols, not one graph
+            # each. The unbound function: a scratch runner (its own small KV cache, the same weights)
+            # can build the graphs that this runner then runs, since Dynamo keeps them on the code object.
             options = {"cpp_wrapper": True} if param.device.type == "cpu" else {}
-            self._step = torch.compile(self._decode, dynamic=True, fullgraph=True, options=options)
+            self._compiled_layer = torch.compile(LlamaRunner._layer_decode, dynamic=True, fullgraph=True,
+                                                 options=options)
+            self._layer_views = [self._layer_view(i) for i in range(len(self.layers))]
 
     @staticmethod
     def _fused_qkv(attn: nn.Module) -> nn.Module | None:
@@ -232,6 +244,8 @@ class LlamaRunner:
         Returns:
             (B, V) next-token logits.
         """
+        if self._pending_step is not None:  # compiled in the background: from this step on
+            self._step, self.compiled, self._pending_step = self._pending_step, True, None
         T = int(positions.max()) + 1  # attend only over the filled part of the cache
         # every row at the last position (always at batch 1): no mask. Compiled, several rows always
         # take the masked path, so that two graphs (1 row / several) cover every step.
@@ -248,35 +262,110 @@ class LlamaRunner:
             slots = torch.zeros_like(tokens) if slots is None else slots.clone()
         return self._step(tokens, positions, T, uniform, slots if self.lora is not None else None)
 
-    def warmup(self, set_threads: Callable[[int], None] = lambda batch: None) -> None:
+    @property
+    def compiles(self) -> bool:
+        """Whether this runner was made with `compile` (its graphs are built by `warmup`)."""
+        return self._compiled_layer is not None
+
+    def warmup(self, set_threads: Callable[[int], None] = lambda batch: None, background: bool = False) -> None:
         """Compiles the decode graphs now (the first step of each would otherwise take that long).
 
         Args:
             set_threads: Called with the batch size before each graph, so that it is compiled
                 under the intra-op threads it will run with.
+            background: Build the graphs on a scratch runner (the same weights and adapter slots, a
+                KV cache of a few positions) instead of this one, so that this can run on another
+                thread while this runner decodes eagerly: its cache rows belong to running requests.
+                The next `decode_one_token` then switches to the compiled graphs. The graphs are
+                shape-generic (`dynamic=True`), so the scratch cache's sizes do not recompile them.
 
-        Writes only cache positions 1..2 of rows 0..1, which a request's prefill overwrites.
+        In place, writes only cache positions 1..2 of rows 0..1, which a request's prefill overwrites.
         """
-        if not self.compiled:
+        if self._compiled_layer is None or self.compiled:
             return
+        runner = self._scratch() if background else self
         device = self.k_cache[0].device
-        max_batch, max_len = self.k_cache[0].shape[0], self.k_cache[0].shape[2]
-        for B in (1, 2) if max_batch > 1 and max_len > 2 else (1,):
-            set_threads(B)
-            started = time.perf_counter()
-            positions = torch.arange(1, B + 1, device=device)
-            self.decode_one_token(torch.zeros(B, dtype=torch.long, device=device), positions)
-            log.info("compiled the decode step for %s in %.1f s", "1 request" if B == 1 else "batches",
-                     time.perf_counter() - started)
+        max_batch, max_len = runner.k_cache[0].shape[0], runner.k_cache[0].shape[2]
+        runner._step, runner.compiled = runner._decode_by_layer, True
+        # No duck sizing: a scratch size that happens to equal another dimension (the head size,
+        # the kv heads) would be tied to it, or specialized with it, and the real cache recompile.
+        from torch.fx.experimental import _config as fx_config
+
+        try:
+            for B in (1, 2) if max_batch > 1 and max_len > 2 else (1,):
+                set_threads(B)
+                started = time.perf_counter()
+                positions = torch.arange(1, B + 1, device=device)
+                with fx_config.patch(use_duck_shape=False):
+                    runner.decode_one_token(torch.zeros(B, dtype=torch.long, device=device), positions)
+                log.info("compiled the decode step for %s in %.1f s", "1 request" if B == 1 else "batches",
+                         time.perf_counter() - started)
+        except BaseException:
+            self._step, self.compiled = self._decode, False
+            raise
+        step = self._decode_by_layer
+        if background:
+            self._pending_step = step
+        else:
+            self._step = step
+
+    def _scratch(self) -> LlamaRunner:
+        """This runner with a KV cache of its own, a few positions long (for compiling off-thread)."""
+        scratch = copy.copy(self)
+        B, n_kv, T, hs = self.k_cache[0].shape
+        shape = (min(B, 4), n_kv, min(T, 16), hs)
+        scratch.k_cache = [torch.zeros(shape, dtype=k.dtype, device=k.device) for k in self.k_cache]
+        scratch.v_cache = [torch.zeros(shape, dtype=v.dtype, device=v.device) for v in self.v_cache]
+        scratch._pending_step = None
+        scratch._layer_views = [scratch._layer_view(i) for i in range(len(self.layers))]
+        return scratch
+
+    def _layer_view(self, i: int) -> LlamaRunner:
+        """This runner seen as a one-layer model holding layer `i` (its modules, KV cache, adapter slots)
+        at index 0: the argument of the compiled layer graph, alike for every layer."""
+        view = copy.copy(self)
+        layer = self.layers[i]
+        view.layers, view.k_cache, view.v_cache = [layer], [self.k_cache[i]], [self.v_cache[i]]
+        view.qkv, view.gate_up = [self.qkv[i]], [self.gate_up[i]]
+        # the norm modules, not `_fast_norm`'s per-layer closures: inside the graph the norm fuses
+        # either way, and a closure is guarded by identity (one graph per layer)
+        view.norms = [(layer.input_layernorm, layer.post_attention_layernorm)]
+        view.lora = self.lora.layer_view(i) if self.lora is not None else None
+        view._layer_views = []
+        return view
+
+    @staticmethod
+    def _layer_decode(view: LlamaRunner, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      positions: torch.Tensor, T: int, mask: torch.Tensor | None,
+                      slots: torch.Tensor | None) -> torch.Tensor:
+        """One decoder layer of a decode step, on a `_layer_view` (the compiled region)."""
+        input_norm, post_attention_norm = view.norms[0]
+        q, k, v = view._heads(0, input_norm(x), (cos, sin), slots)
+        x = x + view._o_proj(0, view._attention(0, q, k, v, positions, T, mask), slots)
+        return x + view._mlp(0, post_attention_norm(x), slots)
+
+    def _decode_by_layer(self, tokens: torch.Tensor, positions: torch.Tensor, T: int, uniform: bool,
+                         slots: torch.Tensor | None = None) -> torch.Tensor:
+        """`_decode` with every layer through the compiled layer graph."""
+        assert self._compiled_layer is not None
+        mask = self._decode_mask(tokens, positions, T, uniform)
+        x = self.embed_tokens(tokens[:, None])  # (B, 1, C)
+        cos, sin = self._rope(x, positions[:, None])
+        for view in self._layer_views:
+            x = self._compiled_layer(view, x, cos, sin, positions, T, mask, slots)
+        return self.lm_head(self.final_norm(x))[:, 0].float()
+
+    def _decode_mask(self, tokens: torch.Tensor, positions: torch.Tensor, T: int, uniform: bool) -> torch.Tensor | None:
+        if uniform:
+            return None
+        # (B, 1, 1, T): row b sees cache positions 0..positions[b]; additive, built once per step
+        visible = (torch.arange(T, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        mask = torch.zeros(visible.shape, dtype=self.k_cache[0].dtype, device=tokens.device)
+        return mask.masked_fill_(~visible, float("-inf"))
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, T: int, uniform: bool,
                 slots: torch.Tensor | None = None) -> torch.Tensor:
-        mask = None
-        if not uniform:
-            # (B, 1, 1, T): row b sees cache positions 0..positions[b]; additive, built once per step
-            visible = (torch.arange(T, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-            mask = torch.zeros(visible.shape, dtype=self.k_cache[0].dtype, device=tokens.device)
-            mask.masked_fill_(~visible, float("-inf"))
+        mask = self._decode_mask(tokens, positions, T, uniform)
         x = self.embed_tokens(tokens[:, None])  # (B, 1, C)
         rope = self._rope(x, positions[:, None])
         for i, layer in enumerate(self.layers):

@@ -100,10 +100,14 @@ class AppArgs(BaseConfig):
                                         "prefill_chunk_tokens")
     prefix_cache_mb: float = Field(0, ge=0, description="MiB of prompt-prefix keys/values kept per generator "
                                    "replica and reused by later prompts with the same prefix (LRU); 0: off")
-    compile: bool = Field(False, description="torch.compile the engine's decode step (faster decode; the replica "
-                          "compiles before it serves, then later starts read the Inductor cache in the node-local "
-                          "cache dir; eager if compiling fails). Off by default: the first compile with LoRA slots "
-                          "is slow on a small CPU and not yet measured by a benchmark")
+    compile: bool = Field(False, description="torch.compile the engine's decode step, one decoder layer's graph "
+                          "run for every layer (docs/benchmarks/decode.md). The replica serves at once with the "
+                          "eager step while a helper thread builds the graphs on a scratch KV cache; decode steps "
+                          "then switch to them (/healthz: engine_compiling, engine_compiled); eager if compiling "
+                          "fails; later starts read the Inductor cache in the node-local build cache. Off by "
+                          "default: with adapter slots the compiled step computes every row's LoRA update, where "
+                          "the eager one skips base rows and runs a lone adapter as plain matmuls, and while the "
+                          "graphs build the eager step slows down (the build holds the GIL)")
     max_adapters: int = Field(16, ge=0, description="LoRA adapters resident per generator replica, applied unmerged "
                               "on the one shared base (least recently used evicted); 0: no adapters")
     max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the replica's adapter slots hold")
@@ -317,7 +321,8 @@ class Generator:
         self.op_path = op_path(model)
         config = EngineConfig(max_batch_size=self.args.max_batch_size, max_queue=self.args.max_queue,
                               max_seq_len=self.args.max_seq_len, num_threads=generator_threads(self.args.num_threads),
-                              compile=self.args.compile, max_adapters=self.args.max_adapters,
+                              compile=self.args.compile, compile_background=True,
+                              max_adapters=self.args.max_adapters,
                               max_lora_rank=self.args.max_lora_rank,
                               prefill_chunk_tokens=self.args.prefill_chunk_tokens,
                               prefill_stall=self.args.prefill_stall,
@@ -330,9 +335,7 @@ class Generator:
         if unmerged:
             engine.add_adapter(self.model_id, source.path)
             self.default_adapter = self.model_id
-        engine.warmup()  # with `compile`, the replica is ready once its decode graphs are built
-        if self.args.compile and not engine.compiled:
-            log.warning("serving %s with the eager decode step: %s", self.args.model, engine.warmup_error)
+        engine.warmup()  # ready at once; with `compile` the graphs are built by the engine's helper thread
         return engine
 
     def sample_engines(self) -> None:
@@ -444,7 +447,8 @@ class Generator:
         return {"adapter_loads": adapters["loads"], "adapter_evictions": adapters["evictions"],
                 "model": self.args.model, "attention": attention.name, "attention_reason": attention.reason,
                 "op_path": self.op_path, "engine_backend": self.engine.backend,
-                "engine_compiled": self.engine.compiled, "adapters_loaded": loaded,
+                "engine_compiled": self.engine.compiled,
+                "engine_compiling": self.engine.compiling, "adapters_loaded": loaded,
                 "device": self.device_name,
                 "format": f"{self.placement.format}, {self.quantization} ({self.placement.reason})",
                 "prefix_cache": self.engine.prefix_cache_stats(), "pid": os.getpid()}
@@ -608,6 +612,7 @@ class Ingress:
         return {"status": "ok", "model": self.args.model_id, "attention": info["attention"],
                 "attention_reason": info["attention_reason"], "op_path": info["op_path"],
                 "engine_backend": info["engine_backend"], "engine_compiled": info["engine_compiled"],
+                "engine_compiling": info["engine_compiling"],
                 "device": info["device"], "format": info["format"],
                 "index": index["index"] if index else None,
                 "index_chunks": index["chunks"] if index else None, "adapters_loaded": info["adapters_loaded"],

@@ -281,7 +281,9 @@ class Health(BaseModel):
     attention_reason: str
     op_path: str
     engine_backend: str
-    engine_compiled: bool
+    engine_compiled: bool = Field(description="decode steps run compiled graphs (or will from the next step)")
+    engine_compiling: bool = Field(False, description="the decode graphs are being built in the background; "
+                                   "until then the replica decodes with the eager step")
     device: str | None = Field(None, description="where the generator runs, e.g. 'cuda (NVIDIA H200)' or 'cpu'")
     format: str | None = Field(None, description="what runs (dtype or quantization method) and why")
     index: str | None

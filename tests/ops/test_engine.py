@@ -433,12 +433,46 @@ def test_compiled_decode_matches_hf_generate(tiny_model, tokenizer):
         assert out.token_ids == hf_greedy(tiny_model, tokenizer, prompt, 24)
 
 
+@pytest.mark.slow  # torch.compile builds two graphs
+def test_background_compile_serves_eagerly_then_switches_without_recompiling(tiny_model, tokenizer):
+    """Graphs built on a scratch KV cache off-thread serve this engine's rows: no recompile, same tokens."""
+    from torch._dynamo.utils import counters
+
+    cfg = EngineConfig(max_batch_size=4, max_seq_len=128, compile=True, compile_background=True)
+    with Engine(tiny_model, tokenizer, cfg) as eng:
+        eng.warmup(timeout=30)  # ready at once: the graphs are built by the helper thread
+        during = eng.generate_sync([Request(prompt=p, max_tokens=24, ignore_eos=True) for p in PROMPTS])
+        assert eng.wait_compiled(timeout=600), eng.warmup_error
+        assert not eng.compiling
+        graphs = counters["stats"]["unique_graphs"]
+        single = eng.generate_sync([Request(prompt=PROMPTS[1], max_tokens=24, ignore_eos=True)])[0]
+        assert eng.runner.compiled  # switched on the first step after the build
+        batched = eng.generate_sync([Request(prompt=p, max_tokens=24, ignore_eos=True) for p in PROMPTS])
+        assert counters["stats"]["unique_graphs"] == graphs  # the real cache's shapes fit the scratch's graphs
+    assert single.token_ids == hf_greedy(tiny_model, tokenizer, PROMPTS[1], 24)
+    for prompt, eager, out in zip(PROMPTS, during, batched):
+        assert eager.token_ids == out.token_ids == hf_greedy(tiny_model, tokenizer, prompt, 24)
+
+
+def test_background_compile_failure_keeps_serving_eagerly(tiny_model, tokenizer, monkeypatch):
+    cfg = EngineConfig(max_batch_size=2, max_seq_len=128, compile=True, compile_background=True)
+    with Engine(tiny_model, tokenizer, cfg) as eng:
+        def broken(*args, **kwargs):
+            raise RuntimeError("no C++ compiler")
+        monkeypatch.setattr(eng.runner, "_compiled_layer", broken)
+        assert not eng.wait_compiled(timeout=60)
+        assert "no C++ compiler" in str(eng.warmup_error)
+        out = eng.generate_sync([Request(prompt=PROMPTS[0], max_tokens=8, ignore_eos=True)])[0]
+        assert not eng.runner.compiled
+    assert out.token_ids == hf_greedy(tiny_model, tokenizer, PROMPTS[0], 8)
+
+
 def test_compile_failure_falls_back_to_eager(tiny_model, tokenizer, monkeypatch):
     cfg = EngineConfig(max_batch_size=2, max_seq_len=128, compile=True)
     with Engine(tiny_model, tokenizer, cfg) as eng:
         def broken(*args, **kwargs):
             raise RuntimeError("no C++ compiler")
-        monkeypatch.setattr(eng.runner, "_step", broken)
+        monkeypatch.setattr(eng.runner, "_compiled_layer", broken)
         eng.warmup()
         assert not eng.compiled and "no C++ compiler" in str(eng.warmup_error)
         out = eng.generate_sync([Request(prompt=PROMPTS[0], max_tokens=8, ignore_eos=True)])[0]
@@ -468,3 +502,4 @@ def test_release_openmp_workers_frees_this_threads_team_and_torch_rebuilds_it():
         assert threads() == released + 1  # the team is rebuilt on demand
     finally:
         torch.set_num_threads(previous)
+

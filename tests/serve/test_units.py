@@ -90,6 +90,28 @@ def test_full_engine_queue_is_503_with_retry_after(tiny_model_dir, tmp_path):
     assert any("completion" in r for r in results)
 
 
+@pytest.mark.slow  # builds the tiny model's decode graphs
+def test_compiling_generator_answers_before_its_graphs_are_built(tiny_model_dir, tmp_path):
+    """compile=true: the replica is constructed without waiting for the build, answers eagerly, then
+    reports the compiled step in /healthz's fields."""
+    import asyncio
+
+    from serve.app import Generator
+
+    gen = Generator.func_or_class({"storage": str(tmp_path), "model": str(tiny_model_dir), "max_batch_size": 2,
+                                   "max_seq_len": 128, "index": None, "compile": True, "max_adapters": 0})
+    payload = {"prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0.0}
+    try:
+        first = asyncio.run(gen.generate(dict(payload)))
+        assert gen.engine.wait_compiled(timeout=600), gen.engine.warmup_error
+        info = gen.info()
+        again = asyncio.run(gen.generate(dict(payload)))
+    finally:
+        gen.engine.close()
+    assert info["engine_compiled"] is True and info["engine_compiling"] is False
+    assert first["completion"]["text"] == again["completion"]["text"]
+
+
 def test_adapters_are_registered_only_for_the_base_model_they_were_trained_on(tmp_path):
     import json
 
