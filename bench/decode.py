@@ -7,7 +7,8 @@ Writes docs/benchmarks/decode.md and decode.json:
 - adapters: 8 concurrent requests over 4 LoRA adapters (unmerged, one quantized base), and the
   resident memory that 16 loaded adapters add against their files' size;
 - served: batch-1 streaming through the real Serve endpoint with serve/config.yaml's args (no index),
-  next to the in-process engine and llama.cpp of the same run.
+  next to the in-process engine and llama.cpp of the same run (alone, and again while the cluster
+  is up).
 
     python bench/decode.py [--threads 2] [--new-tokens 128] [--quant METHOD] [--ppl-data FILE] [--no-compile]
                            [--adapters 16] [--no-served]
@@ -157,8 +158,13 @@ async def stream_one(client, url: str, model: str, prompt: str, new_tokens: int)
     return {"tokens": tokens, "ttft_s": first, "total_s": time.perf_counter() - t0}
 
 
-def bench_served(args) -> dict:
-    """Batch-1 streaming through the real endpoint, serve/config.yaml's args (no index)."""
+def bench_served(args, prompts: list[str]) -> dict:
+    """Batch-1 streaming through the real endpoint with serve/config.yaml's args (no index); llama.cpp
+    again while that cluster is up (the machine in the state the endpoint was measured in)."""
+    return _served_run(args, {}, prompts)
+
+
+def _served_run(args, overrides: dict, llama_prompts: list[str] | None) -> dict:
     import httpx
 
     from served import served_app, shipped_args
@@ -170,18 +176,22 @@ def bench_served(args) -> dict:
             return [await stream_one(client, url, model, q, args.new_tokens) for q in QUESTIONS]
 
     t0 = time.perf_counter()
-    with served_app(Path(args.storage).resolve(), index=None) as (url, _):
+    llama_up = (None, "")
+    with served_app(Path(args.storage).resolve(), index=None, **overrides) as (url, _):
         ready_s = time.perf_counter() - t0
         runs = asyncio.run(run(url))
+        if llama_prompts is not None:  # the machine in the state the endpoint was measured in
+            llama_up = bench_llama_cpp(llama_prompts, args.new_tokens, args.threads)
     tokens = sum(r["tokens"] for r in runs)
-    out = {"config": {k: v for k, v in shipped_args().items() if k in ("model", "quantization", "compile", "num_threads",
-                                                                       "max_batch_size", "max_adapters")},
-           "overrides": {"index": None}, "ready_s": ready_s,
+    keys = ("model", "quantization", "compile", "num_threads", "max_batch_size", "max_adapters")
+    out = {"config": {k: v for k, v in {**shipped_args(), **overrides}.items() if k in keys},
+           "overrides": {"index": None, **overrides}, "ready_s": ready_s,
            "tokens_per_s": tokens / sum(r["total_s"] for r in runs),
            "decode_tokens_per_s": (tokens - len(runs)) / sum(r["total_s"] - r["ttft_s"] for r in runs),
-           "mean_completion_tokens": tokens / len(runs), "mean_ttft_s": statistics.mean(r["ttft_s"] for r in runs)}
-    print(f"served (serve/config.yaml): {out['tokens_per_s']:.1f} tok/s end to end, "
-          f"{out['mean_completion_tokens']:.0f} tokens per answer", flush=True)
+           "mean_completion_tokens": tokens / len(runs), "mean_ttft_s": statistics.mean(r["ttft_s"] for r in runs),
+           "llama_cpp_cluster_up_tokens_per_s": llama_up[0]}
+    print(f"served ({overrides or 'serve/config.yaml'}): {out['tokens_per_s']:.1f} tok/s end to end, "
+          f"{out['mean_completion_tokens']:.0f} tokens per answer; llama.cpp with the cluster up: {llama_up}", flush=True)
     return out
 
 
@@ -349,7 +359,7 @@ def main() -> None:
 
         served_compile = dataclasses.replace(config, compile=bool(shipped_args().get("compile")))
         adapters = bench_adapters(float_model, model, tokenizer, prompts, served_compile, args)
-    served = bench_served(args) if args.served else None
+    served = bench_served(args, prompts) if args.served else None
 
     result = {
         "model": "SmolLM2-135M-Instruct (embedded GGUF, de-quantized to float32)",
@@ -389,8 +399,9 @@ def render_markdown(r: dict) -> str:
         f"{r['new_tokens']} new tokens per request (EOS ignored), {r['prompts']} chat prompts, "
         f"engine backend `{r['engine_backend']}`, torch {r['torch']}, "
         f"1-min load average at start {r['load_average_at_start']:.1f} on {os.cpu_count()} CPUs. "
-        "All rows come from this one run. \"compiled\" = `EngineConfig(compile=True)`: the decode step "
-        "through `torch.compile` (Inductor, C++ wrapper); its warm-up is the time to compile both graphs.",
+        "All rows come from this one run. \"compiled\" = `EngineConfig(compile=True)`: each decoder layer of "
+        "the decode step through one `torch.compile`d layer graph (Inductor, C++ wrapper; regional compilation); "
+        "its warm-up is the time to build the two graphs (one request / several).",
         "",
         "## Batch 1 (end-to-end new tokens/s, prefill included)",
         "",
@@ -422,6 +433,10 @@ def _served_and_baseline_rows(r: dict, ratio) -> list[str]:
                   f"{ratio(served['tokens_per_s'])} | {served['ready_s']:.1f} (app ready) |",
                   f"| Serve endpoint, after the first token | {served['decode_tokens_per_s']:.1f} | "
                   f"{ratio(served['decode_tokens_per_s'])} | |"]
+        up = served.get("llama_cpp_cluster_up_tokens_per_s")
+        if up:
+            lines += [f"| llama.cpp with the cluster up (run right after the endpoint rows; the endpoint vs it: "
+                      f"{served['tokens_per_s'] / up:.2f}x) | {up:.1f} | {ratio(up)} | |"]
     lines += [
         f"| transformers.generate (fp32) | {hf:.1f} | {ratio(hf)} | |",
         f"| llama.cpp (GGUF Q4_1{'; built with ' + r['llama_cpp_info'] if lcpp else ''}) | {lcpp_cell} | "
