@@ -222,19 +222,31 @@ def test_optuna_search_with_fifo_scheduler(ray_head, tmp_path, tiny_model_dir, t
         (r["lora_r"], r["quant_perplexity"]) for r in rows)
 
 
-@pytest.mark.subprocess
-def test_random_search_draws_num_samples_trials_from_the_space(ray_head, tmp_path, tiny_model_dir, tiny_text_file):
+@pytest.mark.integration
+def test_random_search_draws_num_samples_trials_from_the_space(ray_local, tmp_path, tiny_model_dir, tiny_text_file):
+    # The sweep's own Tuner (jobs.tune.tuner), run on the in-process cluster with a trainable that
+    # only reports the point it was given: what search=random changes is which points Tune runs, and
+    # the entrypoint's full trials run in the two sweeps above.
+    from ray import tune
+
+    from jobs.tune import tuner
+
     config = _config(tmp_path, tiny_model_dir, tiny_text_file, "rnd")
-    # fifo: ASHA could stop the worse trial early, and this test counts finished trials.
-    proc = _run(ray_head, config, tmp_path, "search=random", "scheduler=fifo", "num_samples=2", "space.lora_r=[2,4]",
-                "space.quant=[none,wo_int8]")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    rows = json.loads((tmp_path / "reports" / "rnd" / "trials.json").read_text())
+    # fifo: ASHA could stop a trial early, and this test counts finished trials.
+    cfg = load_config(TuneJobConfig, str(config), [f"storage={tmp_path}", "search=random", "scheduler=fifo",
+                                                   "num_samples=2", "space.lora_r=[2,4]", "space.quant=[none,wo_int8]"])
+
+    def trainable(config):
+        tune.report({"lora_r": config["lora_r"], "quant": config["quant"], "val_perplexity": 1.0, "step": 1})
+
+    results = tuner(cfg, trainable, 1).fit()
+    rows = [r.metrics for r in results]
     # A grid over this space would be 4 trials (8 with num_samples=2): random draws 2 points.
-    assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows), rows
+    assert len(rows) == 2 and not results.errors, (rows, results.errors)
     assert all(r["lora_r"] in (2, 4) and r["quant"] in ("none", "wo_int8") for r in rows), rows
     tune_config = _tune_config_on_disk(tmp_path / "runs" / "rnd")
     assert tune_config.search_alg is None and tune_config.num_samples == 2  # Tune's random variant generator
+    assert type(tune_config.scheduler).__name__ == "FIFOScheduler"
 
 
 @pytest.mark.parametrize("override, fragment", [
