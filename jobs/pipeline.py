@@ -339,38 +339,30 @@ def step_unmerged(cfg: PipelineConfig, adapter: Path, ids: torch.Tensor, tokeniz
     """The adapter unmerged on the base quantized as Serve quantizes it, measured through the engine.
 
     Both the float base + adapter and the quantized base + adapter are scored by
-    :func:`ops.evaluation.engine_perplexity` (the served decode path, LoRA gather included) on the
-    held-out ids; the served one's batch-1 decode is :func:`ops.evaluation.engine_decode_rate`
-    (``bench/decode.py``'s prompts and 128 new tokens). None when Serve would not quantize.
+    :func:`ops.evaluation.engine_measure` (the served decode path, LoRA gather included) on the
+    held-out ids; the served one's batch-1 decode rate too (``bench/decode.py``'s prompts and 128
+    new tokens). None when Serve would not quantize.
     """
-    from ops.engine import Engine, EngineConfig
-    from ops.evaluation import engine_decode_rate, engine_perplexity
+    from ops.evaluation import engine_measure
     from ops.model import resolve
     from serve.app import AppArgs, serving_quantization
 
     method = cfg.serve.app.get("quantization", AppArgs.model_fields["quantization"].default)
     if method == "none":
         return None
-    rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
-    # 16 rows side by side: a decode step of 16 rows costs little more than one of 4 on a CPU, and
-    # the held-out tokens take a quarter of the steps
-    config = EngineConfig(max_batch_size=16, max_seq_len=max(512, ids.numel() // 16 + 1), max_adapters=1,
-                          max_lora_rank=rank, num_threads=torch.get_num_threads())
     row: dict[str, Any] = {"method": method, "artifact": f"{artifacts.Kind.ADAPTERS.value}/{cfg.name}"}
     for label in ("float", "served"):
         model = load_model(cfg.model, storage=cfg.storage)
         if label == "served":
             model, row["how"] = serving_quantization(model, cfg.model, resolve(cfg.model, cfg.storage).kind,
                                                      method, "cpu")
-            row["size_mb"] = model_size_bytes(model) / 2**20 + sum(
-                f.stat().st_size for f in adapter.glob("adapter_model.*")) / 2**20
-        with Engine(model, tokenizer, config) as engine:
-            engine.add_adapter(cfg.name, adapter)
-            ppl = engine_perplexity(engine, ids, adapter=cfg.name)
-            row[f"{label}_perplexity"] = ppl["perplexity"]
-            row.update(rows=ppl["rows"], row_tokens=ppl["row_tokens"])
-            if label == "served" and cfg.eval.latency.enabled:
-                row.update(engine_decode_rate(engine, tokenizer, adapter=cfg.name))
+        measured = engine_measure(model, tokenizer, ids, adapter,
+                                  new_tokens=128 if label == "served" and cfg.eval.latency.enabled else None)
+        row[f"{label}_perplexity"] = measured.pop("perplexity")
+        row.update({k: measured[k] for k in ("rows", "row_tokens")})
+        if label == "served":
+            row.update({k: v for k, v in measured.items() if k in ("size_mb", "tokens_per_s", "decode_tokens_per_s",
+                                                                    "decode_ms_per_token")})
         del model
     row["model"] = f"fine-tuned, adapter unmerged on the {method} base ({row['how']})"
     row["ppl_ratio"] = row["served_perplexity"] / row["float_perplexity"]

@@ -3,8 +3,11 @@
     ray job submit -- python -m jobs.tune --config configs/tune_lora_quant.yaml
 
 Each trial fine-tunes with the training job's worker function (a Ray Train ``TorchTrainer`` inside
-the trial, ``train.num_workers`` workers), then merges its adapter, quantizes the result with the
-trial's recipe and measures validation perplexity, decode latency and size. Validation perplexity
+the trial, ``train.num_workers`` workers), then builds what its recipe serves (the adapter merged
+and the result quantized, or, for an ``unmerged`` recipe such as ``served_int4``, the adapter kept
+unmerged on the base as Serve quantizes it) and measures it through the serving engine, as a
+replica runs it: held-out perplexity, batch-1 decode latency (``bench/decode.py``'s method) and
+size. Validation perplexity
 during training reaches Tune, so an ASHA scheduler stops bad trials early. A trial that fails is
 recorded as failed and the sweep goes on; re-running with the same ``name=`` resumes an
 interrupted sweep (``Tuner.restore``) without redoing finished trials.
@@ -13,8 +16,9 @@ Reads: a base model spec and a corpus (``train.*``).
 Writes: ``<storage>/runs/<name>/`` (Tune state, trial runs), ``<storage>/adapters/<name>-<trial>/``
 (each trial's adapter), ``<storage>/reports/<name>/`` (trials.parquet, trials.json, trials.md,
 pareto.png, summary.json, config.yaml) and the winner: ``<storage>/adapters/<name>-best/`` (the
-adapter + its quantization recipe) and ``<storage>/quantized/<name>-best/`` (merged + quantized,
-servable by ``model=quantized/<name>-best``).
+adapter + its quantization recipe; an unmerged winner is served as it is, ``model=adapters/<name>-best``)
+and, for a merged recipe, ``<storage>/quantized/<name>-best/`` (merged + quantized, servable by
+``model=quantized/<name>-best``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from jobs.train import TrainConfig, train
 from ops import artifacts
 from ops.datasets import held_out_ids, read_documents
 from ops.errors import UserError
-from ops.evaluation import EvalSpec, measure
+from ops.evaluation import EngineEvalSpec, engine_measure
 from ops.model import load_model, load_tokenizer
 
 DESCRIPTION = __doc__
@@ -58,7 +62,12 @@ DEFAULT_RECIPES: dict[str, dict[str, Any]] = {
     "wo_int4_g128": {"method": "weight_only_int4", "group_size": 128},
     "static_int8": {"method": "static_int8"},
     "dynamic_int8": {"method": "dynamic_int8"},
+    # The adapter unmerged on the base as Serve quantizes it (the embedded model's int4 is its GGUF's
+    # exact Q4_1 weights): what a replica serves given the adapter as `model`.
+    "served_int4": {"method": "weight_only_int4", "unmerged": True},
 }
+# Methods Serve quantizes a float base with (serve.app.AppArgs.quantization).
+SERVED_METHODS = ("weight_only_int4", "weight_only_int8", NO_QUANT)
 
 
 class SearchSpace(BaseConfig):
@@ -71,7 +80,7 @@ class SearchSpace(BaseConfig):
     target_modules: list[list[str]] = Field(
         default_factory=lambda: [["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]],
         description="LoRA target module sets")
-    quant: list[str] = Field(default_factory=lambda: ["none", "wo_int8", "wo_int4_g32"],
+    quant: list[str] = Field(default_factory=lambda: ["none", "wo_int8", "wo_int4_g32", "served_int4"],
                              description="quantization recipes (names of `recipes`)")
 
 
@@ -96,8 +105,9 @@ class TuneJobConfig(BaseConfig):
                                        "reserves trial_cpus + its train workers)")
     trial_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each trial's driver (quantize + measure; Tune needs > 0)")
     max_ppl_increase: float = Field(0.02, ge=0, description="winner: lowest latency within this of the best ppl")
-    eval: EvalSpec = Field(default_factory=lambda: EvalSpec(max_tokens=2048, window=512, stride=256),
-                           description="how every trial's final (merged, quantized) model is measured")
+    eval: EngineEvalSpec = Field(default_factory=EngineEvalSpec,
+                                 description="how every trial's final model is measured: through the serving "
+                                 "engine, as a replica runs it (bench/decode.py's method for latency)")
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     fresh: bool = Field(False, description="start over instead of resuming an earlier sweep of the same name "
                         "(its Tune run and its trials' runs/ and adapters/ directories are deleted)")
@@ -108,6 +118,16 @@ class TuneJobConfig(BaseConfig):
         unknown = [q for q in self.space.quant if q not in self.recipes]
         if unknown:
             raise ValueError(f"space.quant names unknown recipes {unknown}; valid: {sorted(self.recipes)}")
+        for name, recipe in self.recipes.items():
+            if recipe.get("unmerged") and set(recipe) - {"method", "unmerged"}:
+                raise ValueError(f"recipe {name!r} is unmerged: the base is quantized as Serve quantizes it, so it "
+                                 f"takes only 'method' (one of {list(SERVED_METHODS)}), not "
+                                 f"{sorted(set(recipe) - {'method', 'unmerged'})}")
+            if recipe.get("unmerged") and recipe.get("method") not in SERVED_METHODS:
+                raise ValueError(f"recipe {name!r} is unmerged but Serve quantizes a base only with "
+                                 f"{list(SERVED_METHODS)}, got method {recipe.get('method')!r}")
+        if not self.eval.new_tokens:
+            raise ValueError("eval.new_tokens must be >= 1: the winner is the fastest trial within max_ppl_increase")
         if any(r < 1 for r in self.space.lora_r):
             raise ValueError(f"space.lora_r must be >= 1, got {self.space.lora_r}")
         return self
@@ -127,8 +147,26 @@ def trial_train_config(params: dict[str, Any], trial_id: str) -> TrainConfig:
     return TrainConfig.model_validate(base)
 
 
+def trial_model(cfg: TrainConfig, adapter_dir: Path, recipe: dict[str, Any],
+                calibration_ids: list[list[int]]) -> tuple[torch.nn.Module, Path | None]:
+    """The model a trial's recipe serves, and the adapter it runs unmerged (None when merged)."""
+    from ops.lora import merge_adapter
+    from ops.quantization import quantize, quantize_served_base
+
+    recipe = dict(recipe)
+    method, unmerged = recipe.pop("method"), recipe.pop("unmerged", False)
+    if unmerged:
+        base = load_model(cfg.model, storage=cfg.storage)
+        return (base if method == NO_QUANT else quantize_served_base(base, cfg.model, method)[0]), adapter_dir
+    model = merge_adapter(load_model(cfg.model, storage=cfg.storage, adapter=str(adapter_dir)))
+    if method != NO_QUANT:
+        calibration = torch.tensor(calibration_ids, dtype=torch.long) if method == "static_int8" else None
+        model = quantize(model, method, calibration=calibration, **recipe)
+    return model, None
+
+
 def run_trial(params: dict[str, Any], val_ids: list[int], calibration_ids: list[list[int]]) -> None:
-    """Tune function trainable: train (Ray Train), merge, quantize, measure, report.
+    """Tune function trainable: train (Ray Train), build the recipe's model, measure it, report.
 
     Args:
         params: the trial's config (sampled values + the sweep's constants).
@@ -137,9 +175,6 @@ def run_trial(params: dict[str, Any], val_ids: list[int], calibration_ids: list[
     """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from ops.lora import merge_adapter
-    from ops.quantization import quantize
 
     class EvalReports(TuneReportCallback):
         """Forward only the steps that carry a validation perplexity, the metric ASHA compares."""
@@ -151,22 +186,20 @@ def run_trial(params: dict[str, Any], val_ids: list[int], calibration_ids: list[
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_train_config(params, trial_id)
-    recipe = dict(params["recipes"][params["quant"]])
-    method = recipe.pop("method")
+    spec = EngineEvalSpec.model_validate(params["eval"])
     t0 = time.perf_counter()
     adapter_dir = train(cfg, callbacks=[EvalReports()])
     trained = json.loads((adapter_dir / "metrics.json").read_text())
-    model = merge_adapter(load_model(cfg.model, storage=cfg.storage, adapter=str(adapter_dir)))
-    if method != NO_QUANT:
-        calibration = torch.tensor(calibration_ids, dtype=torch.long) if method == "static_int8" else None
-        model = quantize(model, method, calibration=calibration, **recipe)
-    measured = measure(model, torch.tensor(val_ids, dtype=torch.long), EvalSpec.model_validate(params["eval"]))
+    model, unmerged = trial_model(cfg, adapter_dir, params["recipes"][params["quant"]], calibration_ids)
+    spec.apply_threads()
+    measured = engine_measure(model, load_tokenizer(cfg.model, storage=cfg.storage),
+                              torch.tensor(val_ids, dtype=torch.long), adapter=unmerged,
+                              new_tokens=spec.new_tokens or None, rows=spec.rows)
     ray.tune.report({
         "step": trained["steps"], "val_perplexity": trained["best_val_perplexity"],
         "initial_val_perplexity": trained["initial_val_perplexity"], "quant_perplexity": measured["perplexity"],
-        OBJECTIVE: measured["perplexity"],
-        "decode_ms_per_token": measured["decode_ms_per_token"],
-        "prefill_ms_per_token": measured["prefill_ms_per_token"], "size_mb": measured["size_mb"],
+        OBJECTIVE: measured["perplexity"], "decode_ms_per_token": measured.get("decode_ms_per_token"),
+        "tokens_per_s": measured.get("tokens_per_s"), "size_mb": measured["size_mb"], "unmerged": unmerged is not None,
         "adapter": artifacts.uri(cfg.storage, artifacts.Kind.ADAPTERS, cfg.name), "adapter_name": cfg.name,
         "trial_wall_s": time.perf_counter() - t0,
     })
@@ -241,7 +274,8 @@ def trial_rows(results) -> list[dict[str, Any]]:
             "steps": m.get("step"), "val_perplexity": m.get("val_perplexity"),
             "quant_perplexity": m.get("quant_perplexity") if done else None,
             "decode_ms_per_token": m.get("decode_ms_per_token") if done else None,
-            "prefill_ms_per_token": m.get("prefill_ms_per_token") if done else None,
+            "tokens_per_s": m.get("tokens_per_s") if done else None,
+            "unmerged": m.get("unmerged") if done else None,
             "size_mb": m.get("size_mb") if done else None, "adapter": m.get("adapter") if done else None,
             "adapter_name": m.get("adapter_name") if done else None,
         })
@@ -281,9 +315,11 @@ def markdown(rows: list[dict[str, Any]], front: list[str], winner: dict[str, Any
     # Two perplexities from different measurements: the page says which is which.
     lines = [f"`val_perplexity`: Ray Train's validation of the float adapter (up to {t.val_blocks or 'all'} held-out "
              f"blocks of {t.block_size} tokens, {'answer tokens only' if t.task == 'rag_qa' else 'every token'}); "
-             f"`quant_perplexity`: the merged, quantized model on the first {ev.max_tokens} held-out tokens "
-             f"(window {ev.window}, stride {ev.stride}), the objective. They differ in data and window, so only "
-             f"rows compare, not the two columns.", "",
+             f"`quant_perplexity`: the trial's served model (merged and quantized, or the adapter unmerged on the "
+             f"base as Serve quantizes it) through the serving engine on the first {ev.max_tokens} held-out tokens "
+             f"in {ev.rows} rows, the objective. They differ in data and context, so only rows compare, not the two "
+             f"columns. `decode_ms_per_token`: batch 1 through the engine, {ev.new_tokens} new tokens per "
+             f"bench/decode.py prompt.", "",
              "| " + " | ".join(cols + ["pareto", "winner"]) + " |", "|" + "---|" * (len(cols) + 2)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r[c]) for c in cols) + f" | {'*' if r['trial_id'] in front else ''} | "
@@ -321,7 +357,9 @@ def plot_pareto(rows: list[dict[str, Any]], front: list[str], winner: dict[str, 
 
 
 def export_winner(cfg: TuneJobConfig, winner: dict[str, Any], storage: str, calibration: list[list[int]]) -> dict:
-    """Register the winner: its adapter + recipe under adapters/, merged + quantized under quantized/."""
+    """Register the winner: its adapter + recipe under adapters/ and, for a merged recipe, the merged
+    + quantized model under quantized/ (an unmerged recipe's served form is the adapter itself on the
+    base as Serve quantizes it: nothing to merge)."""
     from ops.lora import merge_adapter
     from ops.quantization import quantize, save_quantized
 
@@ -337,10 +375,13 @@ def export_winner(cfg: TuneJobConfig, winner: dict[str, Any], storage: str, cali
         artifacts.write_manifest(out, manifest)
         (out / "recipe.json").write_text(json.dumps({"adapter": best, "quantization": recipe,
                                                      "metrics": winner}, indent=2, default=str))
-        model = merge_adapter(load_model(cfg.train.model, storage=storage, adapter=str(out)))
-    method = recipe.pop("method")
+    method, unmerged = recipe.pop("method"), recipe.pop("unmerged", False)
     exported = {"adapter": artifacts.uri(cfg.storage, artifacts.Kind.ADAPTERS, best)}
-    if method != NO_QUANT:
+    if unmerged:
+        exported["serve"] = {"model": f"{artifacts.Kind.ADAPTERS.value}/{best}", "quantization": method}
+    elif method != NO_QUANT:
+        model = merge_adapter(load_model(cfg.train.model, storage=storage,
+                                         adapter=str(artifacts.require(cfg.storage, artifacts.Kind.ADAPTERS, best))))
         calib = torch.tensor(calibration, dtype=torch.long) if method == "static_int8" else None
         model = quantize(model, method, calibration=calib, **recipe)
         tokenizer = load_tokenizer(cfg.train.model, storage=storage)

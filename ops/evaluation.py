@@ -46,6 +46,21 @@ class EvalSpec(_Section):
             torch.set_num_threads(self.num_threads)
 
 
+class EngineEvalSpec(_Section):
+    """How a model is measured through the serving engine (:func:`engine_measure`)."""
+
+    max_tokens: int = Field(2048, ge=0, description="held-out tokens scored for perplexity (0 = all), cut into "
+                            "`rows` rows the engine decodes side by side, each scored from its first token")
+    rows: int = Field(16, ge=1, description="rows of held-out tokens decoded side by side")
+    new_tokens: int = Field(128, ge=0, description="batch-1 decode rate: tokens decoded for each of bench/decode.py's "
+                            "prompts, EOS ignored (0 = no latency)")
+    num_threads: int = Field(0, ge=0, description="torch intra-op threads while measuring (0 = torch default)")
+
+    def apply_threads(self) -> None:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+
+
 def measure(model: torch.nn.Module, ids: torch.Tensor, spec: EvalSpec,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Perplexity over ``ids`` (1-D, already cut to ``spec.max_tokens``), latency and size of ``model``.
@@ -147,3 +162,39 @@ def engine_decode_rate(engine: Any, tokenizer: Any, adapter: str | None = None, 
         decode.append(out.tokens_per_s)
     rate = statistics.mean(decode)
     return {"tokens_per_s": total / elapsed, "decode_tokens_per_s": rate, "decode_ms_per_token": 1000.0 / rate}
+
+
+def engine_measure(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, adapter: Any = None,
+                   new_tokens: int | None = 128, rows: int = 16) -> dict[str, Any]:
+    """Perplexity of ``ids`` and batch-1 decode rate of ``model`` through the serving engine.
+
+    The same kernels, KV cache and (with ``adapter``, a PEFT adapter directory) unmerged LoRA
+    gather that a Serve replica runs: :func:`engine_perplexity` over ``rows`` rows side by side (a
+    decode step of 16 rows costs little more than one of 4 on a CPU) and, unless ``new_tokens`` is
+    None, :func:`engine_decode_rate` (``bench/decode.py``'s prompts). So trials and pipeline rows
+    measured this way compare with each other and with the benchmark.
+
+    Returns:
+        ``perplexity``, ``nll_sum``, ``predicted_tokens``, ``rows``, ``row_tokens``, ``size_mb``
+        (weights in memory + the adapter's files) and, with latency, ``tokens_per_s``,
+        ``decode_tokens_per_s`` and ``decode_ms_per_token``.
+    """
+    import json
+    from pathlib import Path
+
+    from ops.engine import Engine, EngineConfig
+
+    rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"] if adapter else None
+    config = EngineConfig(max_batch_size=rows, max_seq_len=max(512, ids.numel() // rows + 1),
+                          max_adapters=1 if adapter else 0, num_threads=torch.get_num_threads(),
+                          **({"max_lora_rank": rank} if rank else {}))
+    name = "measured" if adapter else None
+    with Engine(model, tokenizer, config) as engine:
+        if adapter:
+            engine.add_adapter(name, adapter)
+        row = engine_perplexity(engine, ids, adapter=name)
+        if new_tokens:
+            row.update(engine_decode_rate(engine, tokenizer, adapter=name, new_tokens=new_tokens))
+    files = sum(f.stat().st_size for f in Path(adapter).glob("adapter_model.*")) if adapter else 0
+    row["size_mb"] = (model_size_bytes(model) + files) / 2**20
+    return row

@@ -712,6 +712,24 @@ def quantize(model: nn.Module, method: str, *, calibration: torch.Tensor | None 
     return _swap(model, method, s, stats, fill=True)
 
 
+def quantize_served_base(model: nn.Module, spec: str, method: str) -> tuple[nn.Module, str]:
+    """``model`` (the float base ``spec`` loaded) quantized with ``method`` as Serve quantizes a base
+    that adapters run on unmerged, and a line saying how.
+
+    The embedded model's int4 is read from its GGUF's Q4_1 blocks (the weights it was converted
+    from, bit for bit); other float models are quantized from their weights with the method's
+    default settings.
+
+    Raises:
+        UserError: the method does not apply to the model (e.g. a layer width the group size does not divide).
+    """
+    from ops.model import EMBEDDED, embedded_gguf
+
+    if method == "weight_only_int4" and spec in EMBEDDED:
+        return int4_from_gguf(model, embedded_gguf(spec)), "weight_only_int4 from the embedded GGUF's Q4_1 weights"
+    return quantize(model, method), f"{method} of the float weights"
+
+
 # ----------------------------------------------------------------------------- artifact
 
 def save_quantized(model: nn.Module, directory: str | os.PathLike, method: str, settings: dict[str, Any],

@@ -211,21 +211,17 @@ def op_path(model: Any) -> str:
 def serving_quantization(model: Any, spec: str, kind: str, method: str, device: str) -> tuple[Any, str]:
     """``model`` quantized for serving with ``method`` on CPU, and a line saying what runs.
 
-    The embedded model's int4 is read from its GGUF's Q4_1 blocks (the weights it was converted
-    from, bit for bit); other float models are quantized from their weights.
+    How: :func:`ops.quantization.quantize_served_base`; a method that does not apply leaves the
+    float weights (logged), so a replica still starts.
     """
     if method == "none" or kind == "quantized" or device != "cpu":
         why = "a quantized artifact" if kind == "quantized" else f"{method}" if method == "none" else f"on {device}"
         return model, f"as loaded ({why})"
-    from ops.model import EMBEDDED, embedded_gguf
-    from ops.quantization import int4_from_gguf, quantize
-
     from ops.errors import UserError
+    from ops.quantization import quantize_served_base
 
     try:
-        if method == "weight_only_int4" and spec in EMBEDDED:
-            return int4_from_gguf(model, embedded_gguf(spec)), "weight_only_int4 from the embedded GGUF's Q4_1 weights"
-        return quantize(model, method), f"{method} of the float weights"
+        return quantize_served_base(model, spec, method)
     except UserError as exc:  # e.g. a layer width the group size does not divide: serve what loaded
         log.warning("serving float weights: %s does not apply to %s: %s", method, spec, exc)
         return model, f"as loaded ({method} does not apply: {exc})"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from ray.tune.schedulers import ASHAScheduler
@@ -33,11 +34,11 @@ def _config(tmp_path, tiny_model_dir, tiny_text_file, name):
                   "lora": {"dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
         # 7 does not divide the tiny model's layers: that recipe's trials fail after training.
         "recipes": {"none": {"method": "none"}, "wo_int8": {"method": "weight_only_int8"}, "bf16": {"method": "bf16"},
-                    "bad_int4": {"method": "weight_only_int4", "group_size": 7}},
+                    "bad_int4": {"method": "weight_only_int4", "group_size": 7},
+                    "served_int8": {"method": "weight_only_int8", "unmerged": True}},
         "space": {"lora_r": [2], "quant": ["none", "wo_int8", "bad_int4"],
                   "target_modules": [["q_proj", "v_proj"]]},
-        "eval": {"max_tokens": 128, "window": 64, "stride": 64,
-                 "latency": {"prompt_tokens": 8, "new_tokens": 4, "repeats": 1}},
+        "eval": {"max_tokens": 128, "rows": 4, "new_tokens": 4},
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -201,25 +202,44 @@ def test_interrupted_sweep_resumes_reports_exports_a_servable_winner_and_fresh_s
 
 
 @pytest.mark.subprocess
-def test_optuna_search_with_fifo_scheduler(ray_head, tmp_path, tiny_model_dir, tiny_text_file):
+def test_optuna_search_with_fifo_scheduler_over_unmerged_trials(ray_head, tmp_path, tiny_model_dir, tiny_text_file):
     config = _config(tmp_path, tiny_model_dir, tiny_text_file, "opt")
     proc = _run(ray_head, config, tmp_path, "search=optuna", "scheduler=fifo", "num_samples=2", "space.lora_r=[2,4]",
-                "space.quant=[none]")
+                "space.quant=[served_int8]")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = json.loads((tmp_path / "reports" / "opt" / "trials.json").read_text())
-    assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" and r["unmerged"] for r in rows), rows
     run_dir = tmp_path / "runs" / "opt"
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     tune_config = _tune_config_on_disk(run_dir)
     assert type(tune_config.scheduler) is FIFOScheduler and isinstance(tune_config.search_alg, OptunaSearch)
-    # Optuna's own study proposed both trials and was told each one's quantized perplexity.
+    # Optuna's own study proposed both trials and was told each one's perplexity.
     (searcher_state,) = run_dir.glob("searcher-state-*.pkl")
     study = pickle.loads(searcher_state.read_bytes())["_ot_study"]
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     assert sorted((t.params["lora_r"], t.value) for t in study.trials) == sorted(
         (r["lora_r"], r["quant_perplexity"]) for r in rows)
+
+    # The unmerged winner is exported as its adapter, nothing merged, and its reported perplexity is
+    # what the served path gives: the adapter unmerged on the base Serve quantizes, in the engine.
+    summary = json.loads((tmp_path / "reports" / "opt" / "summary.json").read_text())
+    assert summary["exported"]["serve"] == {"model": "adapters/opt-best", "quantization": "weight_only_int8"}
+    assert "quantized" not in summary["exported"] and not (tmp_path / "quantized" / "opt-best").exists()
+    from jobs.tune import trial_data
+    from ops.evaluation import engine_measure
+    from ops.model import load_model, load_tokenizer
+    from serve.app import serving_quantization
+
+    cfg = load_config(TuneJobConfig, str(config), [f"storage={tmp_path}"])
+    val_ids, _ = trial_data(cfg, str(tmp_path))
+    served, how = serving_quantization(load_model(str(tiny_model_dir)), str(tiny_model_dir), "hf", "weight_only_int8",
+                                       "cpu")
+    assert how == "weight_only_int8 of the float weights"
+    measured = engine_measure(served, load_tokenizer(str(tiny_model_dir)), torch.tensor(val_ids),
+                              adapter=tmp_path / "adapters" / "opt-best", new_tokens=None, rows=4)
+    assert measured["perplexity"] == pytest.approx(summary["winner"]["quant_perplexity"], rel=1e-5)
 
 
 @pytest.mark.integration
@@ -254,6 +274,10 @@ def test_random_search_draws_num_samples_trials_from_the_space(ray_local, tmp_pa
     (["space.lora_r=[0]"], "space.lora_r must be >= 1"),
     (["search=bayes"], "bad value for 'search'"),
     (["trial_cpus=0"], "bad value for 'trial_cpus': Input should be greater than 0"),
+    (["eval.new_tokens=0"], "eval.new_tokens must be >= 1"),
+    (["recipes={u: {method: weight_only_int4, unmerged: true, group_size: 64}}", "space.quant=[u]"],
+     "recipe 'u' is unmerged: the base is quantized as Serve quantizes it, so it takes only 'method'"),
+    (["recipes={u: {method: static_int8, unmerged: true}}", "space.quant=[u]"], "recipe 'u' is unmerged but Serve quantizes a base only with"),
 ])
 def test_bad_sweep_configs(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
