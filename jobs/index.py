@@ -28,7 +28,7 @@ from ops import artifacts
 from jobs.data import CorpusConfig, read_documents
 from ops.errors import UserError
 from ops.retrieval import (DEFAULT_EMBEDDER, RetrievalStore, chunk_documents, embed, embedder_token_limit,
-                           embedding_dimension, load_embedder, resolve_embedder)
+                           embedder_dtype, embedding_dimension, load_embedder, resolve_embedder)
 
 log = logging.getLogger(__name__)
 DESCRIPTION = __doc__
@@ -53,6 +53,9 @@ class IndexConfig(CorpusConfig):
     storage: str = storage_field()
     embedder: str = Field(DEFAULT_EMBEDDER, description="sentence-transformers model: 'all-minilm-l6-v2' (embedded) "
                           "or a local path / hub id")
+    embed_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype the embedder runs in; auto = bfloat16 on a CPU with native bf16 dot products "
+        "(AVX512-BF16 or AMX; docs/benchmarks/retrieval.md), else float32")
     batch_size: int = Field(64, ge=1, description="chunks per map_batches call (chunks are sorted by length first, "
                             "so a batch pads little)")
     workers: int = Field(1, ge=1, description="embedding actors in the Ray Data pool")
@@ -73,13 +76,12 @@ class IndexConfig(CorpusConfig):
 class _Embed:
     """``map_batches`` callable: loads the embedder once per actor."""
 
-    def __init__(self, embedder_path: str, batch_size: int, threads: int):
+    def __init__(self, embedder_path: str, batch_size: int, threads: int, dtype: str = "auto"):
         import torch
-        from sentence_transformers import SentenceTransformer
 
         # Ray sets OMP_NUM_THREADS=1 in actors; use the CPUs this actor reserved.
         torch.set_num_threads(threads)
-        self.model = SentenceTransformer(embedder_path, device="cpu")
+        self.model = load_embedder(embedder_path, dtype=dtype)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -87,7 +89,7 @@ class _Embed:
 
 
 def embed_chunks(texts: list[str], embedder: str, batch_size: int, workers: int,
-                 cpus_per_worker: int = 1) -> np.ndarray:
+                 cpus_per_worker: int = 1, dtype: str = "auto") -> np.ndarray:
     """Embed texts with Ray Data ``map_batches`` on an actor pool.
 
     Texts go to the pool longest first, so each batch holds texts of similar length and pads
@@ -100,7 +102,7 @@ def embed_chunks(texts: list[str], embedder: str, batch_size: int, workers: int,
 
     by_length = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     ds = ray.data.from_items([{"order": i, "text": texts[i]} for i in by_length])
-    ds = ds.map_batches(_Embed, fn_constructor_args=(resolve_embedder(embedder), batch_size, cpus_per_worker),
+    ds = ds.map_batches(_Embed, fn_constructor_args=(resolve_embedder(embedder), batch_size, cpus_per_worker, dtype),
                         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
                         num_cpus=cpus_per_worker)
     rows = sorted(ds.take_all(), key=lambda r: r["order"])
@@ -142,8 +144,10 @@ def main(cfg: IndexConfig) -> RetrievalStore:
     if workers < cfg.workers:
         print(f"[index] {workers} CPU(s) free: embedding with {workers} of workers={cfg.workers} actors", flush=True)
     t0 = time.perf_counter()
+    # Resolved here, on the driver's CPU: the manifest says what the vectors were made with.
+    dtype = embedder_dtype(cfg.embed_dtype)
     vectors = embed_chunks([c["text"] for c in chunks], cfg.embedder, cfg.batch_size, workers,
-                           cfg.cpus_per_worker)
+                           cfg.cpus_per_worker, dtype)
     embed_s = time.perf_counter() - t0
     if vectors.shape != (len(chunks), dimension):
         raise RuntimeError(f"embedding actors returned {vectors.shape}, expected {(len(chunks), dimension)}")
@@ -152,16 +156,16 @@ def main(cfg: IndexConfig) -> RetrievalStore:
     store.manifest.update(data=cfg.data, chunk_unit="tokens", chunk_size=size, chunk_overlap=cfg.chunk.overlap,
                           chunk_max_tokens=longest, chunk_s=round(chunk_s, 3), embed_s=round(embed_s, 3),
                           chunks_per_s=round(len(chunks) / max(embed_s, 1e-9), 1),
-                          embed_workers=cfg.workers, embed_cpus_per_worker=cfg.cpus_per_worker,
+                          embed_workers=cfg.workers, embed_cpus_per_worker=cfg.cpus_per_worker, embed_dtype=dtype,
                           build_s=round(time.perf_counter() - t_start, 3),
                           created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     with artifacts.publish(cfg.storage, artifacts.Kind.INDEXES, cfg.name) as out:
         store.save(out)
         save_config(cfg, out)
     m = store.manifest
-    print("\n| documents | chunks | longest chunk (tokens) | embed s | chunks/s | workers x CPUs | "
-          "BM25 build s | index |\n|---|---|---|---|---|---|---|---|\n"
-          f"| {m['num_documents']} | {m['num_chunks']} | {longest} | {embed_s:.1f} | {m['chunks_per_s']} | "
+    print("\n| documents | chunks | longest chunk (tokens) | embed s | chunks/s | embedder dtype | workers x CPUs | "
+          "BM25 build s | index |\n|---|---|---|---|---|---|---|---|---|\n"
+          f"| {m['num_documents']} | {m['num_chunks']} | {longest} | {embed_s:.1f} | {m['chunks_per_s']} | {dtype} | "
           f"{cfg.workers} x {cfg.cpus_per_worker} | {m['bm25_build_s'] if cfg.bm25 else '-'} | "
           f"{cfg.index.type} + {'BM25' if cfg.bm25 else 'no BM25'} |\n", flush=True)
     print(f"[index] embedded {len(chunks)} chunks in {embed_s:.1f}s ({m['chunks_per_s']} chunks/s, including actor "

@@ -100,7 +100,7 @@ def test_index_job_embeds_with_the_actors_that_fit(monkeypatch, tmp_path, tiny_t
     asked: list[int] = []
     monkeypatch.setattr(index, "init_ray", lambda: {})
     monkeypatch.setattr(index, "free_units", lambda per_unit, wanted, job, what: 1)
-    monkeypatch.setattr(index, "embed_chunks", lambda texts, embedder, batch_size, workers, cpus=1: asked.append(workers)
+    monkeypatch.setattr(index, "embed_chunks", lambda texts, embedder, batch_size, workers, cpus=1, dtype="auto": asked.append(workers)
                         or __import__("numpy").zeros((len(texts), 384), dtype="float32"))
     index.main(index.IndexConfig(data=str(tiny_text_file), storage=str(tmp_path), workers=3))
     assert asked == [1]

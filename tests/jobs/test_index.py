@@ -33,6 +33,9 @@ def test_index_job_builds_a_searchable_index(ray_head, tmp_path):
     assert manifest["format"] == 2 and manifest["retrieval"] == "hybrid" and manifest["chunk_unit"] == "tokens"
     assert manifest["chunk_size"] == 24 and manifest["chunk_max_tokens"] <= 24 + 2 and manifest["chunks_per_s"] > 0
     assert "| chunks/s |" in proc.stdout
+    from ops.retrieval import embedder_dtype
+
+    assert manifest["embed_dtype"] == embedder_dtype("auto")  # this CPU decides (bfloat16 needs native bf16)
 
     from ops.retrieval import RetrievalStore
 

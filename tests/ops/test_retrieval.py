@@ -90,3 +90,33 @@ def test_embedded_embedder_text_search(tmp_path):
     assert store.search_text(["What is France's capital city?"], 1)[0][0].id == "t1"
     store.add_text([{"id": "t3", "text": "Mount Everest is the highest mountain.", "source": "s", "metadata": {}}])
     assert store.search_text(["highest mountain on earth"], 1)[0][0].id == "t3"
+
+
+def test_embedder_dtype_auto_is_bfloat16_only_with_native_bf16(monkeypatch):
+    import torch
+
+    from ops.errors import UserError
+    from ops.retrieval import embedder_dtype
+
+    for avx512_bf16, amx, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert embedder_dtype("auto") == expected
+        assert embedder_dtype("auto", device="cuda") == "float32"
+        assert embedder_dtype("float32") == "float32" and embedder_dtype("bfloat16") == "bfloat16"
+    with pytest.raises(UserError, match="unknown embedder dtype 'fp8'; valid: auto, float32, bfloat16"):
+        embedder_dtype("fp8")
+
+
+def test_bfloat16_embedder_matches_float32_vectors_and_ranking():
+    import torch
+
+    texts = ["The cat sat on the mat.", "Paris is the capital of France.", "Python lists are mutable sequences.",
+             "Photosynthesis turns light into chemical energy."]
+    fp32, bf16 = load_embedder(dtype="float32"), load_embedder(dtype="bfloat16")
+    assert next(bf16.parameters()).dtype == torch.bfloat16 and next(fp32.parameters()).dtype == torch.float32
+    a, b = embed(fp32, texts), embed(bf16, texts)
+    assert b.dtype == np.float32 and np.allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-3)
+    assert ((a * b).sum(1) > 0.999).all()
+    q = embed(bf16, ["Which city is France's capital?", "how do plants use light"])
+    assert list((q @ b.T).argmax(1)) == list((q @ a.T).argmax(1)) == [1, 3]
