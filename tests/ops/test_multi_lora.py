@@ -75,10 +75,14 @@ def test_unmerged_adapter_alone_matches_peft_generate(base, tokenizer, adapters)
     assert out.token_ids != hf_greedy(base, tokenizer, PROMPTS[1])  # the adapter changes the answer
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["lora_bgmv", "torch"])  # the decode step's LoRA update
 @pytest.mark.parametrize("chunk", [256, 3])  # 3: prompts prefilled in chunks between the others' decode steps
-def test_batch_mixing_adapters_and_base_rows_matches_peft(base, tokenizer, adapters, chunk):
+def test_batch_mixing_adapters_and_base_rows_matches_peft(base, tokenizer, adapters, chunk, native, request):
     mix = ["a", "b", None, "a"]
+    if native:
+        request.getfixturevalue("native_ops")  # skips (or fails under CI) without the compiled ops
     with engine_for(base, tokenizer, adapters, prefill_chunk_tokens=chunk) as eng:
+        eng.runner.lora._native = native
         outs = eng.generate_sync([Request(prompt=p, max_tokens=NEW, ignore_eos=True, adapter=a)
                                   for p, a in zip(PROMPTS, mix)])
         assert eng.adapter_stats()["loads"] == 2
@@ -145,3 +149,42 @@ def test_prefix_cache_is_kept_per_adapter_and_invisible(base, tokenizer, adapter
     for prompt, adapter, out in zip(prompts * 2, mix, outs):
         model = base if adapter is None else adapters[adapter][1]
         assert out.token_ids == hf_greedy(model, tokenizer, prompt), (prompt, adapter)
+
+
+def _random_slots(lora, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for t in (*lora.A.values(), *lora.B.values()):
+        t[1:].copy_(torch.randn(t[1:].shape, generator=gen))
+    lora.scale[1:] = torch.rand(lora.scale.numel() - 1, generator=gen) + 0.5
+
+
+@pytest.mark.parametrize("rows, slots", [(5, [0, 1, 2, 1, 0]), (3, [2, 2, 2]), (1, 1), (2, 2), (8, 1)])
+def test_lora_bgmv_equals_the_torch_update(base, native_ops, rows, slots):
+    """The compiled op against the torch formulation it replaces, for every group, mixed rows
+    (slot 0 = no adapter), and one adapter on 1-2 rows (there the op is used too) or more (not)."""
+    from ops.multi_lora import MultiLora
+
+    lora = MultiLora(base, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 2, 8)
+    _random_slots(lora)
+    for group in lora.groups:
+        k = lora.A[f"{group}.0"].shape[-1]
+        x = torch.randn(rows, 1, k, generator=torch.Generator().manual_seed(1))
+        arg = torch.tensor(slots) if isinstance(slots, list) else slots
+        lora._native = True
+        got = lora.delta(group, 1, x, arg)
+        lora._native = False
+        want = lora.delta(group, 1, x, arg)
+        assert got.shape == want.shape == (rows, 1, lora._bgmv_args[(group, 1)][2])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if isinstance(slots, list):
+            assert not got[torch.tensor(slots) == 0].any()  # base rows get no update
+
+
+def test_lora_bgmv_refuses_a_slot_it_does_not_have(base, native_ops):
+    from ops.multi_lora import MultiLora
+
+    lora = MultiLora(base, ("q_proj",), 1, 4)
+    a, bs, width = lora._bgmv_args[("qkv", 0)]
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        torch.ops.raylm.lora_bgmv(torch.empty(1, width), torch.randn(1, a.shape[-1]), a, bs, torch.tensor([5]),
+                                  lora.scale, lora.max_rank)
