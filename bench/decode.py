@@ -6,12 +6,13 @@ Writes docs/benchmarks/decode.md and decode.json:
 - with --ppl-data, perplexity through the HF forward and through the engine's decode steps;
 - adapters: 8 concurrent requests over 4 LoRA adapters (unmerged, one quantized base), and the
   resident memory that 16 loaded adapters add against their files' size;
-- served: batch-1 streaming through the real Serve endpoint with serve/config.yaml's args (no index),
-  next to the in-process engine and llama.cpp of the same run (alone, and again while the cluster
-  is up).
+- served: batch-1 streaming through the real Serve endpoint with serve/config.yaml's args (no index)
+  and the pipeline's served model (what `make demo` serves: by default the adapter unmerged on the
+  int4 base; `--served-model`), next to the in-process engine and llama.cpp of the same run (alone,
+  and again while the cluster is up).
 
     python bench/decode.py [--threads 2] [--new-tokens 128] [--quant METHOD] [--ppl-data FILE] [--no-compile]
-                           [--adapters 16] [--no-served]
+                           [--adapters 16] [--no-served] [--served-model pipeline|shipped|SPEC]
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--adapter-rank", type=int, default=16, help="their rank (the served default max_lora_rank)")
     p.add_argument("--served", action=argparse.BooleanOptionalAction, default=True,
                    help="also stream through the Serve endpoint with serve/config.yaml's args")
+    p.add_argument("--served-model", default="pipeline", help="model the endpoint serves: 'pipeline' = the one "
+                   "`make demo`'s pipeline serves (<storage>/reports/pipeline/summary.json; serve/config.yaml's "
+                   "model when there is none), 'shipped' = serve/config.yaml's model, or a model spec under --storage")
     p.add_argument("--out", default="docs/benchmarks", help="folder for decode.md / decode.json")
     return p.parse_args()
 
@@ -158,10 +162,26 @@ async def stream_one(client, url: str, model: str, prompt: str, new_tokens: int)
     return {"tokens": tokens, "ttft_s": first, "total_s": time.perf_counter() - t0}
 
 
+def served_model(args) -> str | None:
+    """The model spec ``--served-model`` names, None for serve/config.yaml's own."""
+    if args.served_model == "shipped":
+        return None
+    if args.served_model == "pipeline":
+        summary = Path(args.storage) / "reports" / "pipeline" / "summary.json"
+        if not summary.is_file():
+            print(f"no pipeline run under {args.storage} ({summary} absent): the endpoint serves "
+                  f"serve/config.yaml's model", flush=True)
+            return None
+        return json.loads(summary.read_text())["served"]["model"]
+    return args.served_model
+
+
 def bench_served(args, prompts: list[str]) -> dict:
-    """Batch-1 streaming through the real endpoint with serve/config.yaml's args (no index); llama.cpp
-    again while that cluster is up (the machine in the state the endpoint was measured in)."""
-    return _served_run(args, {}, prompts)
+    """Batch-1 streaming through the real endpoint with serve/config.yaml's args (no index) and the
+    served model; llama.cpp again while that cluster is up (the machine in the state the endpoint
+    was measured in)."""
+    model = served_model(args)
+    return _served_run(args, {"model": model} if model else {}, prompts)
 
 
 def _served_run(args, overrides: dict, llama_prompts: list[str] | None) -> dict:
