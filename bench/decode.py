@@ -176,6 +176,24 @@ def served_model(args) -> str | None:
     return args.served_model
 
 
+def bench_served_adapter(qmodel, tokenizer, config: EngineConfig, args) -> dict | None:
+    """When the endpoint's model is an adapter: batch 1 in process on the same int4 base + that
+    adapter unmerged, in an engine with Serve's adapter slots (the endpoint's engine without Serve)."""
+    spec = served_model(args) if args.served else None
+    if not spec or not spec.startswith("adapters/"):
+        return None
+    from served import shipped_args
+
+    shipped = shipped_args()
+    cfg = dataclasses.replace(config, compile=bool(shipped.get("compile")), max_adapters=shipped["max_adapters"],
+                              max_lora_rank=shipped["max_lora_rank"])
+    with Engine(qmodel, tokenizer, cfg) as engine:
+        engine.add_adapter("served", Path(args.storage) / spec)
+        rate = engine_decode_rate(engine, tokenizer, adapter="served", new_tokens=args.new_tokens)
+    print(f"engine with {spec} unmerged: {rate['tokens_per_s']:.1f} tok/s", flush=True)
+    return {"model": spec, **rate}
+
+
 def bench_served(args, prompts: list[str]) -> dict:
     """Batch-1 streaming through the real endpoint with serve/config.yaml's args (no index) and the
     served model; llama.cpp again while that cluster is up (the machine in the state the endpoint
@@ -379,6 +397,7 @@ def main() -> None:
 
         served_compile = dataclasses.replace(config, compile=bool(shipped_args().get("compile")))
         adapters = bench_adapters(float_model, model, tokenizer, prompts, served_compile, args)
+    served_adapter = bench_served_adapter(model, tokenizer, config, args)
     served = bench_served(args, prompts) if args.served else None
 
     result = {
@@ -399,6 +418,7 @@ def main() -> None:
         "engines": engines,
         "adapters": adapters,
         "served": served,
+        "served_adapter_in_process": served_adapter,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -446,6 +466,11 @@ def _served_and_baseline_rows(r: dict, ratio) -> list[str]:
     lines: list[str] = []
     hf = r["transformers_generate_tokens_per_s"]
     served = r.get("served")
+    in_process = r.get("served_adapter_in_process")
+    if in_process:
+        lines += [f"| ops.engine ({r['quant']} + `{in_process['model']}` unmerged, Serve's adapter slots: the "
+                  f"endpoint's model in process) | {in_process['tokens_per_s']:.1f} | "
+                  f"{ratio(in_process['tokens_per_s'])} | |"]
     if served:
         cfg = ", ".join(f"{k}={v}" for k, v in served["config"].items())
         lines += [f"| **Serve endpoint, serve/config.yaml** ({cfg}; streamed, EOS honoured: "
