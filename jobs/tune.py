@@ -15,7 +15,7 @@ interrupted sweep (``Tuner.restore``) without redoing finished trials.
 Reads: a base model spec and a corpus (``train.*``).
 Writes: ``<storage>/runs/<name>/`` (Tune state, trial runs), ``<storage>/adapters/<name>-<trial>/``
 (each trial's adapter), ``<storage>/reports/<name>/`` (trials.parquet, trials.json, trials.md,
-pareto.png, summary.json, config.yaml) and the winner: ``<storage>/adapters/<name>-best/`` (the
+pareto.png, summary.json, eval_tokens.json, config.yaml) and the winner: ``<storage>/adapters/<name>-best/`` (the
 adapter + its quantization recipe; an unmerged winner is served as it is, ``model=adapters/<name>-best``)
 and, for a merged recipe, ``<storage>/quantized/<name>-best/`` (merged + quantized, servable by
 ``model=quantized/<name>-best``).
@@ -456,6 +456,8 @@ def main(cfg: TuneJobConfig) -> dict[str, Any]:
         (out / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
         (out / "trials.md").write_text(markdown(rows, front, winner, cfg))
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        # the held-out tokens every trial was scored on: a trial's perplexity can be checked against them
+        (out / "eval_tokens.json").write_text(json.dumps(val_ids))
         plot_pareto(rows, front, winner, out / "pareto.png")
         save_config(cfg, out)
     print(markdown(rows, front, winner, cfg), flush=True)

@@ -138,8 +138,7 @@ def test_tune_smoke_sweeps_on_the_bucket(ray_local, bucket, tiny_model_dir, tiny
                   "batch_size": 4, "max_steps": 2, "eval_every": 2, "val_blocks": 2, "eval_batch_size": 2,
                   "warmup_steps": 1, "shuffle": False, "lora": {"dropout": 0.0, "target_modules": ["q_proj"]}},
         "space": {"lora_r": [2], "quant": ["wo_int8"], "target_modules": [["q_proj"]]},
-        "eval": {"max_tokens": 64, "window": 32, "stride": 32, "latency": {"prompt_tokens": 8, "new_tokens": 2,
-                                                                           "repeats": 1}}}))
+        "eval": {"max_tokens": 64, "rows": 4, "new_tokens": 2}}))
     main(load_config(TuneJobConfig, str(config), [f"storage={bucket}"]))  # on the shared in-process cluster
     stored = set(keys(bucket))
     summary_key = "reports/s3sweep/summary.json"

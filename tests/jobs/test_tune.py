@@ -227,13 +227,12 @@ def test_optuna_search_with_fifo_scheduler_over_unmerged_trials(ray_head, tmp_pa
     summary = json.loads((tmp_path / "reports" / "opt" / "summary.json").read_text())
     assert summary["exported"]["serve"] == {"model": "adapters/opt-best", "quantization": "weight_only_int8"}
     assert "quantized" not in summary["exported"] and not (tmp_path / "quantized" / "opt-best").exists()
-    from jobs.tune import trial_data
     from ops.evaluation import engine_measure
     from ops.model import load_model, load_tokenizer
     from serve.app import serving_quantization
 
-    cfg = load_config(TuneJobConfig, str(config), [f"storage={tmp_path}"])
-    val_ids, _ = trial_data(cfg, str(tmp_path))
+    val_ids = json.loads((tmp_path / "reports" / "opt" / "eval_tokens.json").read_text())  # what trials scored
+    assert len(val_ids) == 128  # eval.max_tokens
     served, how = serving_quantization(load_model(str(tiny_model_dir)), str(tiny_model_dir), "hf", "weight_only_int8",
                                        "cpu")
     assert how == "weight_only_int8 of the float weights"
