@@ -118,6 +118,8 @@ def engine_perplexity(engine: Any, ids: torch.Tensor, adapter: str | None = None
     """
     import math
 
+    from ops.openmp import release_openmp_workers
+
     runner = engine.runner
     rows = max(1, min(rows or engine.config.max_batch_size, engine.config.max_batch_size, ids.numel() // 2))
     length = min(ids.numel() // rows, engine.config.max_seq_len)
@@ -133,6 +135,9 @@ def engine_perplexity(engine: Any, ids: torch.Tensor, adapter: str | None = None
                 step = (pieces[:, t], torch.full((rows,), t)) + ((slots,) if slots is not None else ())
                 logits = runner.decode_one_token(*step)
     count = rows * (length - 1)
+    # The steps above ran on this thread, which now holds an idle OpenMP team again: free it, or
+    # every later step of the engine's own decode thread wakes it and decodes far slower
+    release_openmp_workers()
     return {"perplexity": math.exp(nll / count), "nll_sum": nll, "predicted_tokens": count, "rows": rows,
             "row_tokens": length}
 

@@ -46,3 +46,15 @@ def test_engine_decode_rate_decodes_new_tokens_per_prompt(base, tokenizer, adapt
         rate = engine_decode_rate(eng, tokenizer, adapter="a", new_tokens=5, questions=["Hi", "Why?"])
         assert eng.adapter_stats()["loads"] == 1
     assert rate["tokens_per_s"] > 0 and rate["decode_ms_per_token"] == pytest.approx(1000 / rate["decode_tokens_per_s"])
+
+
+def test_engine_perplexity_frees_the_callers_openmp_team(base, tokenizer, adapters, monkeypatch):
+    """Its steps run on the calling thread; the idle OpenMP team that leaves there must be freed, or
+    the engine's own decode thread slows down after it (the pipeline's and Tune's latency rows)."""
+    import ops.openmp
+
+    released = []
+    monkeypatch.setattr(ops.openmp, "release_openmp_workers", lambda: released.append(True) or True)
+    with engine_for(base, tokenizer, adapters) as eng:
+        engine_perplexity(eng, torch.arange(1, 41))
+    assert released == [True]
