@@ -194,12 +194,12 @@ def run_trial(params: dict[str, Any], val_ids: list[int], calibration_ids: list[
     spec.apply_threads()
     measured = engine_measure(model, load_tokenizer(cfg.model, storage=cfg.storage),
                               torch.tensor(val_ids, dtype=torch.long), adapter=unmerged,
-                              new_tokens=spec.new_tokens or None, rows=spec.rows)
+                              new_tokens=spec.new_tokens, rows=spec.rows)
     ray.tune.report({
         "step": trained["steps"], "val_perplexity": trained["best_val_perplexity"],
         "initial_val_perplexity": trained["initial_val_perplexity"], "quant_perplexity": measured["perplexity"],
-        OBJECTIVE: measured["perplexity"], "decode_ms_per_token": measured.get("decode_ms_per_token"),
-        "tokens_per_s": measured.get("tokens_per_s"), "size_mb": measured["size_mb"], "unmerged": unmerged is not None,
+        OBJECTIVE: measured["perplexity"], "decode_ms_per_token": measured["decode_ms_per_token"],
+        "tokens_per_s": measured["tokens_per_s"], "size_mb": measured["size_mb"], "unmerged": unmerged is not None,
         "adapter": artifacts.uri(cfg.storage, artifacts.Kind.ADAPTERS, cfg.name), "adapter_name": cfg.name,
         "trial_wall_s": time.perf_counter() - t0,
     })

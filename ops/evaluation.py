@@ -1,8 +1,9 @@
 """One evaluation: sliding-window perplexity, batch-1 latency and size, with one set of key names.
 
-Every job that measures a model (evaluate, quantize, tune, pipeline) embeds :class:`EvalSpec` as
-its ``eval`` section and calls :func:`measure`, so ``eval.window`` means the same in each job's
-``--help`` and a row from one job compares with a row from another.
+Every job that measures a model with an HF forward (evaluate, quantize, pipeline) embeds
+:class:`EvalSpec` as its ``eval`` section and calls :func:`measure`, so ``eval.window`` means the
+same in each job's ``--help`` and a row from one job compares with a row from another. Measures
+through the serving engine (Tune's trials, the pipeline's served row) use :func:`engine_measure`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ class LatencySpec(_Section):
     repeats: int = Field(3, ge=1, description="timed runs; the median is reported")
 
 
-class EvalSpec(_Section):
+class _Threads:
+    """``apply_threads`` of a section with a ``num_threads`` field."""
+
+    def apply_threads(self) -> None:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+
+
+class EvalSpec(_Threads, _Section):
     max_tokens: int = Field(2048, ge=0, description="held-out tokens scored for perplexity (0 = all)")
     window: int = Field(512, description="tokens per forward pass for perplexity (>= 2)")
     stride: int = Field(256, description="step between perplexity windows (1 <= stride <= window)")
@@ -41,12 +50,8 @@ class EvalSpec(_Section):
         check_window(self.window, self.stride)
         return self
 
-    def apply_threads(self) -> None:
-        if self.num_threads:
-            torch.set_num_threads(self.num_threads)
 
-
-class EngineEvalSpec(_Section):
+class EngineEvalSpec(_Threads, _Section):
     """How a model is measured through the serving engine (:func:`engine_measure`)."""
 
     max_tokens: int = Field(2048, ge=0, description="held-out tokens scored for perplexity (0 = all), cut into "
@@ -56,9 +61,6 @@ class EngineEvalSpec(_Section):
                             "prompts, EOS ignored (0 = no latency)")
     num_threads: int = Field(0, ge=0, description="torch intra-op threads while measuring (0 = torch default)")
 
-    def apply_threads(self) -> None:
-        if self.num_threads:
-            torch.set_num_threads(self.num_threads)
 
 
 def measure(model: torch.nn.Module, ids: torch.Tensor, spec: EvalSpec,

@@ -300,7 +300,6 @@ at::Tensor clamped_relu_cpu(const at::Tensor& x, double lo, double hi) {
   return out;
 }
 
-
 // LoRA of many adapters in one decode batch (Punica's BGMV, for the CPU): for each row b with
 // slot s = slots[b] > 0,
 //   xa[b, j] = scale[s] * sum_k A[s, j, k] * x[b, k]              (shrink: all P projections' A)
