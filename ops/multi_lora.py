@@ -173,6 +173,24 @@ class MultiLora:
             self._slot_rows[key] = torch.full((rows,), slot, dtype=torch.long)
         return self._slot_rows[key]
 
+    def add_delta_(self, group: str, i: int, x: torch.Tensor, slots: torch.Tensor | int, out: torch.Tensor) -> None:
+        """``out += delta(...)`` for one decode step, in place where ``lora_bgmv`` serves (no temporary).
+
+        Args:
+            x: (B, K) the group's input, one token per row.
+            slots: (B,) slot of each row (0: no adapter), or one int slot that every row uses.
+            out: (B, sum N_p) contiguous: the group's base projection output.
+        """
+        if self._bgmv_serves(x):
+            rows = x.shape[0]
+            if isinstance(slots, int) and rows <= BGMV_UNIFORM_ROWS:
+                slots = self._uniform_slots(slots, rows)
+            if not isinstance(slots, int):
+                a, bs, _ = self._bgmv_args[(group, i)]
+                torch.ops.raylm.lora_bgmv(out, x, a, bs, slots, self.scale, self.max_rank)
+                return
+        out += self.delta(group, i, x[:, None], slots)[:, 0]
+
     def delta(self, group: str, i: int, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """The LoRA update of one group's projections, outputs concatenated like the fused base matmul.
 
@@ -191,7 +209,7 @@ class MultiLora:
             if not isinstance(slots, int):
                 # eager decode: one compiled op reads each row's adapter in place (lora_bgmv in native/)
                 a, bs, width = self._bgmv_args[(group, i)]
-                out = x.new_empty(rows, width)
+                out = x.new_zeros(rows, width)
                 torch.ops.raylm.lora_bgmv(out, x[:, 0], a, bs, slots, self.scale, self.max_rank)
                 return out[:, None, :]
         if isinstance(slots, int):  # every row on this one slot (eager): its weights as views, plain matmuls

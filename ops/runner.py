@@ -49,6 +49,47 @@ def _fast_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: F.rms_norm(x, shape, weight, eps) if x.dtype == torch.float32 else norm(x)
 
 
+def _rms_norm_args(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of a float32 HF RMSNorm, unpatched or on the compiled op (same arithmetic); else None."""
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if (not type(norm).__name__.endswith("RMSNorm") or not isinstance(eps, float)
+            or not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.dtype != torch.float32):
+        return None
+    forward = vars(norm).get("forward")
+    if forward is not None:
+        from ops.patch import _rms_norm_forward
+
+        if getattr(forward, "__func__", None) is not _rms_norm_forward:
+            return None
+    return weight, eps
+
+
+def _is_swiglu(mlp: nn.Module) -> bool:
+    """An HF SwiGLU MLP (`down(silu(gate(x)) * up(x))`), unpatched or on the compiled `silu_mul`."""
+    act = getattr(mlp, "act_fn", None)
+    if not (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"):
+        return False
+    if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        return False
+    forward = vars(mlp).get("forward")
+    if forward is None:
+        return True
+    from ops.patch import _mlp_forward
+
+    return getattr(forward, "__func__", None) is _mlp_forward
+
+
+def _decode_linear(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module` for the (B, K) rows of a decode step: an int4 CPU layer as one `raylm::int4_linear`
+    call (its forward's reshapes and casts are separate dispatches), anything else as it is."""
+    from ops.quantization import Int4WeightOnlyLinear
+
+    if type(module) is not Int4WeightOnlyLinear or module.bias is not None or module.packed.is_cuda:
+        return module
+    op = torch.ops.raylm.int4_linear
+    return lambda x: op(x, module.packed, module.group_size, module.scales_and_zeros)
+
+
 class LlamaRunner:
     """gpt-fast style forward of a Llama-family HF model with a static KV cache.
 
@@ -83,6 +124,10 @@ class LlamaRunner:
         self.final_norm = _fast_norm(self.norm)
         self.attention = AttentionChoice("sdpa", f"torch SDPA over the KV cache on {param.device.type}")
         self.compiled = False  # True once decode steps run the compiled graphs (after `warmup`)
+        # eager decode on the raylm ops (`_decode_native`) where they serve this model: decided at the
+        # first step (it loads the native library); None = the torch ops of `_decode`
+        self._native_plan: list[tuple] | None = None
+        self._native_checked = False
         self._step: Callable[..., torch.Tensor] = self._decode
         self._compiled_layer: Callable[..., torch.Tensor] | None = None
         self._pending_step: Callable[..., torch.Tensor] | None = None  # compiled off-thread, swapped in by a step
@@ -121,10 +166,7 @@ class LlamaRunner:
         Plain `nn.Linear` gate/up are not fused: the float matmul dominates there and a
         snapshot would double the MLP weights in memory.
         """
-        act = getattr(mlp, "act_fn", None)
-        is_silu = isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
-        projs = ("gate_proj", "up_proj", "down_proj")
-        if not is_silu or "forward" in vars(mlp) or not all(hasattr(mlp, n) for n in projs):
+        if not _is_swiglu(mlp):
             return None
         return fuse_weight_only([mlp.gate_proj, mlp.up_proj])
 
@@ -364,7 +406,11 @@ class LlamaRunner:
         return mask.masked_fill_(~visible, float("-inf"))
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, T: int, uniform: bool,
-                slots: torch.Tensor | None = None) -> torch.Tensor:
+                slots: torch.Tensor | int | None = None) -> torch.Tensor:
+        if not self._native_checked:
+            self._native_plan, self._native_checked = self._build_native_plan(), True
+        if self._native_plan is not None:
+            return self._decode_native(tokens, positions, slots)
         mask = self._decode_mask(tokens, positions, T, uniform)
         x = self.embed_tokens(tokens[:, None])  # (B, 1, C)
         rope = self._rope(x, positions[:, None])
@@ -374,6 +420,77 @@ class LlamaRunner:
             x = x + self._o_proj(i, self._attention(i, q, k, v, positions, T, mask), slots)
             x = x + self._mlp(i, post_attention_norm(x), slots)
         return self.lm_head(self.final_norm(x))[:, 0].float()
+
+    def _build_native_plan(self) -> list[tuple] | None:
+        """Per layer, the modules and norm arguments `_decode_native` runs; None where the raylm ops do
+        not serve this model (not float32 on CPU, a layer unlike Llama's, no native library)."""
+        if self.k_cache[0].device.type != "cpu" or self.k_cache[0].dtype != torch.float32:
+            return None
+        norms = [_rms_norm_args(m) for layer in self.layers
+                 for m in (layer.input_layernorm, layer.post_attention_layernorm)] + [_rms_norm_args(self.norm)]
+        if any(n is None for n in norms):
+            return None
+        for layer in self.layers:
+            attn = layer.self_attn
+            if hasattr(attn, "q_norm") or not isinstance(getattr(attn, "scaling", None), float) \
+                    or not _is_swiglu(layer.mlp):
+                return None
+        if any(qkv is None for qkv in self.qkv):
+            return None
+        from ops.native_build import backend
+
+        if "cpu" not in backend().devices:
+            return None
+        self._first_norm = norms[0]
+        plan = []
+        for i, layer in enumerate(self.layers):
+            mlp = layer.mlp
+            gate_up = self.gate_up[i]
+            # the post-attention norm, then the next layer's input norm (the final norm after the last)
+            plan.append((_decode_linear(self.qkv[i]), _decode_linear(layer.self_attn.o_proj),
+                         None if gate_up is None else _decode_linear(gate_up), _decode_linear(mlp.gate_proj),
+                         _decode_linear(mlp.up_proj), _decode_linear(mlp.down_proj),
+                         norms[2 * i + 1], norms[2 * i + 2], layer.self_attn.scaling))
+        return plan
+
+    def _decode_native(self, tokens: torch.Tensor, positions: torch.Tensor,
+                       slots: torch.Tensor | int | None) -> torch.Tensor:
+        """`_decode` on the raylm ops: per layer one fused-add norm after each sub-layer, one
+        `decode_attention` (RoPE, cache write, attention at each row's own position) and
+        `silu_and_mul`, with LoRA updates added in place; ~10 ops per layer instead of ~50, whose
+        dispatch, not arithmetic, bounds a one-token step."""
+        ops = torch.ops.raylm
+        lora = self.lora if slots is not None else None
+        groups = lora.groups if lora is not None else {}
+        B = tokens.shape[0]
+        x = self.embed_tokens(tokens)  # (B, C): the residual stream, updated in place
+        cos, sin = self.rotary_emb(x, positions[:, None])  # (B, 1, hs)
+        cos, sin = cos[:, 0], sin[:, 0]
+        h = torch.empty_like(x)
+        ops.rms_norm(h, x, *self._first_norm)
+        for i, (qkv_proj, o_proj, gate_up, gate, up, down, post_norm, next_norm, scale) in enumerate(self._native_plan):
+            qkv = qkv_proj(h)
+            if "qkv" in groups:
+                lora.add_delta_("qkv", i, h, slots, qkv)
+            y = x.new_empty(B, self.n_head * self.head_dim)
+            ops.decode_attention(y, qkv, cos, sin, self.k_cache[i], self.v_cache[i], positions, self.n_head, scale)
+            h = o_proj(y)
+            if "o" in groups:
+                lora.add_delta_("o", i, y, slots, h)
+            ops.fused_add_rms_norm(h, x, *post_norm)  # x += h; h = post_norm(x)
+            if gate_up is not None:
+                gu = gate_up(h)
+            else:
+                gu = torch.cat([gate(h), up(h)], dim=-1)
+            if "gate_up" in groups:
+                lora.add_delta_("gate_up", i, h, slots, gu)
+            a = x.new_empty(B, gu.shape[-1] // 2)
+            ops.silu_and_mul(a, gu)
+            h = down(a)
+            if "down" in groups:
+                lora.add_delta_("down", i, a, slots, h)
+            ops.fused_add_rms_norm(h, x, *next_norm)  # x += h; h = next norm(x)
+        return self.lm_head(h).float()
 
     def _attention(
         self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, T: int,

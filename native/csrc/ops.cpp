@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace raylm {
 namespace {
@@ -303,8 +304,9 @@ at::Tensor clamped_relu_cpu(const at::Tensor& x, double lo, double hi) {
 // LoRA of many adapters in one decode batch (Punica's BGMV, for the CPU): for each row b with
 // slot s = slots[b] > 0,
 //   xa[b, j] = scale[s] * sum_k A[s, j, k] * x[b, k]              (shrink: all P projections' A)
-//   out[b, off_p + n] = sum_r Bs[p][s, n, r] * xa[b, p * R + r]    (expand: projection p's B)
-// and out[b, :] = 0 for slot 0. Each row reads its own adapter's weights in place: no gathered
+//   out[b, off_p + n] += sum_r Bs[p][s, n, r] * xa[b, p * R + r]   (expand: projection p's B)
+// added to out (rows of slot 0 are left as they are), so the base projection's output takes its
+// update in place. Each row reads its own adapter's weights in place: no gathered
 // copy per row and no (rows x P*R x K) product temporary, which is what the same update costs as
 // torch ops in eager mode. float32 only (the engine's adapter slots are float32).
 void lora_bgmv_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& a, at::TensorList bs,
@@ -361,19 +363,127 @@ void lora_bgmv_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& a, at
                      [=](int64_t begin, int64_t end) {
                        for (int64_t idx = begin; idx < end; ++idx) {
                          const int64_t b = idx / n, c = idx % n, s = sp[b];
+                         if (s == 0) continue;
                          float acc = 0.f;
-                         if (s != 0) {
+                         {
                            const float* __restrict__ brow = bp + (s * n + c) * rank;
                            const float* __restrict__ h = xap + b * j_total + xa_col;
 #pragma omp simd reduction(+ : acc)
                            for (int64_t r = 0; r < rank; ++r) acc += brow[r] * h[r];
                          }
-                         op[b * width + col + c] = acc;
+                         op[b * width + col + c] += acc;
                        }
                      });
     offset += n;
   }
   TORCH_CHECK(offset == width, "lora_bgmv: out is wider than the projections' outputs");
+}
+
+// Llama's rotate-half RoPE of one head: dst = x * cos + rotate_half(x) * sin, where
+// rotate_half(x) = cat(-x[half:], x[:half]).
+inline void rope_head(float* __restrict__ dst, const float* __restrict__ x, const float* __restrict__ c,
+                      const float* __restrict__ s, int64_t hs) {
+  const int64_t half = hs / 2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) dst[i] = x[i] * c[i] - x[i + half] * s[i];
+#pragma omp simd
+  for (int64_t i = half; i < hs; ++i) dst[i] = x[i] * c[i] + x[i - half] * s[i];
+}
+
+// The attention of one decode step, for rows 0..B-1 of a static KV cache, each row at its own
+// position p_b: rotates the step's q and k heads (RoPE with the rows' cos/sin), writes k and v
+// into the cache at p_b, and attends every query head over cache positions 0..p_b of its row
+// (grouped-query: query head h reads kv head h / (n_head / n_kv)). It replaces ~20 small ops per
+// layer in eager decode (views, RoPE, two cache writes, SDPA and its reshapes), whose dispatch
+// cost more than their arithmetic at one token per row; no mask is built, since each row stops at
+// its own position.
+//   qkv (B, (n_head + 2 n_kv) hs): q, k, v projections of the step; cos, sin (B, hs);
+//   k_cache, v_cache (B_max, n_kv, T_max, hs); positions (B,); out (B, n_head hs).
+void decode_attention_cpu(at::Tensor& out, const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                          at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& positions, int64_t n_head,
+                          double scale) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&out, &qkv, &cos, &sin, &k_cache, &v_cache,
+                                                                      &positions}) {
+    check_cpu(*t, "decode_attention: every tensor");
+  }
+  TORCH_CHECK(out.scalar_type() == at::kFloat && qkv.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
+                  sin.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
+                  v_cache.scalar_type() == at::kFloat && positions.scalar_type() == at::kLong,
+              "decode_attention: float32 tensors and int64 positions");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous(),
+              "decode_attention: contiguous k_cache and v_cache of one shape (B_max, n_kv, T_max, hs)");
+  const int64_t rows = qkv.size(0), n_kv = k_cache.size(1), t_max = k_cache.size(2), hs = k_cache.size(3);
+  TORCH_CHECK(n_head > 0 && n_head % n_kv == 0 && hs % 2 == 0 && hs <= 512,
+              "decode_attention: n_head a multiple of n_kv, an even head size up to 512");
+  const int64_t width = (n_head + 2 * n_kv) * hs;
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == width && rows <= k_cache.size(0) && positions.numel() == rows &&
+                  cos.dim() == 2 && cos.size(0) == rows && cos.size(1) == hs && sin.sizes() == cos.sizes() &&
+                  out.dim() == 2 && out.size(0) == rows && out.size(1) == n_head * hs && out.is_contiguous(),
+              "decode_attention: qkv (B, (n_head + 2 n_kv) hs), cos and sin (B, hs), out (B, n_head hs)");
+  const at::Tensor qc = qkv.contiguous(), cc = cos.contiguous(), sc = sin.contiguous(), pc = positions.contiguous();
+  const float* qp = qc.data_ptr<float>();
+  const float* cp = cc.data_ptr<float>();
+  const float* snp = sc.data_ptr<float>();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  float* kp = k_cache.data_ptr<float>();
+  float* vp = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t b = 0; b < rows; ++b) {
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < t_max, "decode_attention: position ", pp[b], " outside the cache (", t_max, ")");
+    for (int64_t h = 0; h < n_kv; ++h) {  // B * n_kv heads of hs values: not worth threads
+      const int64_t at_pos = ((b * n_kv + h) * t_max + pp[b]) * hs;
+      rope_head(kp + at_pos, qp + b * width + (n_head + h) * hs, cp + b * hs, snp + b * hs, hs);
+      std::memcpy(vp + at_pos, qp + b * width + (n_head + n_kv + h) * hs, hs * sizeof(float));
+    }
+  }
+  const int64_t rep = n_head / n_kv;
+  const float scl = static_cast<float>(scale);
+  at::parallel_for(0, rows * n_head, 1, [=](int64_t begin, int64_t end) {
+    std::vector<float> p(t_max);
+    float q[512], acc[512];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / n_head, h = item % n_head, n = pp[b] + 1;
+      rope_head(q, qp + b * width + h * hs, cp + b * hs, snp + b * hs, hs);
+      const float* __restrict__ keys = kp + (b * n_kv + h / rep) * t_max * hs;
+      const float* __restrict__ values = vp + (b * n_kv + h / rep) * t_max * hs;
+      float m = -INFINITY;
+      for (int64_t t = 0; t < n; ++t) {
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < hs; ++d) dot += q[d] * keys[t * hs + d];
+        p[t] = dot * scl;
+        m = std::max(m, p[t]);
+      }
+      float sum = 0.f;
+      float* __restrict__ pr = p.data();
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < n; ++t) {
+        pr[t] = exp_vec(pr[t] - m);
+        sum += pr[t];
+      }
+      std::fill(acc, acc + hs, 0.f);
+      for (int64_t t = 0; t < n; ++t) {
+        const float w = pr[t];
+#pragma omp simd
+        for (int64_t d = 0; d < hs; ++d) acc[d] += w * values[t * hs + d];
+      }
+      const float inv = 1.f / sum;
+      float* __restrict__ dst = op + b * n_head * hs + h * hs;
+#pragma omp simd
+      for (int64_t d = 0; d < hs; ++d) dst[d] = acc[d] * inv;
+    }
+  });
+}
+
+// Int4WeightOnlyLinear's CPU forward for a decode step in one call: x rounded to the kernel's
+// compute dtype, ATen's int4 matmul, the result back in x's dtype. The same three ATen ops as the
+// module's forward, dispatched from here: from Python they cost more than the matmul of one row.
+at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t group_size,
+                           const at::Tensor& scales_and_zeros) {
+  check_cpu(x, "x");
+  const at::Tensor xc = x.to(scales_and_zeros.scalar_type());
+  return at::_weight_int4pack_mm_for_cpu(xc, packed, group_size, scales_and_zeros).to(x.scalar_type());
 }
 
 }  // namespace
@@ -385,6 +495,9 @@ TORCH_LIBRARY(raylm, m) {
   m.def("silu_mul(Tensor! out, Tensor gate, Tensor up) -> ()");
   m.def("clamped_relu(Tensor x, float lo, float hi) -> Tensor");
   m.def("lora_bgmv(Tensor! out, Tensor x, Tensor A, Tensor[] Bs, Tensor slots, Tensor scale, int rank) -> ()");
+  m.def("decode_attention(Tensor! out, Tensor qkv, Tensor cos, Tensor sin, Tensor! k_cache, Tensor! v_cache, "
+        "Tensor positions, int n_head, float scale) -> ()");
+  m.def("int4_linear(Tensor x, Tensor packed, int group_size, Tensor scales_and_zeros) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(raylm, CPU, m) {
@@ -394,6 +507,8 @@ TORCH_LIBRARY_IMPL(raylm, CPU, m) {
   m.impl("silu_mul", &silu_mul_cpu);
   m.impl("clamped_relu", &clamped_relu_cpu);
   m.impl("lora_bgmv", &lora_bgmv_cpu);
+  m.impl("decode_attention", &decode_attention_cpu);
+  m.impl("int4_linear", &int4_linear_cpu);
 }
 
 }  // namespace raylm

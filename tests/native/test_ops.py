@@ -150,3 +150,55 @@ def test_fused_add_rms_norm_refuses_autograd() -> None:
     x = torch.randn(2, 8, requires_grad=True)
     with pytest.raises(ValueError, match="inference-only"):
         K.fused_add_rms_norm_(x, torch.randn(2, 8), torch.ones(8), 1e-6)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def test_decode_attention_matches_rope_cache_write_and_sdpa() -> None:
+    """Each row at its own position (0, inside, the cache's last) with grouped-query heads: the
+    rotated k and v land at that position only, and each query head attends over 0..position."""
+    import torch.nn.functional as F
+
+    rows, n_head, n_kv, hs, t_max = 3, 6, 2, 16, 40
+    qkv = torch.randn(rows, (n_head + 2 * n_kv) * hs)
+    positions = torch.tensor([5, 0, t_max - 1])
+    angle = torch.randn(rows, hs // 2)
+    cos, sin = torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()
+    k_cache, v_cache = torch.randn(4, n_kv, t_max, hs), torch.randn(4, n_kv, t_max, hs)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    out = torch.empty(rows, n_head * hs)
+    torch.ops.raylm.decode_attention(out, qkv, cos, sin, k_cache, v_cache, positions, n_head, 0.3)
+
+    q, k, v = qkv.split([n_head * hs, n_kv * hs, n_kv * hs], -1)
+    q, k, v = q.view(rows, n_head, hs), k.view(rows, n_kv, hs), v.view(rows, n_kv, hs)
+    q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+    for b, p in enumerate(positions.tolist()):
+        want_k[b, :, p], want_v[b, :, p] = k[b], v[b]
+        y = F.scaled_dot_product_attention(q[b].view(n_kv, n_head // n_kv, hs), want_k[b, :, : p + 1],
+                                           want_v[b, :, : p + 1], scale=0.3)
+        torch.testing.assert_close(out[b], y.reshape(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache, want_k, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v_cache, want_v)
+
+
+def test_decode_attention_refuses_a_position_outside_the_cache() -> None:
+    cache = torch.zeros(1, 1, 8, 4)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.raylm.decode_attention(torch.empty(1, 4), torch.randn(1, 12), torch.ones(1, 4), torch.zeros(1, 4),
+                                         cache, cache.clone(), torch.tensor([8]), 1, 1.0)
+
+
+@pytest.mark.parametrize("compute_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int4_linear_equals_the_int4_module(compute_dtype: str, rows: int) -> None:
+    from ops.quantization import Int4WeightOnlyLinear
+
+    layer = Int4WeightOnlyLinear.from_float(torch.nn.Linear(128, 96, bias=False), 32, compute_dtype)
+    x = torch.randn(rows, 128)
+    got = torch.ops.raylm.int4_linear(x, layer.packed, layer.group_size, layer.scales_and_zeros)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, layer(x))

@@ -180,6 +180,25 @@ def test_lora_bgmv_equals_the_torch_update(base, native_ops, rows, slots):
             assert not got[torch.tensor(slots) == 0].any()  # base rows get no update
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["lora_bgmv", "torch"])
+@pytest.mark.parametrize("slots", [[0, 2, 1], 1])
+def test_add_delta_adds_the_update_to_the_base_output_in_place(base, native_ops, native, slots):
+    from ops.multi_lora import MultiLora
+
+    lora = MultiLora(base, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 2, 8)
+    _random_slots(lora)
+    lora._native = native
+    arg = torch.tensor(slots) if isinstance(slots, list) else slots
+    for group in lora.groups:
+        x = torch.randn(3, lora.A[f"{group}.0"].shape[-1])
+        out = torch.randn(3, lora._bgmv_args[(group, 0)][2])
+        want = out + lora.delta(group, 0, x[:, None], arg)[:, 0]
+        storage = out.data_ptr()
+        lora.add_delta_(group, 0, x, arg, out)
+        assert out.data_ptr() == storage
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
 def test_lora_bgmv_refuses_a_slot_it_does_not_have(base, native_ops):
     from ops.multi_lora import MultiLora
 

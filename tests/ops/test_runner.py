@@ -1,0 +1,83 @@
+"""The engine's model runner: its decode step on the raylm ops against the same step in torch ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ops.multi_lora import MultiLora
+from ops.runner import LlamaRunner
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+def _runner(model, native: bool, lora: bool = True) -> LlamaRunner:
+    slots = None
+    if lora:
+        slots = MultiLora(model, TARGETS, 2, 8)
+        gen = torch.Generator().manual_seed(1)
+        for t in (*slots.A.values(), *slots.B.values()):
+            t[1:].copy_(torch.randn(t[1:].shape, generator=gen) * 0.1)
+        slots.scale[1:] = 2.0
+    runner = LlamaRunner(model, max_batch_size=4, max_seq_len=64, fuse_qkv=True, lora=slots)
+    if not native:
+        runner._native_checked = True  # the torch-op step (`_native_plan` stays None)
+    return runner
+
+
+def _steps(runner: LlamaRunner, slots: torch.Tensor | None) -> torch.Tensor:
+    """Three rows prefilled to different lengths, then 4 decode steps: the logits of every step."""
+    prompts = [torch.arange(1, 9), torch.arange(20, 23), torch.arange(40, 54)]
+    for row, ids in enumerate(prompts):
+        runner.prefill(row, ids, slot=int(slots[row]) if slots is not None else 0)
+    positions = torch.tensor([len(p) for p in prompts])
+    tokens = torch.tensor([7, 8, 9])
+    out = []
+    for step in range(4):
+        logits = runner.decode_one_token(tokens, positions + step, slots)
+        tokens = logits.argmax(-1)
+        out.append(logits)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("slots", [None, [1, 0, 2], [2, 2, 2]], ids=["base", "mixed", "one-adapter"])
+def test_native_decode_step_equals_the_torch_step(model, native_ops, slots):
+    """Rows at different positions (no mask on the native path), adapters mixed with base rows,
+    and one adapter on every row: the same logits as the step written in torch ops."""
+    arg = torch.tensor(slots) if slots is not None else None
+    native = _runner(model, native=True)
+    got = _steps(native, arg)
+    assert native._native_plan is not None
+    want = _steps(_runner(model, native=False), arg)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_native_decode_step_equals_the_torch_step_on_int4_weights(model, native_ops):
+    from ops.quantization import quantize
+
+    qmodel = quantize(model, "weight_only_int4", group_size=32, compute_dtype="float32")
+    native = _runner(qmodel, native=True, lora=False)
+    got = _steps(native, None)
+    assert native._native_plan is not None
+    want = _steps(_runner(qmodel, native=False, lora=False), None)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_the_native_step_does_not_serve_keeps_the_torch_step(model, native_ops):
+    runner = LlamaRunner(model.to(torch.bfloat16), max_batch_size=2, max_seq_len=16, fuse_qkv=True)
+    try:
+        runner.prefill(0, torch.arange(1, 4))
+        logits = runner.decode_one_token(torch.tensor([5]), torch.tensor([3]))
+        assert runner._native_checked and runner._native_plan is None
+        assert logits.shape == (1, 320)
+    finally:
+        model.to(torch.float32)
