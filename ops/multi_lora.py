@@ -93,7 +93,10 @@ class MultiLora:
                 shape = (self.num_slots, len(projs) * max_rank, k)
                 self.A[f"{g}.{i}"] = torch.zeros(shape, device=param.device)
                 for p, m in zip(projs, mods):
-                    self.B[f"{p}.{i}"] = torch.zeros(self.num_slots, m.out_features, max_rank, device=param.device)
+                    # stored (S + 1, r_max, N_p), used as its (S + 1, N_p, r_max) transpose: lora_bgmv's
+                    # expand then runs over contiguous outputs
+                    self.B[f"{p}.{i}"] = torch.zeros(self.num_slots, max_rank, m.out_features,
+                                                     device=param.device).transpose(1, 2)
         self.scale = torch.zeros(self.num_slots, device=param.device)  # (S + 1,)
         # lora_bgmv's operands per (group, layer), looked up once per call instead of rebuilt
         self._bgmv_args = {(g, i): (self.A[f"{g}.{i}"], [self.B[f"{p}.{i}"] for p in projs],

@@ -304,7 +304,8 @@ at::Tensor clamped_relu_cpu(const at::Tensor& x, double lo, double hi) {
 // LoRA of many adapters in one decode batch (Punica's BGMV, for the CPU): for each row b with
 // slot s = slots[b] > 0,
 //   xa[b, j] = scale[s] * sum_k A[s, j, k] * x[b, k]              (shrink: all P projections' A)
-//   out[b, off_p + n] += sum_r Bs[p][s, n, r] * xa[b, p * R + r]   (expand: projection p's B)
+//   out[b, off_p + n] += sum_r Bs[p][s, n, r] * xa[b, p * R + r]   (expand: projection p's B,
+//                                                                    stored (S, R, N_p) and read as such)
 // added to out (rows of slot 0 are left as they are), so the base projection's output takes its
 // update in place. Each row reads its own adapter's weights in place: no gathered
 // copy per row and no (rows x P*R x K) product temporary, which is what the same update costs as
@@ -330,53 +331,61 @@ void lora_bgmv_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& a, at
   const int64_t* sp = sc.data_ptr<int64_t>();
   const float* scp = scl.data_ptr<float>();
   for (int64_t b = 0; b < rows; ++b) TORCH_CHECK(sp[b] >= 0 && sp[b] < num_slots, "lora_bgmv: slot out of range");
-  at::Tensor xa = at::empty({rows, j_total}, xc.options());
-  float* xap = xa.data_ptr<float>();
-  at::parallel_for(0, rows * j_total, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(k, 1)),
-                   [=](int64_t begin, int64_t end) {
-                     for (int64_t idx = begin; idx < end; ++idx) {
-                       const int64_t b = idx / j_total, j = idx % j_total, s = sp[b];
+  const int64_t width = out.size(1);
+  std::vector<at::Tensor> b_tensors;
+  std::vector<const float*> b_ptrs;
+  std::vector<int64_t> offsets{0};  // projection p owns out columns offsets[p]..offsets[p + 1] - 1
+  for (const at::Tensor& bt : bs) {
+    // (S, N_p, R) seen as the transpose of an (S, R, N_p) block per slot (how MultiLora stores B), so
+    // that the expand is contiguous vector FMAs over the outputs; anything else is laid out so here.
+    b_tensors.push_back(bt.transpose(1, 2).contiguous());
+    const at::Tensor& bc = b_tensors.back();
+    TORCH_CHECK(bt.scalar_type() == at::kFloat && bt.dim() == 3 && bt.size(0) == num_slots && bt.size(2) == rank,
+                "lora_bgmv: each B is float32 (S, N_p, R)");
+    b_ptrs.push_back(bc.data_ptr<float>());
+    offsets.push_back(offsets.back() + bt.size(1));
+  }
+  TORCH_CHECK(offsets.back() == width, "lora_bgmv: out's width is not the sum of the projections' outputs");
+  float* op = out.data_ptr<float>();
+  // One parallel region over the output columns of all rows. A chunk shrinks x only by the A rows of
+  // the projections its columns belong to (so threads split the A reads as well as the B reads, and a
+  // projection cut by a chunk boundary is shrunk twice at most); a region for the shrink and one per
+  // projection would cost more thread hand-offs than a decode row's update takes.
+  TORCH_CHECK(rank <= 256, "lora_bgmv: rank up to 256");
+  at::parallel_for(0, rows * width, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(rank, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     float h[256];
+                     for (int64_t idx = begin; idx < end;) {
+                       const int64_t b = idx / width, s = sp[b];
+                       const int64_t row_end = std::min(end, (b + 1) * width);
                        if (s == 0) {
-                         xap[idx] = 0.f;
+                         idx = row_end;
                          continue;
                        }
-                       const float* __restrict__ row = ap + (s * j_total + j) * k;
+                       int64_t col = idx - b * width;
+                       size_t p = 0;
+                       while (col >= offsets[p + 1]) ++p;
+                       const int64_t stop = std::min(row_end - b * width, offsets[p + 1]);
                        const float* __restrict__ xr = xp + b * k;
-                       float acc = 0.f;
+                       for (int64_t r = 0; r < rank; ++r) {
+                         const float* __restrict__ arow = ap + (s * j_total + static_cast<int64_t>(p) * rank + r) * k;
+                         float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-                       for (int64_t i = 0; i < k; ++i) acc += row[i] * xr[i];
-                       xap[idx] = acc * scp[s];
+                         for (int64_t i = 0; i < k; ++i) acc += arow[i] * xr[i];
+                         h[r] = acc * scp[s];
+                       }
+                       const int64_t n = offsets[p + 1] - offsets[p], lo = col - offsets[p], hi = stop - offsets[p];
+                       float* __restrict__ dst = op + b * width + offsets[p];
+                       const float* __restrict__ bt = b_ptrs[p] + s * rank * n;  // (R, N_p) of slot s
+                       for (int64_t r = 0; r < rank; ++r) {
+                         const float hr = h[r];
+                         const float* __restrict__ brow = bt + r * n;
+#pragma omp simd
+                         for (int64_t c = lo; c < hi; ++c) dst[c] += hr * brow[c];
+                       }
+                       idx = b * width + stop;
                      }
                    });
-  float* op = out.data_ptr<float>();
-  const int64_t width = out.size(1);
-  int64_t offset = 0;
-  for (size_t p = 0; p < bs.size(); ++p) {
-    const at::Tensor bc = bs[p].contiguous();
-    TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.dim() == 3 && bc.size(0) == num_slots && bc.size(2) == rank,
-                "lora_bgmv: each B is float32 (S, N_p, R)");
-    const int64_t n = bc.size(1);
-    TORCH_CHECK(offset + n <= width, "lora_bgmv: out is narrower than the projections' outputs");
-    const float* bp = bc.data_ptr<float>();
-    const int64_t col = offset, xa_col = static_cast<int64_t>(p) * rank;
-    at::parallel_for(0, rows * n, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(rank, 1)),
-                     [=](int64_t begin, int64_t end) {
-                       for (int64_t idx = begin; idx < end; ++idx) {
-                         const int64_t b = idx / n, c = idx % n, s = sp[b];
-                         if (s == 0) continue;
-                         float acc = 0.f;
-                         {
-                           const float* __restrict__ brow = bp + (s * n + c) * rank;
-                           const float* __restrict__ h = xap + b * j_total + xa_col;
-#pragma omp simd reduction(+ : acc)
-                           for (int64_t r = 0; r < rank; ++r) acc += brow[r] * h[r];
-                         }
-                         op[b * width + col + c] += acc;
-                       }
-                     });
-    offset += n;
-  }
-  TORCH_CHECK(offset == width, "lora_bgmv: out is wider than the projections' outputs");
 }
 
 // Llama's rotate-half RoPE of one head: dst = x * cos + rotate_half(x) * sin, where
