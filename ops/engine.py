@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -474,12 +475,18 @@ class Engine:
         if seq is not None:
             seq.cancelled = True
 
-    def stream(self, request: Request) -> AsyncIterator[Delta]:
+    def stream(self, request: Request, interval_s: float = 0.0) -> AsyncIterator[Delta]:
         """Submits a request now and returns an async iterator over its `Delta`s.
 
         Deltas that queued up while the consumer was busy arrive merged into one (same text in
         order; the last carries the `Completion`). Closing or cancelling the iterator (client went
         away) cancels the request.
+
+        Args:
+            interval_s: After a delta, the next one waits until this long after it, merging the
+                tokens decoded meanwhile (the first delta and the last, the completion, never wait).
+                A server whose every delta crosses processes sets this so that its per-message cost
+                is paid per interval instead of per token (vLLM's ``stream_interval``, in time).
 
         Raises:
             QueueFullError: immediately, so a server can answer 503 before streaming.
@@ -487,10 +494,11 @@ class Engine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         request_id = self.submit(request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
-        return self._aiter(request_id, events)
+        return self._aiter(request_id, events, interval_s)
 
-    async def _aiter(self, request_id: int, events: asyncio.Queue) -> AsyncIterator[Delta]:
-        done, failed = False, None
+    async def _aiter(self, request_id: int, events: asyncio.Queue, interval_s: float) -> AsyncIterator[Delta]:
+        done, failed, sent = False, None, -math.inf
+        loop = asyncio.get_running_loop()
         try:
             while not done:
                 event = failed or await events.get()
@@ -498,14 +506,25 @@ class Engine:
                     raise EngineError(str(event)) from event
                 # A consumer that fell behind (a slow client, a busy event loop) gets what queued up
                 # meanwhile as one delta, as vLLM's output collector merges them: every event costs
-                # the serving path a message per hop, so a backlog drains instead of growing.
-                while event.completion is None and not events.empty():
-                    more = events.get_nowait()
+                # the serving path a message per hop, so a backlog drains instead of growing. Within
+                # `interval_s` of the last delta sent, what arrives is merged too.
+                while event.completion is None:
+                    if events.empty():
+                        wait = sent + interval_s - loop.time()
+                        if wait <= 0:
+                            break
+                        try:
+                            more = await asyncio.wait_for(events.get(), wait)
+                        except TimeoutError:
+                            break
+                    else:
+                        more = events.get_nowait()
                     if isinstance(more, BaseException):
                         failed = more
                         break
                     event = Delta(event.text + more.text, more.completion)
                 done = event.completion is not None
+                sent = loop.time()
                 yield event
         finally:
             if not done:

@@ -112,6 +112,10 @@ class AppArgs(BaseConfig):
                               "on the one shared base (least recently used evicted); 0: no adapters")
     max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the replica's adapter slots hold")
     default_max_tokens: int = Field(128, ge=1, le=schemas.MAX_TOKENS_LIMIT, description="when a request omits it")
+    stream_interval_s: float = Field(0.05, ge=0, le=1, description="a streamed answer's deltas at most this often: "
+                                     "the tokens decoded meanwhile travel as one (the first token is sent at once). "
+                                     "Each delta crosses the Generator, the Ingress and the proxy, which on a small CPU "
+                                     "cost the decode step per token; 0: a delta per token")
     request_timeout_s: float = Field(60.0, gt=0, description="end-to-end limit per request; then 504")
     max_body_bytes: int = Field(65_536, ge=1024, description="larger request bodies get 413")
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="system message of /v1/rag prompts")
@@ -394,7 +398,7 @@ class Generator:
 
         try:
             request = self._request(self.engine, payload, self._adapter_for_request())
-            return self.engine.stream(request) if stream else self.engine.generate(request)
+            return self.engine.stream(request, self.args.stream_interval_s) if stream else self.engine.generate(request)
         except QueueFullError as exc:
             raise ApiError(503, f"generator queue is full, retry later ({exc})", retry_after=1) from None
         except ValueError as exc:  # too long for max_seq_len, empty prompt, bad sampling values

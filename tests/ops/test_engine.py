@@ -3,6 +3,7 @@
 import asyncio
 import math
 import os
+import time
 from collections import Counter
 
 import pytest
@@ -328,6 +329,25 @@ def test_a_consumer_that_fell_behind_gets_the_backlog_as_one_delta(engine):
     (last,) = deltas  # 20 tokens' events, merged: the first read takes everything queued
     assert last.completion is not None and last.completion.completion_tokens == 20
     assert last.text == last.completion.text
+
+
+def test_a_stream_interval_sends_the_first_token_at_once_then_merges_until_the_completion(engine):
+    """Within the interval after the first delta every token waits and merges, and the completion
+    goes out when it is decoded, not at the end of the interval."""
+    async def consume():
+        started = time.monotonic()
+        deltas, arrivals = [], []
+        async for d in engine.stream(Request(prompt=PROMPTS[1], max_tokens=20, ignore_eos=True), interval_s=30.0):
+            deltas.append(d)
+            arrivals.append(time.monotonic() - started)
+        return deltas, arrivals
+
+    deltas, arrivals = asyncio.run(consume())
+    first, last = deltas
+    assert last.completion is not None and last.completion.completion_tokens == 20
+    assert first.text + last.text == last.completion.text
+    assert first.text == engine.tokenizer.decode(last.completion.token_ids[:1])
+    assert arrivals[-1] < 30.0
 
 
 def test_queue_bound_raises(tiny_model, tokenizer):
