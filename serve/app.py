@@ -105,9 +105,9 @@ class AppArgs(BaseConfig):
                           "eager step while a helper thread builds the graphs on a scratch KV cache; decode steps "
                           "then switch to them (/healthz: engine_compiling, engine_compiled); eager if compiling "
                           "fails; later starts read the Inductor cache in the node-local build cache. Off by "
-                          "default: with adapter slots the compiled step computes every row's LoRA update, where "
-                          "the eager one skips base rows and runs a lone adapter as plain matmuls, and while the "
-                          "graphs build the eager step slows down (the build holds the GIL)")
+                          "default: on CPU the eager step on the raylm ops is faster than the compiled graph, and "
+                          "with adapter slots the compiled step computes every row's LoRA update, where the eager "
+                          "one skips base rows")
     max_adapters: int = Field(16, ge=0, description="LoRA adapters resident per generator replica, applied unmerged "
                               "on the one shared base (least recently used evicted); 0: no adapters")
     max_lora_rank: int = Field(16, ge=1, description="largest adapter rank the replica's adapter slots hold")
