@@ -30,9 +30,6 @@ GROUPS: dict[str, tuple[str, ...]] = {"qkv": ("q_proj", "k_proj", "v_proj"), "o"
 PROJ_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# A decode batch of at most this many rows on one adapter uses lora_bgmv too: one op per group
-# instead of ~11 matmuls + views per layer; from 4 rows up the plain matmuls amortise and win.
-BGMV_UNIFORM_ROWS = 2
 
 
 @dataclass(frozen=True)
@@ -186,12 +183,11 @@ class MultiLora:
         """
         if self._bgmv_serves(x):
             rows = x.shape[0]
-            if isinstance(slots, int) and rows <= BGMV_UNIFORM_ROWS:
+            if isinstance(slots, int):  # one adapter on every row: lora_bgmv reads it once per step too
                 slots = self._uniform_slots(slots, rows)
-            if not isinstance(slots, int):
-                a, bs, _ = self._bgmv_args[(group, i)]
-                torch.ops.raylm.lora_bgmv(out, x, a, bs, slots, self.scale, self.max_rank)
-                return
+            a, bs, _ = self._bgmv_args[(group, i)]
+            torch.ops.raylm.lora_bgmv(out, x, a, bs, slots, self.scale, self.max_rank)
+            return
         out += self.delta(group, i, x[:, None], slots)[:, 0]
 
     def delta(self, group: str, i: int, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -207,14 +203,13 @@ class MultiLora:
         projs = self.groups[group]
         if x.shape[1] == 1 and self._bgmv_serves(x):
             rows = x.shape[0]
-            if isinstance(slots, int) and rows <= BGMV_UNIFORM_ROWS:
+            if isinstance(slots, int):
                 slots = self._uniform_slots(slots, rows)
-            if not isinstance(slots, int):
-                # eager decode: one compiled op reads each row's adapter in place (lora_bgmv in native/)
-                a, bs, width = self._bgmv_args[(group, i)]
-                out = x.new_zeros(rows, width)
-                torch.ops.raylm.lora_bgmv(out, x[:, 0], a, bs, slots, self.scale, self.max_rank)
-                return out[:, None, :]
+            # eager decode: one compiled op reads each row's adapter in place (lora_bgmv in native/)
+            a, bs, width = self._bgmv_args[(group, i)]
+            out = x.new_zeros(rows, width)
+            torch.ops.raylm.lora_bgmv(out, x[:, 0], a, bs, slots, self.scale, self.max_rank)
+            return out[:, None, :]
         if isinstance(slots, int):  # every row on this one slot (eager): its weights as views, plain matmuls
             xa = (x @ self.A[f"{group}.{i}"][slots].T) * self.scale[slots]  # (B, T, P * r)
             return torch.cat([h @ self.B[f"{p}.{i}"][slots].T

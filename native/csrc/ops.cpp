@@ -347,45 +347,59 @@ void lora_bgmv_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& a, at
   }
   TORCH_CHECK(offsets.back() == width, "lora_bgmv: out's width is not the sum of the projections' outputs");
   float* op = out.data_ptr<float>();
-  // One parallel region over the output columns of all rows. A chunk shrinks x only by the A rows of
-  // the projections its columns belong to (so threads split the A reads as well as the B reads, and a
-  // projection cut by a chunk boundary is shrunk twice at most); a region for the shrink and one per
-  // projection would cost more thread hand-offs than a decode row's update takes.
+  // Rows grouped by slot: each adapter's A and B are read once per step, however many rows use it.
+  std::vector<int64_t> group_slots, group_rows, group_start;  // rows of group g: group_rows[start[g]..start[g+1])
+  for (int64_t b = 0; b < rows; ++b) {
+    if (sp[b] != 0 && std::find(group_slots.begin(), group_slots.end(), sp[b]) == group_slots.end()) {
+      group_slots.push_back(sp[b]);
+    }
+  }
+  for (const int64_t s : group_slots) {
+    group_start.push_back(static_cast<int64_t>(group_rows.size()));
+    for (int64_t b = 0; b < rows; ++b) {
+      if (sp[b] == s) group_rows.push_back(b);
+    }
+  }
+  group_start.push_back(static_cast<int64_t>(group_rows.size()));
+  const int64_t active = static_cast<int64_t>(group_rows.size());
+  if (active == 0) return;
   TORCH_CHECK(rank <= 256, "lora_bgmv: rank up to 256");
-  at::parallel_for(0, rows * width, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(rank, 1)),
-                   [&](int64_t begin, int64_t end) {
-                     float h[256];
-                     for (int64_t idx = begin; idx < end;) {
-                       const int64_t b = idx / width, s = sp[b];
-                       const int64_t row_end = std::min(end, (b + 1) * width);
-                       if (s == 0) {
-                         idx = row_end;
-                         continue;
-                       }
-                       int64_t col = idx - b * width;
-                       size_t p = 0;
-                       while (col >= offsets[p + 1]) ++p;
-                       const int64_t stop = std::min(row_end - b * width, offsets[p + 1]);
-                       const float* __restrict__ xr = xp + b * k;
-                       for (int64_t r = 0; r < rank; ++r) {
-                         const float* __restrict__ arow = ap + (s * j_total + static_cast<int64_t>(p) * rank + r) * k;
-                         float acc = 0.f;
+  // One parallel region over the output columns (at::parallel_for gives each thread one contiguous
+  // range). A range shrinks x only by the A rows of the projections its columns belong to, so threads
+  // split the A reads as well as the B reads, and a projection cut by the range boundary is shrunk
+  // twice at most; a region for the shrink and one per projection would cost more thread hand-offs
+  // than a decode step's update takes.
+  at::parallel_for(0, width, std::max<int64_t>(1, kGrainElements / (rank * active)), [&](int64_t begin, int64_t end) {
+    std::vector<float> h(active * rank);  // shrunk x of each active row, in group order
+    for (size_t p = 0; p + 1 < offsets.size(); ++p) {
+      const int64_t lo = std::max(begin, offsets[p]) - offsets[p], hi = std::min(end, offsets[p + 1]) - offsets[p];
+      if (lo >= hi) continue;
+      const int64_t n = offsets[p + 1] - offsets[p];
+      for (size_t g = 0; g < group_slots.size(); ++g) {
+        const int64_t s = group_slots[g], first = group_start[g], last = group_start[g + 1];
+        for (int64_t r = 0; r < rank; ++r) {
+          const float* __restrict__ arow = ap + (s * j_total + static_cast<int64_t>(p) * rank + r) * k;
+          for (int64_t m = first; m < last; ++m) {
+            const float* __restrict__ xr = xp + group_rows[m] * k;
+            float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-                         for (int64_t i = 0; i < k; ++i) acc += arow[i] * xr[i];
-                         h[r] = acc * scp[s];
-                       }
-                       const int64_t n = offsets[p + 1] - offsets[p], lo = col - offsets[p], hi = stop - offsets[p];
-                       float* __restrict__ dst = op + b * width + offsets[p];
-                       const float* __restrict__ bt = b_ptrs[p] + s * rank * n;  // (R, N_p) of slot s
-                       for (int64_t r = 0; r < rank; ++r) {
-                         const float hr = h[r];
-                         const float* __restrict__ brow = bt + r * n;
+            for (int64_t i = 0; i < k; ++i) acc += arow[i] * xr[i];
+            h[m * rank + r] = acc * scp[s];
+          }
+        }
+        const float* __restrict__ bt = b_ptrs[p] + s * rank * n;  // (R, N_p) of slot s
+        for (int64_t r = 0; r < rank; ++r) {
+          const float* __restrict__ brow = bt + r * n;
+          for (int64_t m = first; m < last; ++m) {
+            const float hr = h[m * rank + r];
+            float* __restrict__ dst = op + group_rows[m] * width + offsets[p];
 #pragma omp simd
-                         for (int64_t c = lo; c < hi; ++c) dst[c] += hr * brow[c];
-                       }
-                       idx = b * width + stop;
-                     }
-                   });
+            for (int64_t c = lo; c < hi; ++c) dst[c] += hr * brow[c];
+          }
+        }
+      }
+    }
+  });
 }
 
 // Llama's rotate-half RoPE of one head: dst = x * cos + rotate_half(x) * sin, where

@@ -161,7 +161,7 @@ def _random_slots(lora, seed: int = 0) -> None:
 @pytest.mark.parametrize("rows, slots", [(5, [0, 1, 2, 1, 0]), (3, [2, 2, 2]), (1, 1), (2, 2), (8, 1)])
 def test_lora_bgmv_equals_the_torch_update(base, native_ops, rows, slots):
     """The compiled op against the torch formulation it replaces, for every group, mixed rows
-    (slot 0 = no adapter), and one adapter on 1-2 rows (there the op is used too) or more (not)."""
+    (slot 0 = no adapter), and one adapter on every row (1, 2 or 8 rows)."""
     from ops.multi_lora import MultiLora
 
     lora = MultiLora(base, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 2, 8)
@@ -175,7 +175,8 @@ def test_lora_bgmv_equals_the_torch_update(base, native_ops, rows, slots):
         lora._native = False
         want = lora.delta(group, 1, x, arg)
         assert got.shape == want.shape == (rows, 1, lora._bgmv_args[(group, 1)][2])
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # unit-variance weights: updates of size ~10 summed in another order than torch's matmul
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         if isinstance(slots, list):
             assert not got[torch.tensor(slots) == 0].any()  # base rows get no update
 
