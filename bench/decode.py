@@ -132,7 +132,8 @@ def bench_adapters(float_model, qmodel, tokenizer, prompts, config: EngineConfig
             wall = time.perf_counter() - t0
             stats = engine.adapter_stats()
     out = {"adapters": args.adapters, "rank": args.adapter_rank, "file_bytes": file_bytes,
-           "rss_growth_bytes": growth, "slot_bytes": stats["slot_bytes"], "loads": stats["loads"],
+           "rss_growth_bytes": growth, "slot_bytes": stats["slot_bytes"], "slot_dtype": stats["slot_dtype"],
+           "loads": stats["loads"],
            "mixed_concurrency": 8, "mixed_adapters": 4, "compile": cfg.compile,
            "mixed_tokens_per_s": sum(o.completion_tokens for o in outs) / wall}
     print(f"adapters: {out['mixed_tokens_per_s']:.1f} tok/s for 8 requests over 4 adapters; {args.adapters} "
@@ -524,7 +525,8 @@ def _adapter_lines(r: dict, ratio) -> list[str]:
             f"batch 1) |",
             f"| their files (adapter_model.safetensors + config), {a['adapters']} adapters | "
             f"{a['file_bytes'] / 2**20:.1f} MiB |",
-            f"| memory of their {a['adapters']} slots (float32, rank {a['rank']}, allocated and zeroed when the "
+            f"| memory of their {a['adapters']} slots ({a.get('slot_dtype', 'float32')}, rank {a['rank']}, "
+            f"allocated and zeroed when the "
             f"engine starts) | {a['adapters'] * a['slot_bytes'] / 2**20:.1f} MiB "
             f"({a['adapters'] * a['slot_bytes'] / a['file_bytes']:.2f}x the files) |",
             f"| resident memory added by then loading all {a['adapters']} into their slots | "

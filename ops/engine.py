@@ -32,7 +32,7 @@ from torch import nn
 
 from ops.attention import AttentionChoice
 from ops.lora import DEFAULT_TARGETS
-from ops.multi_lora import AdapterRegistry, MultiLora
+from ops.multi_lora import AdapterRegistry, MultiLora, slot_dtype
 from ops.openmp import release_openmp_workers, set_threads
 from ops.prefill_budget import PrefillBudget, keys_per_unit
 from ops.prefix_cache import PrefixCache
@@ -166,6 +166,9 @@ class EngineConfig:
             registered adapters are loaded on use and the least recently used idle one is evicted.
         max_lora_rank: Largest adapter rank the slots hold (smaller ranks are zero-padded).
         lora_targets: Projections the slots cover; an adapter adapting others is refused.
+        lora_dtype: Storage of the slots' weights: "auto" (bfloat16 when the base's projections
+            compute in bfloat16, as weight-only int4/int8 layers do; else float32), "float32" or
+            "bfloat16" (`ops.multi_lora.slot_dtype`). The update is summed in float32 either way.
         cuda_graphs: On a CUDA device, capture the Llama-family decode step in one CUDA graph per
             batch bucket at warm-up (`ops.cuda_runner`); False decodes eagerly there.
         prefill_chunk_tokens: Prompt tokens prefilled per scheduler step at most (chunked prefill):
@@ -197,6 +200,7 @@ class EngineConfig:
     max_adapters: int = 0
     max_lora_rank: int = 16
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    lora_dtype: str = "auto"
     cuda_graphs: bool = True
     prefill_chunk_tokens: int = 256
     prefill_stall: float | None = None
@@ -206,6 +210,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.single_stream_threads is not None and self.single_stream_threads < 1:
             raise ValueError(f"single_stream_threads must be >= 1 or None, got {self.single_stream_threads}")
+        if self.lora_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"lora_dtype={self.lora_dtype!r}; valid: auto, float32, bfloat16")
         if self.max_adapters < 0 or self.max_lora_rank < 1:
             raise ValueError(f"max_adapters must be >= 0 and max_lora_rank >= 1, got {self.max_adapters} and "
                              f"{self.max_lora_rank}")
@@ -292,7 +298,8 @@ class Engine:
                 model, cfg.max_batch_size, cfg.max_seq_len, cfg.fuse_qkv, cfg.cuda_graphs
             )
         elif llama:
-            lora = MultiLora(model, cfg.lora_targets, cfg.max_adapters, cfg.max_lora_rank) if cfg.max_adapters else None
+            lora = MultiLora(model, cfg.lora_targets, cfg.max_adapters, cfg.max_lora_rank,
+                             slot_dtype(model, cfg.lora_dtype)) if cfg.max_adapters else None
             self.adapters = AdapterRegistry(lora) if lora is not None else None
             self.runner = LlamaRunner(
                 model, cfg.max_batch_size, cfg.max_seq_len, cfg.fuse_qkv, cfg.compile, lora

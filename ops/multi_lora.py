@@ -32,6 +32,21 @@ PROJ_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_att
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+def slot_dtype(model: nn.Module, requested: str = "auto") -> torch.dtype:
+    """The dtype adapter slots store their weights in: ``requested`` ("float32" or "bfloat16"), or for
+    "auto" bfloat16 when every targeted projection of the base computes in bfloat16 (weight-only
+    int4/int8 layers round their activations to it), else float32. bfloat16 halves the bytes a decode
+    step reads per adapter (as many as the int4 base's for four adapters in a batch) and is no coarser
+    than such a base; a float32 base keeps PEFT's arithmetic."""
+    if requested not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"lora_dtype={requested!r}; valid: auto, float32, bfloat16")
+    if requested != "auto":
+        return getattr(torch, requested)
+    computes = {getattr(m, "compute_dtype", None) for name, m in model.named_modules()
+                if name.rsplit(".", 1)[-1] in PROJ_PARENT}
+    return torch.bfloat16 if computes == {"bfloat16"} else torch.float32
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """What an adapter directory declares (``adapter_config.json``)."""
@@ -70,14 +85,17 @@ class MultiLora:
     """Stacked LoRA weights of ``max_adapters`` slots (+ slot 0, all zeros) for every layer.
 
     Per layer and group (see `GROUPS`): ``A`` (S + 1, P * r_max, K) with the P projections' A
-    stacked, ``B`` one (S + 1, N_p, r_max) per projection, and ``scale`` (S + 1,).
+    stacked, ``B`` one (S + 1, N_p, r_max) per projection, and ``scale`` (S + 1,). The weights are
+    stored in ``dtype`` (`slot_dtype`); the update is computed in the activations' float dtype.
     """
 
-    def __init__(self, model: nn.Module, targets: tuple[str, ...], max_adapters: int, max_rank: int):
+    def __init__(self, model: nn.Module, targets: tuple[str, ...], max_adapters: int, max_rank: int,
+                 dtype: torch.dtype = torch.float32):
         bad = [t for t in targets if t not in PROJ_PARENT]
         if bad or not targets:
             raise ValueError(f"lora targets {bad or targets} are not Llama projections; valid: {', '.join(PROJ_PARENT)}")
         self.targets, self.max_rank, self.num_slots = tuple(targets), max_rank, max_adapters + 1
+        self.dtype = dtype
         layers = model.model.layers
         param = next(model.parameters())
         self.groups = {g: projs for g, projs in GROUPS.items() if any(p in targets for p in projs)}
@@ -88,11 +106,11 @@ class MultiLora:
                 mods = [getattr(getattr(layer, PROJ_PARENT[p]), p) for p in projs]
                 k = mods[0].in_features
                 shape = (self.num_slots, len(projs) * max_rank, k)
-                self.A[f"{g}.{i}"] = torch.zeros(shape, device=param.device)
+                self.A[f"{g}.{i}"] = torch.zeros(shape, dtype=dtype, device=param.device)
                 for p, m in zip(projs, mods):
                     # stored (S + 1, r_max, N_p), used as its (S + 1, N_p, r_max) transpose: lora_bgmv's
                     # expand then runs over contiguous outputs
-                    self.B[f"{p}.{i}"] = torch.zeros(self.num_slots, max_rank, m.out_features,
+                    self.B[f"{p}.{i}"] = torch.zeros(self.num_slots, max_rank, m.out_features, dtype=dtype,
                                                      device=param.device).transpose(1, 2)
         self.scale = torch.zeros(self.num_slots, device=param.device)  # (S + 1,)
         # lora_bgmv's operands per (group, layer), looked up once per call instead of rebuilt
@@ -210,9 +228,10 @@ class MultiLora:
             out = x.new_zeros(rows, width)
             torch.ops.raylm.lora_bgmv(out, x[:, 0], a, bs, slots, self.scale, self.max_rank)
             return out[:, None, :]
+        dt = x.dtype
         if isinstance(slots, int):  # every row on this one slot (eager): its weights as views, plain matmuls
-            xa = (x @ self.A[f"{group}.{i}"][slots].T) * self.scale[slots]  # (B, T, P * r)
-            return torch.cat([h @ self.B[f"{p}.{i}"][slots].T
+            xa = (x @ self.A[f"{group}.{i}"][slots].T.to(dt)) * self.scale[slots]  # (B, T, P * r)
+            return torch.cat([h @ self.B[f"{p}.{i}"][slots].T.to(dt)
                               for h, p in zip(xa.split(self.max_rank, -1), projs)], -1)  # (B, T, sum N_p)
         A = self.A[f"{group}.{i}"][slots]  # (B, P * r, K)
         Bs = [self.B[f"{p}.{i}"][slots] for p in projs]  # (B, N_p, r) each
@@ -222,8 +241,8 @@ class MultiLora:
             xa = (x[:, 0, None, :] * A).sum(-1)  # (B, P * r)
             outs = [(h[:, None, :] * b).sum(-1) for h, b in zip(xa.split(self.max_rank, -1), Bs)]  # (B, N_p)
             return (torch.cat(outs, -1) * self.scale[slots][:, None])[:, None, :]
-        xa = x @ A.transpose(1, 2)  # (B, T, P * r)
-        outs = [h @ b.transpose(1, 2) for h, b in zip(xa.split(self.max_rank, -1), Bs)]  # (B, T, N_p)
+        xa = x @ A.transpose(1, 2).to(dt)  # (B, T, P * r)
+        outs = [h @ b.transpose(1, 2).to(dt) for h, b in zip(xa.split(self.max_rank, -1), Bs)]  # (B, T, N_p)
         return torch.cat(outs, -1) * self.scale[slots][:, None, None]
 
 
@@ -294,4 +313,5 @@ class AdapterRegistry:
     def stats(self) -> dict[str, object]:
         """Counters for metrics: resident names (LRU first), loads, evictions, capacity and slot bytes."""
         return {"resident": list(self.resident), "loads": self.loads, "evictions": self.evictions,
-                "capacity": self.lora.num_slots - 1, "slot_bytes": self.lora.slot_bytes}
+                "capacity": self.lora.num_slots - 1, "slot_bytes": self.lora.slot_bytes,
+                "slot_dtype": str(self.lora.dtype).removeprefix("torch.")}

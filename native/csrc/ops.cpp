@@ -301,15 +301,93 @@ at::Tensor clamped_relu_cpu(const at::Tensor& x, double lo, double hi) {
   return out;
 }
 
+// Rows of a decode batch grouped by adapter slot (slot 0, no adapter, left out): rows of group g are
+// rows[start[g]..start[g + 1]).
+struct SlotGroups {
+  std::vector<int64_t> slots, rows, start;
+  SlotGroups(const int64_t* sp, int64_t n) {
+    for (int64_t b = 0; b < n; ++b) {
+      if (sp[b] != 0 && std::find(slots.begin(), slots.end(), sp[b]) == slots.end()) slots.push_back(sp[b]);
+    }
+    for (const int64_t s : slots) {
+      start.push_back(static_cast<int64_t>(rows.size()));
+      for (int64_t b = 0; b < n; ++b) {
+        if (sp[b] == s) rows.push_back(b);
+      }
+    }
+    start.push_back(static_cast<int64_t>(rows.size()));
+  }
+};
+
+// The update of output columns [begin, end) for every row with an adapter; W is the slots' storage
+// type (float, or bf16 as raw bits); sums in float32.
+template <typename W>
+void bgmv_columns(int64_t begin, int64_t end, float* op, const float* xp, const W* ap,
+                  const std::vector<const W*>& b_ptrs, const std::vector<int64_t>& offsets, const float* scp,
+                  const SlotGroups& groups, int64_t k, int64_t j_total, int64_t rank, int64_t width) {
+  std::vector<float> h(groups.rows.size() * rank);  // shrunk x of each active row, in group order
+  for (size_t p = 0; p + 1 < offsets.size(); ++p) {
+    const int64_t lo = std::max(begin, offsets[p]) - offsets[p], hi = std::min(end, offsets[p + 1]) - offsets[p];
+    if (lo >= hi) continue;
+    const int64_t n = offsets[p + 1] - offsets[p];
+    for (size_t g = 0; g < groups.slots.size(); ++g) {
+      const int64_t s = groups.slots[g], first = groups.start[g], last = groups.start[g + 1];
+      for (int64_t r = 0; r < rank; ++r) {
+        const W* __restrict__ arow = ap + (s * j_total + static_cast<int64_t>(p) * rank + r) * k;
+        for (int64_t m = first; m < last; ++m) {
+          const float* __restrict__ xr = xp + groups.rows[m] * k;
+          float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t i = 0; i < k; ++i) acc += load(arow, i) * xr[i];
+          h[m * rank + r] = acc * scp[s];
+        }
+      }
+      const W* __restrict__ bt = b_ptrs[p] + s * rank * n;  // (R, N_p) of slot s
+      for (int64_t r = 0; r < rank; ++r) {
+        const W* __restrict__ brow = bt + r * n;
+        for (int64_t m = first; m < last; ++m) {
+          const float hr = h[m * rank + r];
+          float* __restrict__ dst = op + groups.rows[m] * width + offsets[p];
+#pragma omp simd
+          for (int64_t c = lo; c < hi; ++c) dst[c] += hr * load(brow, c);
+        }
+      }
+    }
+  }
+}
+
+template <typename W>
+void lora_bgmv_run(at::Tensor& out, const at::Tensor& xc, const at::Tensor& ac, const std::vector<at::Tensor>& b_t,
+                   const std::vector<int64_t>& offsets, const int64_t* sp, const float* scp, int64_t rank) {
+  using S = storage_t<W>;
+  const int64_t rows = xc.size(0), k = xc.size(1), j_total = ac.size(1), width = out.size(1);
+  std::vector<const S*> b_ptrs;
+  for (const at::Tensor& bc : b_t) b_ptrs.push_back(cptr<W>(bc));
+  const SlotGroups groups(sp, rows);
+  const int64_t active = static_cast<int64_t>(groups.rows.size());
+  if (active == 0) return;
+  float* op = out.data_ptr<float>();
+  const float* xp = xc.data_ptr<float>();
+  const S* ap = cptr<W>(ac);
+  // One parallel region over the output columns (at::parallel_for gives each thread one contiguous
+  // range). A range shrinks x only by the A rows of the projections its columns belong to, so threads
+  // split the A reads as well as the B reads, and a projection cut by the range boundary is shrunk
+  // twice at most; a region for the shrink and one per projection would cost more thread hand-offs
+  // than a decode step's update takes.
+  at::parallel_for(0, width, std::max<int64_t>(1, kGrainElements / (rank * active)), [&](int64_t begin, int64_t end) {
+    bgmv_columns<S>(begin, end, op, xp, ap, b_ptrs, offsets, scp, groups, k, j_total, rank, width);
+  });
+}
+
 // LoRA of many adapters in one decode batch (Punica's BGMV, for the CPU): for each row b with
 // slot s = slots[b] > 0,
 //   xa[b, j] = scale[s] * sum_k A[s, j, k] * x[b, k]              (shrink: all P projections' A)
 //   out[b, off_p + n] += sum_r Bs[p][s, n, r] * xa[b, p * R + r]   (expand: projection p's B,
 //                                                                    stored (S, R, N_p) and read as such)
 // added to out (rows of slot 0 are left as they are), so the base projection's output takes its
-// update in place. Each row reads its own adapter's weights in place: no gathered
+// update in place. Each adapter's weights are read in place, once for all of its rows: no gathered
 // copy per row and no (rows x P*R x K) product temporary, which is what the same update costs as
-// torch ops in eager mode. float32 only (the engine's adapter slots are float32).
+// torch ops in eager mode. Activations and sums in float32; A and B in float32 or bfloat16.
 void lora_bgmv_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& a, at::TensorList bs,
                    const at::Tensor& slots, const at::Tensor& scale, int64_t rank) {
   check_cpu(out, "out");
@@ -317,89 +395,36 @@ void lora_bgmv_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& a, at
   check_cpu(a, "A");
   check_cpu(slots, "slots");
   check_cpu(scale, "scale");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
-                  scale.scalar_type() == at::kFloat && slots.scalar_type() == at::kLong,
-              "lora_bgmv: float32 x, A, out, scale and int64 slots");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat &&
+                  slots.scalar_type() == at::kLong,
+              "lora_bgmv: float32 x, out and scale, int64 slots");
+  TORCH_CHECK(a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16,
+              "lora_bgmv: A and B are float32 or bfloat16");
   TORCH_CHECK(x.dim() == 2 && a.dim() == 3 && out.dim() == 2 && out.is_contiguous(), "lora_bgmv: bad shapes");
   const int64_t rows = x.size(0), k = x.size(1), j_total = a.size(1), num_slots = a.size(0);
   TORCH_CHECK(a.size(2) == k && slots.numel() == rows && out.size(0) == rows && scale.numel() == num_slots &&
                   j_total == rank * static_cast<int64_t>(bs.size()),
               "lora_bgmv: A is (S, P*R, K) for x (B, K), one B per projection");
+  TORCH_CHECK(rank <= 256, "lora_bgmv: rank up to 256");
   const at::Tensor xc = x.contiguous(), ac = a.contiguous(), sc = slots.contiguous(), scl = scale.contiguous();
-  const float* xp = xc.data_ptr<float>();
-  const float* ap = ac.data_ptr<float>();
   const int64_t* sp = sc.data_ptr<int64_t>();
-  const float* scp = scl.data_ptr<float>();
   for (int64_t b = 0; b < rows; ++b) TORCH_CHECK(sp[b] >= 0 && sp[b] < num_slots, "lora_bgmv: slot out of range");
-  const int64_t width = out.size(1);
-  std::vector<at::Tensor> b_tensors;
-  std::vector<const float*> b_ptrs;
+  std::vector<at::Tensor> b_t;
   std::vector<int64_t> offsets{0};  // projection p owns out columns offsets[p]..offsets[p + 1] - 1
   for (const at::Tensor& bt : bs) {
+    TORCH_CHECK(bt.scalar_type() == a.scalar_type() && bt.dim() == 3 && bt.size(0) == num_slots && bt.size(2) == rank,
+                "lora_bgmv: each B is (S, N_p, R) in A's dtype");
     // (S, N_p, R) seen as the transpose of an (S, R, N_p) block per slot (how MultiLora stores B), so
     // that the expand is contiguous vector FMAs over the outputs; anything else is laid out so here.
-    b_tensors.push_back(bt.transpose(1, 2).contiguous());
-    const at::Tensor& bc = b_tensors.back();
-    TORCH_CHECK(bt.scalar_type() == at::kFloat && bt.dim() == 3 && bt.size(0) == num_slots && bt.size(2) == rank,
-                "lora_bgmv: each B is float32 (S, N_p, R)");
-    b_ptrs.push_back(bc.data_ptr<float>());
+    b_t.push_back(bt.transpose(1, 2).contiguous());
     offsets.push_back(offsets.back() + bt.size(1));
   }
-  TORCH_CHECK(offsets.back() == width, "lora_bgmv: out's width is not the sum of the projections' outputs");
-  float* op = out.data_ptr<float>();
-  // Rows grouped by slot: each adapter's A and B are read once per step, however many rows use it.
-  std::vector<int64_t> group_slots, group_rows, group_start;  // rows of group g: group_rows[start[g]..start[g+1])
-  for (int64_t b = 0; b < rows; ++b) {
-    if (sp[b] != 0 && std::find(group_slots.begin(), group_slots.end(), sp[b]) == group_slots.end()) {
-      group_slots.push_back(sp[b]);
-    }
+  TORCH_CHECK(offsets.back() == out.size(1), "lora_bgmv: out's width is not the sum of the projections' outputs");
+  if (a.scalar_type() == at::kBFloat16) {
+    lora_bgmv_run<c10::BFloat16>(out, xc, ac, b_t, offsets, sp, scl.data_ptr<float>(), rank);
+  } else {
+    lora_bgmv_run<float>(out, xc, ac, b_t, offsets, sp, scl.data_ptr<float>(), rank);
   }
-  for (const int64_t s : group_slots) {
-    group_start.push_back(static_cast<int64_t>(group_rows.size()));
-    for (int64_t b = 0; b < rows; ++b) {
-      if (sp[b] == s) group_rows.push_back(b);
-    }
-  }
-  group_start.push_back(static_cast<int64_t>(group_rows.size()));
-  const int64_t active = static_cast<int64_t>(group_rows.size());
-  if (active == 0) return;
-  TORCH_CHECK(rank <= 256, "lora_bgmv: rank up to 256");
-  // One parallel region over the output columns (at::parallel_for gives each thread one contiguous
-  // range). A range shrinks x only by the A rows of the projections its columns belong to, so threads
-  // split the A reads as well as the B reads, and a projection cut by the range boundary is shrunk
-  // twice at most; a region for the shrink and one per projection would cost more thread hand-offs
-  // than a decode step's update takes.
-  at::parallel_for(0, width, std::max<int64_t>(1, kGrainElements / (rank * active)), [&](int64_t begin, int64_t end) {
-    std::vector<float> h(active * rank);  // shrunk x of each active row, in group order
-    for (size_t p = 0; p + 1 < offsets.size(); ++p) {
-      const int64_t lo = std::max(begin, offsets[p]) - offsets[p], hi = std::min(end, offsets[p + 1]) - offsets[p];
-      if (lo >= hi) continue;
-      const int64_t n = offsets[p + 1] - offsets[p];
-      for (size_t g = 0; g < group_slots.size(); ++g) {
-        const int64_t s = group_slots[g], first = group_start[g], last = group_start[g + 1];
-        for (int64_t r = 0; r < rank; ++r) {
-          const float* __restrict__ arow = ap + (s * j_total + static_cast<int64_t>(p) * rank + r) * k;
-          for (int64_t m = first; m < last; ++m) {
-            const float* __restrict__ xr = xp + group_rows[m] * k;
-            float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t i = 0; i < k; ++i) acc += arow[i] * xr[i];
-            h[m * rank + r] = acc * scp[s];
-          }
-        }
-        const float* __restrict__ bt = b_ptrs[p] + s * rank * n;  // (R, N_p) of slot s
-        for (int64_t r = 0; r < rank; ++r) {
-          const float* __restrict__ brow = bt + r * n;
-          for (int64_t m = first; m < last; ++m) {
-            const float hr = h[m * rank + r];
-            float* __restrict__ dst = op + group_rows[m] * width + offsets[p];
-#pragma omp simd
-            for (int64_t c = lo; c < hi; ++c) dst[c] += hr * brow[c];
-          }
-        }
-      }
-    }
-  });
 }
 
 // Llama's rotate-half RoPE of one head: dst = x * cos + rotate_half(x) * sin, where

@@ -158,13 +158,15 @@ def _random_slots(lora, seed: int = 0) -> None:
     lora.scale[1:] = torch.rand(lora.scale.numel() - 1, generator=gen) + 0.5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rows, slots", [(5, [0, 1, 2, 1, 0]), (3, [2, 2, 2]), (1, 1), (2, 2), (8, 1)])
-def test_lora_bgmv_equals_the_torch_update(base, native_ops, rows, slots):
+def test_lora_bgmv_equals_the_torch_update(base, native_ops, rows, slots, dtype):
     """The compiled op against the torch formulation it replaces, for every group, mixed rows
     (slot 0 = no adapter), and one adapter on every row (1, 2 or 8 rows)."""
     from ops.multi_lora import MultiLora
 
-    lora = MultiLora(base, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 2, 8)
+    lora = MultiLora(base, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 2, 8,
+                     dtype)
     _random_slots(lora)
     for group in lora.groups:
         k = lora.A[f"{group}.0"].shape[-1]
@@ -198,6 +200,18 @@ def test_add_delta_adds_the_update_to_the_base_output_in_place(base, native_ops,
         lora.add_delta_(group, 0, x, arg, out)
         assert out.data_ptr() == storage
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_slots_store_bfloat16_where_the_base_computes_in_it(base):
+    from ops.multi_lora import slot_dtype
+    from ops.quantization import quantize
+
+    assert slot_dtype(base) == torch.float32  # PEFT's arithmetic for a float base
+    assert slot_dtype(quantize(base, "weight_only_int4", group_size=32)) == torch.bfloat16
+    assert slot_dtype(quantize(base, "weight_only_int4", group_size=32, compute_dtype="float32")) == torch.float32
+    assert slot_dtype(base, "bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="valid: auto, float32, bfloat16"):
+        slot_dtype(base, "fp8")
 
 
 def test_lora_bgmv_refuses_a_slot_it_does_not_have(base, native_ops):
