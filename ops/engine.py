@@ -32,7 +32,7 @@ from torch import nn
 
 from ops.attention import AttentionChoice
 from ops.lora import DEFAULT_TARGETS
-from ops.multi_lora import AdapterRegistry, MultiLora, slot_dtype
+from ops.multi_lora import LORA_DTYPES, AdapterRegistry, MultiLora, slot_dtype
 from ops.openmp import release_openmp_workers, set_threads
 from ops.prefill_budget import PrefillBudget, keys_per_unit
 from ops.prefix_cache import PrefixCache
@@ -210,8 +210,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.single_stream_threads is not None and self.single_stream_threads < 1:
             raise ValueError(f"single_stream_threads must be >= 1 or None, got {self.single_stream_threads}")
-        if self.lora_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"lora_dtype={self.lora_dtype!r}; valid: auto, float32, bfloat16")
+        if self.lora_dtype not in LORA_DTYPES:
+            raise ValueError(f"lora_dtype={self.lora_dtype!r}; valid: {', '.join(LORA_DTYPES)}")
         if self.max_adapters < 0 or self.max_lora_rank < 1:
             raise ValueError(f"max_adapters must be >= 0 and max_lora_rank >= 1, got {self.max_adapters} and "
                              f"{self.max_lora_rank}")

@@ -32,14 +32,17 @@ PROJ_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_att
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+LORA_DTYPES = ("auto", "float32", "bfloat16")
+
+
 def slot_dtype(model: nn.Module, requested: str = "auto") -> torch.dtype:
     """The dtype adapter slots store their weights in: ``requested`` ("float32" or "bfloat16"), or for
     "auto" bfloat16 when every targeted projection of the base computes in bfloat16 (weight-only
     int4/int8 layers round their activations to it), else float32. bfloat16 halves the bytes a decode
     step reads per adapter (as many as the int4 base's for four adapters in a batch) and is no coarser
     than such a base; a float32 base keeps PEFT's arithmetic."""
-    if requested not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"lora_dtype={requested!r}; valid: auto, float32, bfloat16")
+    if requested not in LORA_DTYPES:
+        raise ValueError(f"lora_dtype={requested!r}; valid: {', '.join(LORA_DTYPES)}")
     if requested != "auto":
         return getattr(torch, requested)
     computes = {getattr(m, "compute_dtype", None) for name, m in model.named_modules()

@@ -32,23 +32,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _fast_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`F.rms_norm` (one op instead of HF's eight) for an unpatched float32 HF RMSNorm, else the module."""
-    weight = getattr(norm, "weight", None)
-    eps = getattr(norm, "variance_epsilon", None)
-    if (
-        not type(norm).__name__.endswith("RMSNorm")
-        or "forward" in vars(norm)  # patched: the compiled op runs
-        or not isinstance(eps, float)
-        or not isinstance(weight, torch.Tensor)
-        or weight.dim() != 1
-        or weight.dtype != torch.float32
-    ):
-        return norm
-    shape = (weight.shape[0],)
-    return lambda x: F.rms_norm(x, shape, weight, eps) if x.dtype == torch.float32 else norm(x)
-
-
 def _rms_norm_args(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
     """(weight, eps) of a float32 HF RMSNorm, unpatched or on the compiled op (same arithmetic); else None."""
     weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
@@ -62,6 +45,16 @@ def _rms_norm_args(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
         if getattr(forward, "__func__", None) is not _rms_norm_forward:
             return None
     return weight, eps
+
+
+def _fast_norm(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`F.rms_norm` (one op instead of HF's eight) for an unpatched float32 HF RMSNorm, else the module."""
+    args = _rms_norm_args(norm)
+    if args is None or "forward" in vars(norm):  # patched: the compiled op runs
+        return norm
+    weight, eps = args
+    shape = (weight.shape[0],)
+    return lambda x: F.rms_norm(x, shape, weight, eps) if x.dtype == torch.float32 else norm(x)
 
 
 def _is_swiglu(mlp: nn.Module) -> bool:
