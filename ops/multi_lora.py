@@ -188,7 +188,8 @@ class MultiLora:
             self._native = "cpu" in backend().devices
         return self._native
 
-    def _uniform_slots(self, slot: int, rows: int) -> torch.Tensor:
+    def uniform_slots(self, slot: int, rows: int) -> torch.Tensor:
+        """(rows,) int64 filled with ``slot``, cached: the slots of a step whose rows share one adapter."""
         key = (slot, rows)
         if key not in self._slot_rows:
             self._slot_rows[key] = torch.full((rows,), slot, dtype=torch.long)
@@ -205,7 +206,7 @@ class MultiLora:
         if self._bgmv_serves(x):
             rows = x.shape[0]
             if isinstance(slots, int):  # one adapter on every row: lora_bgmv reads it once per step too
-                slots = self._uniform_slots(slots, rows)
+                slots = self.uniform_slots(slots, rows)
             a, bs, _ = self._bgmv_args[(group, i)]
             torch.ops.raylm.lora_bgmv(out, x, a, bs, slots, self.scale, self.max_rank)
             return
@@ -225,7 +226,7 @@ class MultiLora:
         if x.shape[1] == 1 and self._bgmv_serves(x):
             rows = x.shape[0]
             if isinstance(slots, int):
-                slots = self._uniform_slots(slots, rows)
+                slots = self.uniform_slots(slots, rows)
             # eager decode: one compiled op reads each row's adapter in place (lora_bgmv in native/)
             a, bs, width = self._bgmv_args[(group, i)]
             out = x.new_zeros(rows, width)

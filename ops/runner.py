@@ -121,6 +121,7 @@ class LlamaRunner:
         # first step (it loads the native library); None = the torch ops of `_decode`
         self._native_plan: list[tuple] | None = None
         self._native_checked = False
+        self._native_layers: Any = None  # raylm.DecodeLayers when the whole plan runs in C++
         self._step: Callable[..., torch.Tensor] = self._decode
         self._compiled_layer: Callable[..., torch.Tensor] | None = None
         self._pending_step: Callable[..., torch.Tensor] | None = None  # compiled off-thread, swapped in by a step
@@ -352,6 +353,8 @@ class LlamaRunner:
         scratch.k_cache = [torch.zeros(shape, dtype=k.dtype, device=k.device) for k in self.k_cache]
         scratch.v_cache = [torch.zeros(shape, dtype=v.dtype, device=v.device) for v in self.v_cache]
         scratch._pending_step = None
+        # the native plan holds this runner's caches: the scratch builds its own if it decodes natively
+        scratch._native_plan, scratch._native_checked, scratch._native_layers = None, False, None
         scratch._layer_views = [scratch._layer_view(i) for i in range(len(self.layers))]
         return scratch
 
@@ -444,7 +447,36 @@ class LlamaRunner:
                          None if gate_up is None else _decode_linear(gate_up), _decode_linear(mlp.gate_proj),
                          _decode_linear(mlp.up_proj), _decode_linear(mlp.down_proj),
                          norms[2 * i + 1], norms[2 * i + 2], layer.self_attn.scaling))
+        self._native_layers = self._build_native_layers(plan)
         return plan
+
+    def _build_native_layers(self, plan: list[tuple]) -> Any:
+        """`plan` as one `raylm.DecodeLayers` (the layer loop in C++), or None where a projection is
+        neither a float `nn.Linear` nor an int4 CPU layer, or gate/up are not one matmul (the Python
+        loop of `_decode_native` then runs them)."""
+        from ops.quantization import Int4WeightOnlyLinear
+
+        def spec(module: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
+            if type(module) is nn.Linear:
+                bias = module.bias if module.bias is not None else module.weight.new_empty(0)
+                return 0, module.weight, bias, 0
+            if type(module) is Int4WeightOnlyLinear and module.bias is None and not module.packed.is_cuda:
+                return 1, module.packed, module.scales_and_zeros, module.group_size
+            return None
+
+        layers = torch.classes.raylm.DecodeLayers(self.n_head)
+        for i, (layer, (*_, post_norm, next_norm, scale)) in enumerate(zip(self.layers, plan)):
+            specs = [spec(m) for m in (self.qkv[i], layer.self_attn.o_proj, self.gate_up[i], layer.mlp.down_proj)]
+            if any(s is None for s in specs):
+                return None
+            layers.add_layer(self.k_cache[i], self.v_cache[i], [s[0] for s in specs],
+                             [t for s in specs for t in s[1:3]], [s[3] for s in specs],
+                             *post_norm, *next_norm, scale)
+            for j, group in enumerate(("qkv", "o", "gate_up", "down")):
+                if self.lora is not None and group in self.lora.groups:
+                    a, bs, _ = self.lora._bgmv_args[(group, i)]
+                    layers.set_lora(i, j, a, bs)
+        return layers
 
     def _decode_native(self, tokens: torch.Tensor, positions: torch.Tensor,
                        slots: torch.Tensor | int | None) -> torch.Tensor:
@@ -461,6 +493,12 @@ class LlamaRunner:
         cos, sin = cos[:, 0], sin[:, 0]
         h = torch.empty_like(x)
         ops.rms_norm(h, x, *self._first_norm)
+        if self._native_layers is not None:
+            if isinstance(slots, int):
+                slots = lora.uniform_slots(slots, B)
+            h = self._native_layers.run(x, h, cos, sin, positions, slots, lora.scale if lora is not None else None,
+                                        lora.max_rank if lora is not None else 0)
+            return self.lm_head(h).float()
         for i, (qkv_proj, o_proj, gate_up, gate, up, down, post_norm, next_norm, scale) in enumerate(self._native_plan):
             qkv = qkv_proj(h)
             if "qkv" in groups:

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include "dispatch.h"
 #include <ATen/Parallel.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -534,6 +535,98 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_
   return at::_weight_int4pack_mm_for_cpu(xc, packed, group_size, scales_and_zeros).to(x.scalar_type());
 }
 
+// The decoder layers of one eager decode step, run from one call: per layer the qkv matmul,
+// `decode_attention`, the o matmul, a fused add + norm, the fused gate/up matmul, `silu_and_mul`,
+// the down matmul and a fused add + norm, each projection followed by its `lora_bgmv` update when
+// adapter slots are set. The same kernels `LlamaRunner._decode_native` calls one by one from
+// Python; there, the ~12 dispatches per layer and the interpreter between them cost more than
+// the arithmetic of a one-token row. Built once per runner (`add_layer` per layer, `set_lora` per
+// adapted group); the tensors are held by reference, so cache writes and adapter loads show through.
+class DecodeLayers : public torch::CustomClassHolder {
+ public:
+  explicit DecodeLayers(int64_t n_head) : n_head_(n_head) {}
+
+  // kinds[j] of projection j (qkv, o, gate_up, down): 0 a float matmul (tensors[2j] the weight,
+  // tensors[2j + 1] the bias or an empty tensor), 1 an int4 CPU layer (the packed weight and
+  // scales_and_zeros, group_sizes[j]).
+  void add_layer(at::Tensor k_cache, at::Tensor v_cache, std::vector<int64_t> kinds, std::vector<at::Tensor> tensors,
+                 std::vector<int64_t> group_sizes, at::Tensor post_norm, double post_eps, at::Tensor next_norm,
+                 double next_eps, double scale) {
+    TORCH_CHECK(kinds.size() == 4 && tensors.size() == 8 && group_sizes.size() == 4,
+                "DecodeLayers.add_layer: four projections (qkv, o, gate_up, down), two tensors each");
+    Layer layer{std::move(k_cache), std::move(v_cache), {}, {}, std::move(post_norm), post_eps,
+                std::move(next_norm), next_eps, scale};
+    for (size_t j = 0; j < 4; ++j) {
+      TORCH_CHECK(kinds[j] == 0 || kinds[j] == 1, "DecodeLayers.add_layer: kind 0 (float) or 1 (int4)");
+      layer.proj[j] = Proj{kinds[j], tensors[2 * j], tensors[2 * j + 1], group_sizes[j]};
+    }
+    layers_.push_back(std::move(layer));
+  }
+
+  // Adapter slots of projection group j (0 qkv, 1 o, 2 gate_up, 3 down) of layer i: lora_bgmv's A and Bs.
+  void set_lora(int64_t i, int64_t j, at::Tensor a, std::vector<at::Tensor> bs) {
+    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(layers_.size()) && j >= 0 && j < 4, "DecodeLayers.set_lora: bad index");
+    layers_[i].lora[j] = Lora{std::move(a), std::move(bs)};
+  }
+
+  // x (B, C) the residual stream, updated in place; h (B, C) the first layer's normed input. With
+  // `slots` (B,) (0: no adapter) the adapted groups take their updates (scale (S,), rank R).
+  // Returns the last layer's output after the final norm (its `next_norm`).
+  at::Tensor run(at::Tensor x, at::Tensor h, at::Tensor cos, at::Tensor sin, at::Tensor positions,
+                 std::optional<at::Tensor> slots, std::optional<at::Tensor> scale, int64_t rank) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous() && h.sizes() == x.sizes(),
+                "DecodeLayers.run: float32 contiguous x and h of one shape (B, C)");
+    TORCH_CHECK(!slots.has_value() || scale.has_value(), "DecodeLayers.run: slots need their scales");
+    const int64_t rows = x.size(0);
+    for (Layer& layer : layers_) {
+      at::Tensor qkv = project(layer, 0, h, slots, scale, rank);
+      at::Tensor y = at::empty({rows, n_head_ * layer.k_cache.size(3)}, x.options());
+      decode_attention_cpu(y, qkv, cos, sin, layer.k_cache, layer.v_cache, positions, n_head_, layer.scale);
+      h = project(layer, 1, y, slots, scale, rank);
+      fused_add_rms_norm_cpu(h, x, layer.post_norm, layer.post_eps);
+      at::Tensor gu = project(layer, 2, h, slots, scale, rank);
+      at::Tensor a = at::empty({rows, gu.size(1) / 2}, x.options());
+      silu_and_mul_cpu(a, gu);
+      h = project(layer, 3, a, slots, scale, rank);
+      fused_add_rms_norm_cpu(h, x, layer.next_norm, layer.next_eps);
+    }
+    return h;
+  }
+
+ private:
+  struct Proj {
+    int64_t kind;
+    at::Tensor weight, aux;
+    int64_t group_size;
+  };
+  struct Lora {
+    at::Tensor a;
+    std::vector<at::Tensor> bs;
+  };
+  struct Layer {
+    at::Tensor k_cache, v_cache;
+    Proj proj[4];
+    Lora lora[4];
+    at::Tensor post_norm;
+    double post_eps;
+    at::Tensor next_norm;
+    double next_eps, scale;
+  };
+
+  static at::Tensor project(Layer& layer, int j, const at::Tensor& in, const std::optional<at::Tensor>& slots,
+                            const std::optional<at::Tensor>& scale, int64_t rank) {
+    const Proj& p = layer.proj[j];
+    at::Tensor out = p.kind == 1 ? int4_linear_cpu(in, p.weight, p.group_size, p.aux)
+                                 : at::linear(in, p.weight, p.aux.defined() && p.aux.numel() ? p.aux : at::Tensor());
+    const Lora& lora = layer.lora[j];
+    if (slots.has_value() && lora.a.defined()) lora_bgmv_cpu(out, in, lora.a, lora.bs, *slots, *scale, rank);
+    return out;
+  }
+
+  int64_t n_head_;
+  std::vector<Layer> layers_;
+};
+
 }  // namespace
 
 TORCH_LIBRARY(raylm, m) {
@@ -546,6 +639,11 @@ TORCH_LIBRARY(raylm, m) {
   m.def("decode_attention(Tensor! out, Tensor qkv, Tensor cos, Tensor sin, Tensor! k_cache, Tensor! v_cache, "
         "Tensor positions, int n_head, float scale) -> ()");
   m.def("int4_linear(Tensor x, Tensor packed, int group_size, Tensor scales_and_zeros) -> Tensor");
+  m.class_<DecodeLayers>("DecodeLayers")
+      .def(torch::init<int64_t>())
+      .def("add_layer", &DecodeLayers::add_layer)
+      .def("set_lora", &DecodeLayers::set_lora)
+      .def("run", &DecodeLayers::run);
 }
 
 TORCH_LIBRARY_IMPL(raylm, CPU, m) {

@@ -56,20 +56,50 @@ def test_native_decode_step_equals_the_torch_step(model, native_ops, slots):
     arg = torch.tensor(slots) if slots is not None else None
     native = _runner(model, native=True)
     got = _steps(native, arg)
-    assert native._native_plan is not None
+    # float gate/up are two matmuls: the Python loop over the raylm ops, not raylm.DecodeLayers
+    assert native._native_plan is not None and native._native_layers is None
     want = _steps(_runner(model, native=False), arg)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_native_decode_step_equals_the_torch_step_on_int4_weights(model, native_ops):
+@pytest.fixture(scope="module")
+def int4_model(model):
     from ops.quantization import quantize
 
-    qmodel = quantize(model, "weight_only_int4", group_size=32, compute_dtype="float32")
-    native = _runner(qmodel, native=True, lora=False)
-    got = _steps(native, None)
-    assert native._native_plan is not None
-    want = _steps(_runner(qmodel, native=False, lora=False), None)
+    return quantize(model, "weight_only_int4", group_size=32, compute_dtype="float32")
+
+
+@pytest.mark.parametrize("slots", [None, [1, 0, 2], [2, 2, 2]], ids=["base", "mixed", "one-adapter"])
+def test_native_decode_step_equals_the_torch_step_on_int4_weights(int4_model, native_ops, slots):
+    """Int4 projections with gate/up fused: the whole layer loop in C++ (raylm.DecodeLayers)."""
+    arg = torch.tensor(slots) if slots is not None else None
+    native = _runner(int4_model, native=True)
+    got = _steps(native, arg)
+    assert native._native_layers is not None
+    want = _steps(_runner(int4_model, native=False), arg)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_layers_in_cpp_equal_the_python_loop_over_the_same_ops(int4_model, native_ops):
+    """The same kernels in the same order: bit-identical logits, adapters mixed with base rows."""
+    arg = torch.tensor([1, 0, 2])
+    cpp = _runner(int4_model, native=True)
+    got = _steps(cpp, arg)
+    loop = _runner(int4_model, native=True)
+    loop._native_plan, loop._native_checked = loop._build_native_plan(), True
+    loop._native_layers = None
+    assert cpp._native_layers is not None
+    torch.testing.assert_close(got, _steps(loop, arg), rtol=0, atol=0)
+
+
+def test_decode_layers_reject_a_bad_layer_spec(native_ops):
+    layers = torch.classes.raylm.DecodeLayers(4)
+    cache = torch.zeros(1, 2, 4, 8)
+    w = torch.zeros(8, 8)
+    with pytest.raises(RuntimeError, match="kind 0"):
+        layers.add_layer(cache, cache, [0, 0, 0, 3], [w] * 8, [0] * 4, w[0], 1e-6, w[0], 1e-6, 1.0)
+    with pytest.raises(RuntimeError, match="four projections"):
+        layers.add_layer(cache, cache, [0, 0, 0], [w] * 6, [0] * 3, w[0], 1e-6, w[0], 1e-6, 1.0)
 
 
 def test_a_model_the_native_step_does_not_serve_keeps_the_torch_step(model, native_ops):
