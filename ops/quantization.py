@@ -209,6 +209,34 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
 
 
+def int4_dot_operands(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The operands of ``raylm::int4_bf16_linear`` (native/csrc/int4_dot.cpp) for an int4 CPU layer:
+    ``packed`` (N / 16, K / 32, 256) uint8 and ``scale_min`` (N / 16, K / 32, 2, 16) float16.
+
+    None where that kernel would not compute what the module does, or cannot: not an
+    `Int4WeightOnlyLinear` on CPU with bfloat16 compute (the kernel rounds activations to bfloat16,
+    as torch's does), a bias, group size other than 32, N not a multiple of 16, scales or mins not
+    exact in float16 (GGUF Q4_1 stores them so; a model quantized here from float weights does
+    not), or a native build without the kernel.
+    """
+    if type(module) is not Int4WeightOnlyLinear or module.qweight.device.type != "cpu" or module.bias is not None \
+            or module.compute_dtype != "bfloat16" or module.group_size != 32 or module.out_features % 16:
+        return None
+    d, m = module.scales.half(), module.mins.half()
+    if not (torch.equal(d.float(), module.scales) and torch.equal(m.float(), module.mins)):
+        return None
+    from ops.native_build import backend
+
+    if "cpu" not in backend().devices or not torch.ops.raylm.int4_bf16_supported():
+        return None
+    n, k = module.out_features, module.in_features
+    q = unpack_nibbles(module.qweight).view(n // 16, 16, k // 32, 8, 2, 2)  # (tile, j, group, c, h, e)
+    q = q.permute(0, 2, 3, 1, 5, 4)  # (tile, group, c, j, e, h): input 4c + 2h + e of column j
+    packed = (q[..., 0] | (q[..., 1] << 4)).reshape(n // 16, k // 32, 256).contiguous()
+    scale_min = torch.stack([t.view(n // 16, 16, k // 32).transpose(1, 2) for t in (d, m)], dim=2).contiguous()
+    return packed, scale_min
+
+
 # ----------------------------------------------------------------------------- modules
 
 class Int8WeightOnlyLinear(nn.Module):

@@ -6,6 +6,7 @@
 // at::parallel_for so that torch.set_num_threads governs it.
 #include <ATen/ATen.h>
 #include "dispatch.h"
+#include "int4_dot.h"
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -547,8 +548,8 @@ class DecodeLayers : public torch::CustomClassHolder {
   explicit DecodeLayers(int64_t n_head) : n_head_(n_head) {}
 
   // kinds[j] of projection j (qkv, o, gate_up, down): 0 a float matmul (tensors[2j] the weight,
-  // tensors[2j + 1] the bias or an empty tensor), 1 an int4 CPU layer (the packed weight and
-  // scales_and_zeros, group_sizes[j]).
+  // tensors[2j + 1] the bias or an empty tensor), 1 an int4 CPU layer on torch's kernel (the packed
+  // weight and scales_and_zeros, group_sizes[j]), 2 int4 on `int4_bf16_linear` (packed, scale_min).
   void add_layer(at::Tensor k_cache, at::Tensor v_cache, std::vector<int64_t> kinds, std::vector<at::Tensor> tensors,
                  std::vector<int64_t> group_sizes, at::Tensor post_norm, double post_eps, at::Tensor next_norm,
                  double next_eps, double scale) {
@@ -557,7 +558,7 @@ class DecodeLayers : public torch::CustomClassHolder {
     Layer layer{std::move(k_cache), std::move(v_cache), {}, {}, std::move(post_norm), post_eps,
                 std::move(next_norm), next_eps, scale};
     for (size_t j = 0; j < 4; ++j) {
-      TORCH_CHECK(kinds[j] == 0 || kinds[j] == 1, "DecodeLayers.add_layer: kind 0 (float) or 1 (int4)");
+      TORCH_CHECK(kinds[j] >= 0 && kinds[j] <= 2, "DecodeLayers.add_layer: kind 0 (float), 1 (int4) or 2 (int4 bf16)");
       layer.proj[j] = Proj{kinds[j], tensors[2 * j], tensors[2 * j + 1], group_sizes[j]};
     }
     layers_.push_back(std::move(layer));
@@ -616,8 +617,9 @@ class DecodeLayers : public torch::CustomClassHolder {
   static at::Tensor project(Layer& layer, int j, const at::Tensor& in, const std::optional<at::Tensor>& slots,
                             const std::optional<at::Tensor>& scale, int64_t rank) {
     const Proj& p = layer.proj[j];
-    at::Tensor out = p.kind == 1 ? int4_linear_cpu(in, p.weight, p.group_size, p.aux)
-                                 : at::linear(in, p.weight, p.aux.defined() && p.aux.numel() ? p.aux : at::Tensor());
+    at::Tensor out = p.kind == 2   ? int4_bf16_linear_cpu(in, p.weight, p.aux)
+                     : p.kind == 1 ? int4_linear_cpu(in, p.weight, p.group_size, p.aux)
+                                   : at::linear(in, p.weight, p.aux.defined() && p.aux.numel() ? p.aux : at::Tensor());
     const Lora& lora = layer.lora[j];
     if (slots.has_value() && lora.a.defined()) lora_bgmv_cpu(out, in, lora.a, lora.bs, *slots, *scale, rank);
     return out;
@@ -639,6 +641,8 @@ TORCH_LIBRARY(raylm, m) {
   m.def("decode_attention(Tensor! out, Tensor qkv, Tensor cos, Tensor sin, Tensor! k_cache, Tensor! v_cache, "
         "Tensor positions, int n_head, float scale) -> ()");
   m.def("int4_linear(Tensor x, Tensor packed, int group_size, Tensor scales_and_zeros) -> Tensor");
+  m.def("int4_bf16_linear(Tensor x, Tensor packed, Tensor scale_min) -> Tensor");
+  m.def("int4_bf16_supported() -> bool", &int4_bf16_supported);
   m.class_<DecodeLayers>("DecodeLayers")
       .def(torch::init<int64_t>())
       .def("add_layer", &DecodeLayers::add_layer)
@@ -655,6 +659,7 @@ TORCH_LIBRARY_IMPL(raylm, CPU, m) {
   m.impl("lora_bgmv", &lora_bgmv_cpu);
   m.impl("decode_attention", &decode_attention_cpu);
   m.impl("int4_linear", &int4_linear_cpu);
+  m.impl("int4_bf16_linear", &int4_bf16_linear_cpu);
 }
 
 }  // namespace raylm

@@ -202,3 +202,52 @@ def test_int4_linear_equals_the_int4_module(compute_dtype: str, rows: int) -> No
     got = torch.ops.raylm.int4_linear(x, layer.packed, layer.group_size, layer.scales_and_zeros)
     assert got.dtype == torch.float32
     assert torch.equal(got, layer(x))
+
+
+def _gguf_like_int4(n: int, k: int, compute_dtype: str = "bfloat16"):
+    """An int4 layer with random nibbles and fp16-exact scales and mins, as read from GGUF Q4_1."""
+    from ops.quantization import Int4WeightOnlyLinear
+
+    layer = Int4WeightOnlyLinear(k, n, group_size=32, compute_dtype=compute_dtype)
+    with torch.no_grad():
+        layer.qweight.copy_(torch.randint(0, 256, layer.qweight.shape, dtype=torch.uint8))
+        layer.scales.copy_((torch.rand(n, k // 32) * 0.02 + 1e-3).half().float())
+        layer.mins.copy_((-torch.rand(n, k // 32) * 0.1).half().float())
+    layer.repack()
+    return layer
+
+
+def _int4_bf16_kernel() -> None:
+    if not torch.ops.raylm.int4_bf16_supported():
+        pytest.skip("this CPU has no AVX512-BF16: raylm::int4_bf16_linear is not built (torch's int4 kernel serves)")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+@pytest.mark.parametrize("n,k", [(96, 128), (48, 1536)])
+def test_int4_bf16_linear_is_the_exact_int4_weights_times_bfloat16_rows(rows: int, n: int, k: int) -> None:
+    """Every row count the kernel unrolls (1..8, then blocks of 8), against float64 arithmetic on the
+    layer's exact weights and the rows rounded to bfloat16; torch's kernel, with its bfloat16 scales,
+    is ~1e-3 off the same reference."""
+    from ops.quantization import int4_dot_operands
+
+    _int4_bf16_kernel()
+    layer = _gguf_like_int4(n, k)
+    x = torch.randn(rows, k) * 3
+    want = x.to(torch.bfloat16).double() @ layer.dequantize().double().T
+    got = torch.ops.raylm.int4_bf16_linear(x, *int4_dot_operands(layer))
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6 * want.abs().max().item())
+
+
+def test_int4_dot_operands_only_where_the_kernel_computes_what_the_layer_does() -> None:
+    from ops.quantization import int4_dot_operands
+
+    _int4_bf16_kernel()
+    assert int4_dot_operands(_gguf_like_int4(32, 64)) is not None
+    assert int4_dot_operands(_gguf_like_int4(32, 64, compute_dtype="float32")) is None  # rows not rounded there
+    assert int4_dot_operands(torch.nn.Linear(64, 32)) is None
+    layer = _gguf_like_int4(32, 64)
+    layer.scales.mul_(1 + 1e-6)  # not exact in fp16 (a layer quantized here from float weights)
+    assert int4_dot_operands(layer) is None
+    with pytest.raises(RuntimeError, match="inputs"):
+        torch.ops.raylm.int4_bf16_linear(torch.randn(1, 32), *int4_dot_operands(_gguf_like_int4(32, 64)))

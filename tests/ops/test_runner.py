@@ -111,3 +111,49 @@ def test_a_model_the_native_step_does_not_serve_keeps_the_torch_step(model, nati
         assert logits.shape == (1, 320)
     finally:
         model.to(torch.float32)
+
+
+class _RowsInBf16(torch.nn.Module):
+    """A float layer that rounds its input rows to bfloat16 first: int4_bf16_linear's arithmetic in
+    torch ops, on the int4 layer's exact weights."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(torch.bfloat16).float(), self.weight)
+
+
+def test_int4_layers_on_the_bf16_dot_kernel_equal_their_arithmetic_in_torch_ops(model, native_ops):
+    """bfloat16-compute int4 layers (what `int4_from_gguf` serves) run on raylm::int4_bf16_linear in
+    the C++ layer loop: the same logits as the torch step on the exact weights with the rows rounded
+    to bfloat16 (torch's int4 kernel also rounds its scales and outputs to bfloat16)."""
+    import copy
+
+    from ops.quantization import Int4WeightOnlyLinear, int4_dot_operands, quantize
+
+    if not torch.ops.raylm.int4_bf16_supported():
+        pytest.skip("this CPU has no AVX512-BF16: the C++ loop keeps torch's int4 kernel")
+    # a float head: an int8 one rounds the logits to bfloat16, where any summation-order difference shows
+    qmodel = quantize(model, "weight_only_int4", group_size=32, compute_dtype="bfloat16", lm_head="float")
+    for m in qmodel.modules():  # scales and mins exact in float16, as read from GGUF Q4_1
+        if isinstance(m, Int4WeightOnlyLinear):
+            m.scales.copy_(m.scales.half().float())
+            m.mins.copy_(m.mins.half().float())
+            m.repack()
+    reference = copy.deepcopy(qmodel)
+    for layer in reference.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Int4WeightOnlyLinear):
+                    setattr(parent, name, _RowsInBf16(child.dequantize()))
+    arg = torch.tensor([1, 0, 2])
+    native = _runner(qmodel, native=True)
+    got = _steps(native, arg)
+    assert native._native_layers is not None and int4_dot_operands(native.qkv[0]) is not None
+    want = _steps(_runner(reference, native=False), arg)
+    # a summation-order difference can flip one activation's bfloat16 rounding (2**-8 relative) in the
+    # next layer: a few 1e-3 on these logits (a wrong weight layout would be off by O(1))
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=5e-3)

@@ -1,0 +1,161 @@
+// Int4 weights x bfloat16 activations with AVX512-BF16 dot products, for the 1-16 rows of a decode step.
+//
+// torch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`) dequantizes each weight to float32 and
+// multiplies it with one fused multiply-add per row: at 8 rows its cost per weight is the dequant
+// plus 8 FMAs of 16 lanes, and it dequantizes the weights again for every block of 4 rows. Here a
+// weight is expanded once per call into bfloat16 registers and every row takes it with
+// `vdpbf16ps` (32 multiply-adds per instruction, twice an FMA's), so 8 rows cost about half of
+// torch's step. The asymmetric Q4_1 form w = d q + m needs no dequant in the inner loop:
+//   sum_k w_k x_k = d sum_k q_k x_k + m sum_k x_k     per group of 32 inputs,
+// and q is made a bfloat16 by setting its exponent bits (bf16(128 + q) = 0x4300 | q, exact), so the
+// dot product gives sum (128 + q) x, and 128 d sum x is taken off with the m term. d and m stay
+// fp16 (GGUF Q4_1 stores them so: the weights are exactly the file's).
+//
+// Layout (built by ops.quantization.int4_dot_operands): tile t of 16 output columns, group b of 32
+// inputs: 256 bytes, 8 chunks of 32; byte (c, j, e) of a chunk holds q[k = 4c + e] of column j in its
+// low nibble and q[k = 4c + 2 + e] in its high nibble. A chunk widened to 16-bit lanes is then the
+// (column, input pair) operand of two `vdpbf16ps`: lane j = column j, inputs (4c, 4c + 1) from the
+// low nibbles and (4c + 2, 4c + 3) from the high ones.
+#include "int4_dot.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define RAYLM_INT4_BF16 1
+#endif
+
+namespace raylm {
+
+bool int4_bf16_supported() {
+#ifdef RAYLM_INT4_BF16
+  return true;
+#else
+  return false;
+#endif
+}
+
+#ifdef RAYLM_INT4_BF16
+namespace {
+
+constexpr int64_t kTile = 16, kGroup = 32, kGroupBytes = 256;
+
+// Rows m0..m0+MM-1 of x (as bf16 bits, xb (M, K)) against column tile t; sumx (M, K / 32) the group
+// sums of the bf16 rows.
+template <int MM>
+void tile_rows(const uint16_t* xb, const float* sumx, const uint8_t* w, const uint16_t* sm, float* out, int64_t t,
+               int64_t m0, int64_t k, int64_t n) {
+  const int64_t groups = k / kGroup;
+  const __m512i mask = _mm512_set1_epi16(0x000F), exponent = _mm512_set1_epi16(0x4300);
+  const __m512 minus128 = _mm512_set1_ps(-128.f);
+  __m512 total[MM];
+  for (int r = 0; r < MM; ++r) total[r] = _mm512_setzero_ps();
+  const uint8_t* wt = w + t * groups * kGroupBytes;
+  const uint16_t* st = sm + t * groups * 2 * kTile;
+  for (int64_t b = 0; b < groups; ++b) {
+    __m512 acc[MM];
+    for (int r = 0; r < MM; ++r) acc[r] = _mm512_setzero_ps();
+    const uint8_t* wb = wt + b * kGroupBytes;
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) {
+      const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 32)));
+      const __m512i lo = _mm512_or_si512(_mm512_and_si512(words, mask), exponent);
+      const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(words, 4), exponent);
+      for (int r = 0; r < MM; ++r) {
+        const uint16_t* xr = xb + (m0 + r) * k + b * kGroup + 4 * c;
+        int32_t pair_lo, pair_hi;
+        std::memcpy(&pair_lo, xr, 4);
+        std::memcpy(&pair_hi, xr + 2, 4);
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)lo, (__m512bh)_mm512_set1_epi32(pair_lo));
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)hi, (__m512bh)_mm512_set1_epi32(pair_hi));
+      }
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(st + b * 2 * kTile)));
+    const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(st + b * 2 * kTile + kTile)));
+    const __m512 m_eff = _mm512_fmadd_ps(minus128, d, mn);  // m - 128 d: the 128 of every q taken off
+    for (int r = 0; r < MM; ++r) {
+      total[r] = _mm512_fmadd_ps(d, acc[r], total[r]);
+      total[r] = _mm512_fmadd_ps(m_eff, _mm512_set1_ps(sumx[(m0 + r) * groups + b]), total[r]);
+    }
+  }
+  for (int r = 0; r < MM; ++r) _mm512_storeu_ps(out + (m0 + r) * n + t * kTile, total[r]);
+}
+
+template <int MM>
+void tiles_rows(const uint16_t* xb, const float* sumx, const uint8_t* w, const uint16_t* sm, float* out,
+                int64_t begin, int64_t end, int64_t m0, int64_t k, int64_t n) {
+  for (int64_t t = begin; t < end; ++t) tile_rows<MM>(xb, sumx, w, sm, out, t, m0, k, n);
+}
+
+void rows_block(int64_t rows, const uint16_t* xb, const float* sumx, const uint8_t* w, const uint16_t* sm,
+                float* out, int64_t begin, int64_t end, int64_t m0, int64_t k, int64_t n) {
+  switch (rows) {
+    case 1: return tiles_rows<1>(xb, sumx, w, sm, out, begin, end, m0, k, n);
+    case 2: return tiles_rows<2>(xb, sumx, w, sm, out, begin, end, m0, k, n);
+    case 3: return tiles_rows<3>(xb, sumx, w, sm, out, begin, end, m0, k, n);
+    case 4: return tiles_rows<4>(xb, sumx, w, sm, out, begin, end, m0, k, n);
+    case 5: return tiles_rows<5>(xb, sumx, w, sm, out, begin, end, m0, k, n);
+    case 6: return tiles_rows<6>(xb, sumx, w, sm, out, begin, end, m0, k, n);
+    case 7: return tiles_rows<7>(xb, sumx, w, sm, out, begin, end, m0, k, n);
+    default: return tiles_rows<8>(xb, sumx, w, sm, out, begin, end, m0, k, n);
+  }
+}
+
+}  // namespace
+#endif
+
+at::Tensor int4_bf16_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min) {
+#ifndef RAYLM_INT4_BF16
+  TORCH_CHECK(false, "int4_bf16_linear: this build has no AVX512-BF16 kernel (check int4_bf16_supported())");
+#else
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scale_min.device().is_cpu(),
+              "int4_bf16_linear: CPU tensors");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "int4_bf16_linear: x is (M, K) float32");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(2) == kGroupBytes &&
+                  packed.is_contiguous(),
+              "int4_bf16_linear: packed is (N / 16, K / 32, 256) uint8");
+  TORCH_CHECK(scale_min.scalar_type() == at::kHalf && scale_min.dim() == 4 && scale_min.size(0) == packed.size(0) &&
+                  scale_min.size(1) == packed.size(1) && scale_min.size(2) == 2 && scale_min.size(3) == kTile &&
+                  scale_min.is_contiguous(),
+              "int4_bf16_linear: scale_min is (N / 16, K / 32, 2, 16) float16");
+  const int64_t rows = x.size(0), k = x.size(1), tiles = packed.size(0), groups = packed.size(1), n = tiles * kTile;
+  TORCH_CHECK(k == groups * kGroup, "int4_bf16_linear: x has ", k, " inputs, the weights ", groups * kGroup);
+  at::Tensor out = at::empty({rows, n}, x.options());
+  if (rows == 0) return out;
+  // the rows in bf16 (round to nearest even, as x.to(bfloat16)) and their group sums: a few thousand
+  // values, converted here rather than by three more ATen dispatches per call
+  const at::Tensor xc = x.contiguous();
+  const float* xf = xc.const_data_ptr<float>();
+  std::vector<uint16_t> xbits(rows * k);
+  std::vector<float> sums(rows * groups);
+  for (int64_t i = 0; i < rows * k; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, xf + i, 4);
+    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    xbits[i] = static_cast<uint16_t>(bits);
+    const uint32_t back = bits << 16;
+    float v;
+    std::memcpy(&v, &back, 4);
+    sums[i / kGroup] += v;
+  }
+  const uint16_t* xp = xbits.data();
+  const float* sp = sums.data();
+  const uint8_t* wp = packed.const_data_ptr<uint8_t>();
+  const uint16_t* smp = reinterpret_cast<const uint16_t*>(scale_min.const_data_ptr<at::Half>());
+  float* op = out.mutable_data_ptr<float>();
+  // one region over the column tiles; rows in blocks of 8 (the accumulators stay in registers)
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < rows; m0 += 8) {
+      rows_block(std::min<int64_t>(8, rows - m0), xp, sp, wp, smp, op, begin, end, m0, k, n);
+    }
+  });
+  return out;
+#endif
+}
+
+}  // namespace raylm
