@@ -25,9 +25,9 @@ import torch
 log = logging.getLogger(__name__)
 
 NATIVE_DIR = Path(__file__).resolve().parents[1] / "native" / "csrc"
-CPU_SOURCES = ("ops.cpp", "int4_dot.cpp")
+CPU_SOURCES = ("ops.cpp", "bf16_dot.cpp")
 CUDA_SOURCES = ("ops_cuda.cu",)
-HEADERS = ("dispatch.h", "int4_dot.h")
+HEADERS = ("dispatch.h", "bf16_dot.h")
 # -march=native is safe because the library is built on the node that runs it (first use, JIT)
 # and the cache key includes the CPU's ISA flags: a node without AVX-512 never loads a library
 # built for one, it builds its own. That lets the compiler use AVX-512 where present with no

@@ -210,24 +210,34 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def int4_dot_operands(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The operands of ``raylm::int4_bf16_linear`` (native/csrc/int4_dot.cpp) for an int4 CPU layer:
+    """The operands of ``raylm::int4_bf16_linear`` (native/csrc/bf16_dot.cpp) for an int4 CPU layer:
     ``packed`` (N / 16, K / 32, 256) uint8 and ``scale_min`` (N / 16, K / 32, 2, 16) float16.
 
-    None where that kernel would not compute what the module does, or cannot: not an
+    Built once per layer (until `Int4WeightOnlyLinear.repack`). None where that kernel would not
+    compute what the module does, or cannot: not an
     `Int4WeightOnlyLinear` on CPU with bfloat16 compute (the kernel rounds activations to bfloat16,
     as torch's does), a bias, group size other than 32, N not a multiple of 16, scales or mins not
     exact in float16 (GGUF Q4_1 stores them so; a model quantized here from float weights does
     not), or a native build without the kernel.
     """
-    if type(module) is not Int4WeightOnlyLinear or module.qweight.device.type != "cpu" or module.bias is not None \
-            or module.compute_dtype != "bfloat16" or module.group_size != 32 or module.out_features % 16:
+    if type(module) is not Int4WeightOnlyLinear:
+        return None
+    cached = getattr(module, "_dot_operands", None)  # built once; `repack` drops it
+    if cached is None:
+        cached = module._dot_operands = _int4_dot_operands(module) or ()
+    return cached or None
+
+
+def _int4_dot_operands(module: Int4WeightOnlyLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if module.qweight.device.type != "cpu" or module.bias is not None or module.compute_dtype != "bfloat16" \
+            or module.group_size != 32 or module.out_features % 16:
         return None
     d, m = module.scales.half(), module.mins.half()
     if not (torch.equal(d.float(), module.scales) and torch.equal(m.float(), module.mins)):
         return None
     from ops.native_build import backend
 
-    if "cpu" not in backend().devices or not torch.ops.raylm.int4_bf16_supported():
+    if "cpu" not in backend().devices or not torch.ops.raylm.bf16_dot_supported():
         return None
     n, k = module.out_features, module.in_features
     q = unpack_nibbles(module.qweight).view(n // 16, 16, k // 32, 8, 2, 2)  # (tile, j, group, c, h, e)
@@ -235,6 +245,34 @@ def int4_dot_operands(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | 
     packed = (q[..., 0] | (q[..., 1] << 4)).reshape(n // 16, k // 32, 256).contiguous()
     scale_min = torch.stack([t.view(n // 16, 16, k // 32).transpose(1, 2) for t in (d, m)], dim=2).contiguous()
     return packed, scale_min
+
+
+def int8_dot_operands(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The operands of ``raylm::int8_bf16_linear`` for an int8 weight-only CPU layer (the int4 model's
+    tied head): ``packed`` (N / 16, K / 2, 32) int8 and float32 ``scales`` (N,), built once per layer
+    (again if its tensors are replaced). None where the kernel
+    would not compute what the module does (not CPU bfloat16 compute, a bias, per-tensor scales,
+    N not a multiple of 16 or K odd) or the native build lacks it."""
+    if type(module) is not Int8WeightOnlyLinear:
+        return None
+    key = (module.weight.data_ptr(), module.weight.device, module.scales.data_ptr())  # rebuilt if they move
+    cached = getattr(module, "_dot_operands", None)
+    if cached is None or cached[0] != key:
+        cached = module._dot_operands = (key, _int8_dot_operands(module))
+    return cached[1]
+
+
+def _int8_dot_operands(module: Int8WeightOnlyLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if module.weight.device.type != "cpu" or module.bias is not None or module.compute_dtype != "bfloat16" \
+            or module.out_features % 16 or module.in_features % 2 or module.scales.numel() != module.out_features:
+        return None
+    from ops.native_build import backend
+
+    if "cpu" not in backend().devices or not torch.ops.raylm.bf16_dot_supported():
+        return None
+    n, k = module.out_features, module.in_features
+    packed = module.weight.view(n // 16, 16, k // 2, 2).transpose(1, 2).contiguous().view(n // 16, k // 2, 32)
+    return packed, module.scales.float().reshape(n).contiguous()
 
 
 # ----------------------------------------------------------------------------- modules
@@ -264,6 +302,12 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., K) -> (..., N) in ``x``'s dtype."""
+        rows = x.numel() // self.in_features
+        if rows < GEMM_MIN_ROWS and not torch.compiler.is_compiling():
+            dot = int8_dot_operands(self)  # our AVX512-BF16 kernel (float32 out): ~3x torch's at 8 rows
+            if dot is not None:
+                y = torch.ops.raylm.int8_bf16_linear(x.reshape(rows, self.in_features).float(), *dot)
+                return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
         if self.weight.is_cuda or x2.shape[0] >= GEMM_MIN_ROWS:
             # int8 -> compute dtype is exact (|q| <= 127), then one GEMM (cuBLAS / oneDNN); the
@@ -355,6 +399,7 @@ class Int4WeightOnlyLinear(nn.Module):
         if self.qweight.is_meta:
             return
         self._packed_for = self.qweight.device.type
+        self._dot_operands = None  # int4_dot_operands builds them again from the new weights
         q = unpack_nibbles(self.qweight)  # (N, K) uint8 in [0, 15]
         if self.qweight.is_cuda:
             # The CUDA packer takes two values per byte with the even k in the HIGH nibble (the
@@ -391,6 +436,12 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., K) -> (..., N) in ``x``'s dtype."""
+        rows = x.numel() // self.in_features
+        if rows < GEMM_MIN_ROWS and not torch.compiler.is_compiling():
+            dot = int4_dot_operands(self)  # our AVX512-BF16 kernel (float32 out): exact scales, ~2x torch's
+            if dot is not None:
+                y = torch.ops.raylm.int4_bf16_linear(x.reshape(rows, self.in_features).float(), *dot)
+                return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
         if not self.packed.is_cuda and x2.shape[0] >= GEMM_MIN_ROWS:
             y = F.linear(x2, self.dequantize().to(x2.dtype))

@@ -6,7 +6,7 @@
 // at::parallel_for so that torch.set_num_threads governs it.
 #include <ATen/ATen.h>
 #include "dispatch.h"
-#include "int4_dot.h"
+#include "bf16_dot.h"
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -642,7 +642,8 @@ TORCH_LIBRARY(raylm, m) {
         "Tensor positions, int n_head, float scale) -> ()");
   m.def("int4_linear(Tensor x, Tensor packed, int group_size, Tensor scales_and_zeros) -> Tensor");
   m.def("int4_bf16_linear(Tensor x, Tensor packed, Tensor scale_min) -> Tensor");
-  m.def("int4_bf16_supported() -> bool", &int4_bf16_supported);
+  m.def("int8_bf16_linear(Tensor x, Tensor packed, Tensor scales) -> Tensor");
+  m.def("bf16_dot_supported() -> bool", &bf16_dot_supported);
   m.class_<DecodeLayers>("DecodeLayers")
       .def(torch::init<int64_t>())
       .def("add_layer", &DecodeLayers::add_layer)
@@ -660,6 +661,7 @@ TORCH_LIBRARY_IMPL(raylm, CPU, m) {
   m.impl("decode_attention", &decode_attention_cpu);
   m.impl("int4_linear", &int4_linear_cpu);
   m.impl("int4_bf16_linear", &int4_bf16_linear_cpu);
+  m.impl("int8_bf16_linear", &int8_bf16_linear_cpu);
 }
 
 }  // namespace raylm

@@ -218,7 +218,7 @@ def _gguf_like_int4(n: int, k: int, compute_dtype: str = "bfloat16"):
 
 
 def _int4_bf16_kernel() -> None:
-    if not torch.ops.raylm.int4_bf16_supported():
+    if not torch.ops.raylm.bf16_dot_supported():
         pytest.skip("this CPU has no AVX512-BF16: raylm::int4_bf16_linear is not built (torch's int4 kernel serves)")
 
 
@@ -251,3 +251,29 @@ def test_int4_dot_operands_only_where_the_kernel_computes_what_the_layer_does() 
     assert int4_dot_operands(layer) is None
     with pytest.raises(RuntimeError, match="inputs"):
         torch.ops.raylm.int4_bf16_linear(torch.randn(1, 32), *int4_dot_operands(_gguf_like_int4(32, 64)))
+
+
+@pytest.mark.parametrize("rows", [1, 8, 13])
+def test_int8_bf16_linear_is_the_int8_weights_times_bfloat16_rows(rows: int) -> None:
+    from ops.quantization import Int8WeightOnlyLinear, int8_dot_operands
+
+    _int4_bf16_kernel()
+    layer = Int8WeightOnlyLinear.from_float(torch.nn.Linear(96, 64, bias=False))
+    assert layer.compute_dtype == "bfloat16"
+    x = torch.randn(rows, 96) * 3
+    want = x.to(torch.bfloat16).double() @ (layer.weight.double() * layer.scales.double()[:, None]).T
+    got = torch.ops.raylm.int8_bf16_linear(x, *int8_dot_operands(layer))
+    assert got.shape == (rows, 64) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6 * want.abs().max().item())
+    assert torch.equal(layer(x), got)  # the module's few-row forward is this kernel
+
+
+def test_the_int4_module_runs_the_bf16_kernel_for_few_rows_only() -> None:
+    from ops.quantization import GEMM_MIN_ROWS, int4_dot_operands
+
+    _int4_bf16_kernel()
+    layer = _gguf_like_int4(32, 64)
+    few, many = torch.randn(2, 3, 64), torch.randn(GEMM_MIN_ROWS, 64)
+    assert torch.equal(layer(few), torch.ops.raylm.int4_bf16_linear(few.reshape(6, 64), *int4_dot_operands(layer))
+                       .reshape(2, 3, 32))
+    assert torch.equal(layer(many), torch.nn.functional.linear(many.bfloat16(), layer.dequantize().bfloat16()).float())

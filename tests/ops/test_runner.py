@@ -134,7 +134,7 @@ def test_int4_layers_on_the_bf16_dot_kernel_equal_their_arithmetic_in_torch_ops(
 
     from ops.quantization import Int4WeightOnlyLinear, int4_dot_operands, quantize
 
-    if not torch.ops.raylm.int4_bf16_supported():
+    if not torch.ops.raylm.bf16_dot_supported():
         pytest.skip("this CPU has no AVX512-BF16: the C++ loop keeps torch's int4 kernel")
     # a float head: an int8 one rounds the logits to bfloat16, where any summation-order difference shows
     qmodel = quantize(model, "weight_only_int4", group_size=32, compute_dtype="bfloat16", lm_head="float")

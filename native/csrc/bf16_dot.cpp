@@ -1,4 +1,5 @@
-// Int4 weights x bfloat16 activations with AVX512-BF16 dot products, for the 1-16 rows of a decode step.
+// Int4 weights x bfloat16 activations with AVX512-BF16 dot products, for the 1-16 rows of a decode step
+// (and int8 weights the same way, for the tied head: see int8_bf16_linear_cpu).
 //
 // torch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`) dequantizes each weight to float32 and
 // multiplies it with one fused multiply-add per row: at 8 rows its cost per weight is the dequant
@@ -16,7 +17,7 @@
 // low nibble and q[k = 4c + 2 + e] in its high nibble. A chunk widened to 16-bit lanes is then the
 // (column, input pair) operand of two `vdpbf16ps`: lane j = column j, inputs (4c, 4c + 1) from the
 // low nibbles and (4c + 2, 4c + 3) from the high ones.
-#include "int4_dot.h"
+#include "bf16_dot.h"
 
 #include <ATen/Parallel.h>
 
@@ -27,20 +28,20 @@
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #include <immintrin.h>
-#define RAYLM_INT4_BF16 1
+#define RAYLM_BF16_DOT 1
 #endif
 
 namespace raylm {
 
-bool int4_bf16_supported() {
-#ifdef RAYLM_INT4_BF16
+bool bf16_dot_supported() {
+#ifdef RAYLM_BF16_DOT
   return true;
 #else
   return false;
 #endif
 }
 
-#ifdef RAYLM_INT4_BF16
+#ifdef RAYLM_BF16_DOT
 namespace {
 
 constexpr int64_t kTile = 16, kGroup = 32, kGroupBytes = 256;
@@ -106,12 +107,79 @@ void rows_block(int64_t rows, const uint16_t* xb, const float* sumx, const uint8
   }
 }
 
+// Int8 weights, tile t of 16 columns: per input pair p, 32 bytes (column j, input 2p + e at 2j + e),
+// widened to float32 and narrowed to bfloat16 (exact: |q| <= 127), then one `vdpbf16ps` per row.
+template <int MM>
+void int8_tile_rows(const uint16_t* xb, const int8_t* w, const float* scales, float* out, int64_t t, int64_t m0,
+                    int64_t k, int64_t n) {
+  const int64_t pairs = k / 2;
+  __m512 acc[MM];
+  for (int r = 0; r < MM; ++r) acc[r] = _mm512_setzero_ps();
+  const int8_t* wt = w + t * pairs * 32;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m128i* src = reinterpret_cast<const __m128i*>(wt + p * 32);
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src + 1)));
+    const __m512bh wb = _mm512_cvtne2ps_pbh(hi, lo);  // lo -> lanes 0..15, hi -> 16..31
+    for (int r = 0; r < MM; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, xb + (m0 + r) * k + 2 * p, 4);
+      acc[r] = _mm512_dpbf16_ps(acc[r], wb, (__m512bh)_mm512_set1_epi32(pair));
+    }
+  }
+  const __m512 s = _mm512_loadu_ps(scales + t * kTile);
+  for (int r = 0; r < MM; ++r) _mm512_storeu_ps(out + (m0 + r) * n + t * kTile, _mm512_mul_ps(acc[r], s));
+}
+
+template <int MM>
+void int8_tiles_rows(const uint16_t* xb, const int8_t* w, const float* scales, float* out, int64_t begin,
+                     int64_t end, int64_t m0, int64_t k, int64_t n) {
+  for (int64_t t = begin; t < end; ++t) int8_tile_rows<MM>(xb, w, scales, out, t, m0, k, n);
+}
+
+void int8_rows_block(int64_t rows, const uint16_t* xb, const int8_t* w, const float* scales, float* out,
+                     int64_t begin, int64_t end, int64_t m0, int64_t k, int64_t n) {
+  switch (rows) {
+    case 1: return int8_tiles_rows<1>(xb, w, scales, out, begin, end, m0, k, n);
+    case 2: return int8_tiles_rows<2>(xb, w, scales, out, begin, end, m0, k, n);
+    case 3: return int8_tiles_rows<3>(xb, w, scales, out, begin, end, m0, k, n);
+    case 4: return int8_tiles_rows<4>(xb, w, scales, out, begin, end, m0, k, n);
+    case 5: return int8_tiles_rows<5>(xb, w, scales, out, begin, end, m0, k, n);
+    case 6: return int8_tiles_rows<6>(xb, w, scales, out, begin, end, m0, k, n);
+    case 7: return int8_tiles_rows<7>(xb, w, scales, out, begin, end, m0, k, n);
+    default: return int8_tiles_rows<8>(xb, w, scales, out, begin, end, m0, k, n);
+  }
+}
+
+// x (M, K) float32 rounded to bfloat16 bits (round to nearest even, as x.to(bfloat16)); with `sums`,
+// also each row's sums over groups of 32 inputs of the rounded values. A few thousand values,
+// converted here rather than by more ATen dispatches per call.
+std::vector<uint16_t> rows_to_bf16(const at::Tensor& x, std::vector<float>* sums) {
+  const at::Tensor xc = x.contiguous();
+  const float* xf = xc.const_data_ptr<float>();
+  const int64_t count = xc.numel();
+  std::vector<uint16_t> bits16(count);
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, xf + i, 4);
+    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    bits16[i] = static_cast<uint16_t>(bits);
+    if (sums != nullptr) {
+      const uint32_t back = bits << 16;
+      float v;
+      std::memcpy(&v, &back, 4);
+      (*sums)[i / 32] += v;
+    }
+  }
+  return bits16;
+}
+
 }  // namespace
 #endif
 
 at::Tensor int4_bf16_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_min) {
-#ifndef RAYLM_INT4_BF16
-  TORCH_CHECK(false, "int4_bf16_linear: this build has no AVX512-BF16 kernel (check int4_bf16_supported())");
+#ifndef RAYLM_BF16_DOT
+  TORCH_CHECK(false, "int4_bf16_linear: this build has no AVX512-BF16 kernel (check bf16_dot_supported())");
 #else
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scale_min.device().is_cpu(),
               "int4_bf16_linear: CPU tensors");
@@ -127,22 +195,8 @@ at::Tensor int4_bf16_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
   TORCH_CHECK(k == groups * kGroup, "int4_bf16_linear: x has ", k, " inputs, the weights ", groups * kGroup);
   at::Tensor out = at::empty({rows, n}, x.options());
   if (rows == 0) return out;
-  // the rows in bf16 (round to nearest even, as x.to(bfloat16)) and their group sums: a few thousand
-  // values, converted here rather than by three more ATen dispatches per call
-  const at::Tensor xc = x.contiguous();
-  const float* xf = xc.const_data_ptr<float>();
-  std::vector<uint16_t> xbits(rows * k);
   std::vector<float> sums(rows * groups);
-  for (int64_t i = 0; i < rows * k; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, xf + i, 4);
-    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    xbits[i] = static_cast<uint16_t>(bits);
-    const uint32_t back = bits << 16;
-    float v;
-    std::memcpy(&v, &back, 4);
-    sums[i / kGroup] += v;
-  }
+  const std::vector<uint16_t> xbits = rows_to_bf16(x, &sums);
   const uint16_t* xp = xbits.data();
   const float* sp = sums.data();
   const uint8_t* wp = packed.const_data_ptr<uint8_t>();
@@ -152,6 +206,35 @@ at::Tensor int4_bf16_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m0 = 0; m0 < rows; m0 += 8) {
       rows_block(std::min<int64_t>(8, rows - m0), xp, sp, wp, smp, op, begin, end, m0, k, n);
+    }
+  });
+  return out;
+#endif
+}
+
+at::Tensor int8_bf16_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+#ifndef RAYLM_BF16_DOT
+  TORCH_CHECK(false, "int8_bf16_linear: this build has no AVX512-BF16 kernel (check bf16_dot_supported())");
+#else
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scales.device().is_cpu(),
+              "int8_bf16_linear: CPU tensors");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "int8_bf16_linear: x is (M, K) float32");
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 3 && packed.size(2) == 32 && packed.is_contiguous(),
+              "int8_bf16_linear: packed is (N / 16, K / 2, 32) int8");
+  const int64_t rows = x.size(0), k = x.size(1), tiles = packed.size(0), n = tiles * kTile;
+  TORCH_CHECK(k == 2 * packed.size(1), "int8_bf16_linear: x has ", k, " inputs, the weights ", 2 * packed.size(1));
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.size(0) == n && scales.is_contiguous(),
+              "int8_bf16_linear: scales is (N,) float32");
+  at::Tensor out = at::empty({rows, n}, x.options());
+  if (rows == 0) return out;
+  const std::vector<uint16_t> xbits = rows_to_bf16(x, nullptr);
+  const uint16_t* xp = xbits.data();
+  const int8_t* wp = packed.const_data_ptr<int8_t>();
+  const float* sp = scales.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < rows; m0 += 8) {
+      int8_rows_block(std::min<int64_t>(8, rows - m0), xp, wp, sp, op, begin, end, m0, k, n);
     }
   });
   return out;
