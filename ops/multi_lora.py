@@ -188,6 +188,11 @@ class MultiLora:
             self._native = "cpu" in backend().devices
         return self._native
 
+    def bgmv_operands(self, group: str, i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``lora_bgmv``'s A and Bs of one group of layer ``i`` (the slot tensors themselves: loads show through)."""
+        a, bs, _ = self._bgmv_args[(group, i)]
+        return a, bs
+
     def uniform_slots(self, slot: int, rows: int) -> torch.Tensor:
         """(rows,) int64 filled with ``slot``, cached: the slots of a step whose rows share one adapter."""
         key = (slot, rows)

@@ -478,8 +478,7 @@ class LlamaRunner:
                              *post_norm, *next_norm, scale)
             for j, group in enumerate(("qkv", "o", "gate_up", "down")):
                 if self.lora is not None and group in self.lora.groups:
-                    a, bs, _ = self.lora._bgmv_args[(group, i)]
-                    layers.set_lora(i, j, a, bs)
+                    layers.set_lora(i, j, *self.lora.bgmv_operands(group, i))
         return layers
 
     def _decode_native(self, tokens: torch.Tensor, positions: torch.Tensor,

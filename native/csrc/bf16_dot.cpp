@@ -1,5 +1,6 @@
-// Int4 weights x bfloat16 activations with AVX512-BF16 dot products, for the 1-16 rows of a decode step
-// (and int8 weights the same way, for the tied head: see int8_bf16_linear_cpu).
+// Int4 weights x bfloat16 activations with AVX512-BF16 dot products, for the few rows of a decode step
+// or a short prefill (below GEMM_MIN_ROWS; rows in blocks of 8), and int8 weights the same way for
+// the tied head (int8_bf16_linear_cpu).
 //
 // torch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`) dequantizes each weight to float32 and
 // multiplies it with one fused multiply-add per row: at 8 rows its cost per weight is the dequant
