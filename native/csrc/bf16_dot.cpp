@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
@@ -88,26 +89,6 @@ void tile_rows(const uint16_t* xb, const float* sumx, const uint8_t* w, const ui
   for (int r = 0; r < MM; ++r) _mm512_storeu_ps(out + (m0 + r) * n + t * kTile, total[r]);
 }
 
-template <int MM>
-void tiles_rows(const uint16_t* xb, const float* sumx, const uint8_t* w, const uint16_t* sm, float* out,
-                int64_t begin, int64_t end, int64_t m0, int64_t k, int64_t n) {
-  for (int64_t t = begin; t < end; ++t) tile_rows<MM>(xb, sumx, w, sm, out, t, m0, k, n);
-}
-
-void rows_block(int64_t rows, const uint16_t* xb, const float* sumx, const uint8_t* w, const uint16_t* sm,
-                float* out, int64_t begin, int64_t end, int64_t m0, int64_t k, int64_t n) {
-  switch (rows) {
-    case 1: return tiles_rows<1>(xb, sumx, w, sm, out, begin, end, m0, k, n);
-    case 2: return tiles_rows<2>(xb, sumx, w, sm, out, begin, end, m0, k, n);
-    case 3: return tiles_rows<3>(xb, sumx, w, sm, out, begin, end, m0, k, n);
-    case 4: return tiles_rows<4>(xb, sumx, w, sm, out, begin, end, m0, k, n);
-    case 5: return tiles_rows<5>(xb, sumx, w, sm, out, begin, end, m0, k, n);
-    case 6: return tiles_rows<6>(xb, sumx, w, sm, out, begin, end, m0, k, n);
-    case 7: return tiles_rows<7>(xb, sumx, w, sm, out, begin, end, m0, k, n);
-    default: return tiles_rows<8>(xb, sumx, w, sm, out, begin, end, m0, k, n);
-  }
-}
-
 // Int8 weights, tile t of 16 columns: per input pair p, 32 bytes (column j, input 2p + e at 2j + e),
 // widened to float32 and narrowed to bfloat16 (exact: |q| <= 127), then one `vdpbf16ps` per row.
 template <int MM>
@@ -132,24 +113,38 @@ void int8_tile_rows(const uint16_t* xb, const int8_t* w, const float* scales, fl
   for (int r = 0; r < MM; ++r) _mm512_storeu_ps(out + (m0 + r) * n + t * kTile, _mm512_mul_ps(acc[r], s));
 }
 
-template <int MM>
-void int8_tiles_rows(const uint16_t* xb, const int8_t* w, const float* scales, float* out, int64_t begin,
-                     int64_t end, int64_t m0, int64_t k, int64_t n) {
-  for (int64_t t = begin; t < end; ++t) int8_tile_rows<MM>(xb, w, scales, out, t, m0, k, n);
+// Calls fn(std::integral_constant<int, MM>) with MM = min(rows, 8): the row count as a template
+// argument, so that a kernel's accumulators are a fixed set of registers.
+template <typename Fn>
+void with_rows(int64_t rows, Fn&& fn) {
+  switch (std::min<int64_t>(rows, 8)) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    case 5: return fn(std::integral_constant<int, 5>{});
+    case 6: return fn(std::integral_constant<int, 6>{});
+    case 7: return fn(std::integral_constant<int, 7>{});
+    default: return fn(std::integral_constant<int, 8>{});
+  }
 }
 
-void int8_rows_block(int64_t rows, const uint16_t* xb, const int8_t* w, const float* scales, float* out,
-                     int64_t begin, int64_t end, int64_t m0, int64_t k, int64_t n) {
-  switch (rows) {
-    case 1: return int8_tiles_rows<1>(xb, w, scales, out, begin, end, m0, k, n);
-    case 2: return int8_tiles_rows<2>(xb, w, scales, out, begin, end, m0, k, n);
-    case 3: return int8_tiles_rows<3>(xb, w, scales, out, begin, end, m0, k, n);
-    case 4: return int8_tiles_rows<4>(xb, w, scales, out, begin, end, m0, k, n);
-    case 5: return int8_tiles_rows<5>(xb, w, scales, out, begin, end, m0, k, n);
-    case 6: return int8_tiles_rows<6>(xb, w, scales, out, begin, end, m0, k, n);
-    case 7: return int8_tiles_rows<7>(xb, w, scales, out, begin, end, m0, k, n);
-    default: return int8_tiles_rows<8>(xb, w, scales, out, begin, end, m0, k, n);
-  }
+// kernel(mm, t, m0) for every column tile t and block of up to 8 rows from m0 (mm: the block's row
+// count as a type): one parallel region over the tiles, each thread a contiguous range of them.
+template <typename Kernel>
+void over_tiles(int64_t rows, int64_t tiles, Kernel&& kernel) {
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < rows; m0 += 8) {
+      with_rows(rows - m0, [&](auto mm) {
+        for (int64_t t = begin; t < end; ++t) kernel(mm, t, m0);
+      });
+    }
+  });
+}
+
+void check_rows(const char* op, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales) {
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scales.device().is_cpu(), op, ": CPU tensors");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, op, ": x is (M, K) float32");
 }
 
 // x (M, K) float32 rounded to bfloat16 bits (round to nearest even, as x.to(bfloat16)); with `sums`,
@@ -182,9 +177,7 @@ at::Tensor int4_bf16_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
 #ifndef RAYLM_BF16_DOT
   TORCH_CHECK(false, "int4_bf16_linear: this build has no AVX512-BF16 kernel (check bf16_dot_supported())");
 #else
-  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scale_min.device().is_cpu(),
-              "int4_bf16_linear: CPU tensors");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "int4_bf16_linear: x is (M, K) float32");
+  check_rows("int4_bf16_linear", x, packed, scale_min);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.size(2) == kGroupBytes &&
                   packed.is_contiguous(),
               "int4_bf16_linear: packed is (N / 16, K / 32, 256) uint8");
@@ -203,11 +196,8 @@ at::Tensor int4_bf16_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
   const uint8_t* wp = packed.const_data_ptr<uint8_t>();
   const uint16_t* smp = reinterpret_cast<const uint16_t*>(scale_min.const_data_ptr<at::Half>());
   float* op = out.mutable_data_ptr<float>();
-  // one region over the column tiles; rows in blocks of 8 (the accumulators stay in registers)
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < rows; m0 += 8) {
-      rows_block(std::min<int64_t>(8, rows - m0), xp, sp, wp, smp, op, begin, end, m0, k, n);
-    }
+  over_tiles(rows, tiles, [&](auto mm, int64_t t, int64_t m0) {
+    tile_rows<decltype(mm)::value>(xp, sp, wp, smp, op, t, m0, k, n);
   });
   return out;
 #endif
@@ -217,9 +207,7 @@ at::Tensor int8_bf16_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
 #ifndef RAYLM_BF16_DOT
   TORCH_CHECK(false, "int8_bf16_linear: this build has no AVX512-BF16 kernel (check bf16_dot_supported())");
 #else
-  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scales.device().is_cpu(),
-              "int8_bf16_linear: CPU tensors");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "int8_bf16_linear: x is (M, K) float32");
+  check_rows("int8_bf16_linear", x, packed, scales);
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 3 && packed.size(2) == 32 && packed.is_contiguous(),
               "int8_bf16_linear: packed is (N / 16, K / 2, 32) int8");
   const int64_t rows = x.size(0), k = x.size(1), tiles = packed.size(0), n = tiles * kTile;
@@ -233,10 +221,8 @@ at::Tensor int8_bf16_linear_cpu(const at::Tensor& x, const at::Tensor& packed, c
   const int8_t* wp = packed.const_data_ptr<int8_t>();
   const float* sp = scales.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < rows; m0 += 8) {
-      int8_rows_block(std::min<int64_t>(8, rows - m0), xp, wp, sp, op, begin, end, m0, k, n);
-    }
+  over_tiles(rows, tiles, [&](auto mm, int64_t t, int64_t m0) {
+    int8_tile_rows<decltype(mm)::value>(xp, wp, sp, op, t, m0, k, n);
   });
   return out;
 #endif
