@@ -73,10 +73,14 @@ def _is_swiglu(mlp: nn.Module) -> bool:
 
 
 def _decode_linear(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`module` for the (B, K) rows of a decode step: an int4 CPU layer as one `raylm::int4_linear`
-    call (its forward's reshapes and casts are separate dispatches), anything else as it is."""
-    from ops.quantization import Int4WeightOnlyLinear
+    """`module` for the (B, K) rows of a decode step: an int4 CPU layer as one `raylm::int4_bf16_linear`
+    call where it applies, else one `raylm::int4_linear` (its forward's reshapes and casts are separate
+    dispatches), anything else as it is."""
+    from ops.quantization import Int4WeightOnlyLinear, int4_dot_operands
 
+    dot = int4_dot_operands(module)
+    if dot is not None:
+        return lambda x: torch.ops.raylm.int4_bf16_linear(x, *dot)
     if type(module) is not Int4WeightOnlyLinear or module.bias is not None or module.packed.is_cuda:
         return module
     op = torch.ops.raylm.int4_linear

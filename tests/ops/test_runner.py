@@ -80,12 +80,30 @@ def test_native_decode_step_equals_the_torch_step_on_int4_weights(int4_model, na
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_decode_layers_in_cpp_equal_the_python_loop_over_the_same_ops(int4_model, native_ops):
+@pytest.fixture(scope="module")
+def gguf_int4_model(model):
+    """bfloat16-compute int4 layers whose scales and mins are exact in float16, as `int4_from_gguf`
+    builds them: where raylm::int4_bf16_linear serves."""
+    from ops.quantization import Int4WeightOnlyLinear, quantize
+
+    # a float head: an int8 one rounds the logits to bfloat16, where any summation-order difference shows
+    qmodel = quantize(model, "weight_only_int4", group_size=32, compute_dtype="bfloat16", lm_head="float")
+    for m in qmodel.modules():
+        if isinstance(m, Int4WeightOnlyLinear):
+            m.scales.copy_(m.scales.half().float())
+            m.mins.copy_(m.mins.half().float())
+            m.repack()
+    return qmodel
+
+
+@pytest.mark.parametrize("which", ["int4_model", "gguf_int4_model"], ids=["int4-torch-kernel", "int4-bf16-kernel"])
+def test_decode_layers_in_cpp_equal_the_python_loop_over_the_same_ops(which, request, native_ops):
     """The same kernels in the same order: bit-identical logits, adapters mixed with base rows."""
+    qmodel = request.getfixturevalue(which)
     arg = torch.tensor([1, 0, 2])
-    cpp = _runner(int4_model, native=True)
+    cpp = _runner(qmodel, native=True)
     got = _steps(cpp, arg)
-    loop = _runner(int4_model, native=True)
+    loop = _runner(qmodel, native=True)
     loop._native_plan, loop._native_checked = loop._build_native_plan(), True
     loop._native_layers = None
     assert cpp._native_layers is not None
@@ -126,23 +144,17 @@ class _RowsInBf16(torch.nn.Module):
         return torch.nn.functional.linear(x.to(torch.bfloat16).float(), self.weight)
 
 
-def test_int4_layers_on_the_bf16_dot_kernel_equal_their_arithmetic_in_torch_ops(model, native_ops):
+def test_int4_layers_on_the_bf16_dot_kernel_equal_their_arithmetic_in_torch_ops(gguf_int4_model, native_ops):
     """bfloat16-compute int4 layers (what `int4_from_gguf` serves) run on raylm::int4_bf16_linear in
     the C++ layer loop: the same logits as the torch step on the exact weights with the rows rounded
     to bfloat16 (torch's int4 kernel also rounds its scales and outputs to bfloat16)."""
     import copy
 
-    from ops.quantization import Int4WeightOnlyLinear, int4_dot_operands, quantize
+    from ops.quantization import Int4WeightOnlyLinear, int4_dot_operands
 
     if not torch.ops.raylm.bf16_dot_supported():
         pytest.skip("this CPU has no AVX512-BF16: the C++ loop keeps torch's int4 kernel")
-    # a float head: an int8 one rounds the logits to bfloat16, where any summation-order difference shows
-    qmodel = quantize(model, "weight_only_int4", group_size=32, compute_dtype="bfloat16", lm_head="float")
-    for m in qmodel.modules():  # scales and mins exact in float16, as read from GGUF Q4_1
-        if isinstance(m, Int4WeightOnlyLinear):
-            m.scales.copy_(m.scales.half().float())
-            m.mins.copy_(m.mins.half().float())
-            m.repack()
+    qmodel = gguf_int4_model
     reference = copy.deepcopy(qmodel)
     for layer in reference.model.layers:
         for parent in (layer.self_attn, layer.mlp):
