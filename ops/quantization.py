@@ -304,7 +304,7 @@ class Int8WeightOnlyLinear(nn.Module):
         """(..., K) -> (..., N) in ``x``'s dtype."""
         rows = x.numel() // self.in_features
         if rows < GEMM_MIN_ROWS and not torch.compiler.is_compiling():
-            dot = int8_dot_operands(self)  # our AVX512-BF16 kernel (float32 out): ~3x torch's at 8 rows
+            dot = int8_dot_operands(self)  # our AVX512-BF16 kernel, float32 out (docs/benchmarks/ops.md)
             if dot is not None:
                 y = torch.ops.raylm.int8_bf16_linear(x.reshape(rows, self.in_features).float(), *dot)
                 return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -438,7 +438,7 @@ class Int4WeightOnlyLinear(nn.Module):
         """(..., K) -> (..., N) in ``x``'s dtype."""
         rows = x.numel() // self.in_features
         if rows < GEMM_MIN_ROWS and not torch.compiler.is_compiling():
-            dot = int4_dot_operands(self)  # our AVX512-BF16 kernel (float32 out): exact scales, ~2x torch's
+            dot = int4_dot_operands(self)  # our AVX512-BF16 kernel: exact fp16 scales, float32 out (docs/benchmarks/ops.md)
             if dot is not None:
                 y = torch.ops.raylm.int4_bf16_linear(x.reshape(rows, self.in_features).float(), *dot)
                 return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

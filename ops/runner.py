@@ -463,7 +463,7 @@ class LlamaRunner:
 
         def spec(module: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
             dot = int4_dot_operands(module)
-            if dot is not None:  # our AVX512-BF16 kernel: about twice torch's int4 kernel at 1-8 rows
+            if dot is not None:  # our AVX512-BF16 kernel (docs/benchmarks/ops.md)
                 return 2, *dot, 0
             if type(module) is nn.Linear:
                 bias = module.bias if module.bias is not None else module.weight.new_empty(0)

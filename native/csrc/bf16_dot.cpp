@@ -6,7 +6,7 @@
 // multiplies it with one fused multiply-add per row: at 8 rows its cost per weight is the dequant
 // plus 8 FMAs of 16 lanes, and it dequantizes the weights again for every block of 4 rows. Here a
 // weight is expanded once per call into bfloat16 registers and every row takes it with
-// `vdpbf16ps` (32 multiply-adds per instruction, twice an FMA's), so 8 rows cost about half of
+// `vdpbf16ps` (32 multiply-adds per instruction, twice an FMA's), so 8 rows cost less than
 // torch's step. The asymmetric Q4_1 form w = d q + m needs no dequant in the inner loop:
 //   sum_k w_k x_k = d sum_k q_k x_k + m sum_k x_k     per group of 32 inputs,
 // and q is made a bfloat16 by setting its exponent bits (bf16(128 + q) = 0x4300 | q, exact), so the
