@@ -67,6 +67,13 @@ class QASection(BaseConfig):
     hard_negatives: float = Field(0.5, ge=0.0, le=1.0, description="fraction of distractors that are the BM25-closest "
                                   "other paragraphs of the split (the rest are random ones)")
     copies: int = Field(1, ge=1, le=16, description="examples per question, each with its own distractors and order")
+    questions: int = Field(8, ge=1, le=32, description="most questions of one paragraph per example, asked one after "
+                           "another in one chat over the same passages, every answer carrying loss: the passages "
+                           "are most of an example's tokens, so each question after the first costs a few tokens "
+                           "instead of a whole example")
+    cloze: int = Field(0, ge=0, le=32, description="training only: cloze questions per example made from its "
+                       "paragraph's own sentences (a number, year or name turned into a question word: "
+                       "jobs/cloze.py), asked after the real ones; validation keeps the real questions only")
 
 
 class DataConfig(CorpusConfig):
@@ -194,12 +201,20 @@ def passage_text(doc: dict) -> str:
 
 
 def qa_examples(docs: list[dict], questions: list[dict], doc_ids: list[str], qa: QASection,
-                seed: int = 0) -> list[dict]:
+                seed: int = 0, cloze: bool = True) -> list[dict]:
     """Chat examples for the questions of paragraphs ``doc_ids``; distractors come from ``doc_ids`` only.
 
+    A paragraph's questions are shuffled and grouped by up to ``qa.questions``; each group makes
+    ``qa.copies`` examples with their own distractors and passage order. The first question of an
+    example is asked exactly as serving asks it; the others follow in the same chat, then (with
+    ``cloze``) ``qa.cloze`` cloze questions of the paragraph, drawn anew for every example.
+
     Returns:
-        ``[{"messages": [system, user], "answer", "question", "doc_id", "passages", "passage_ids"}]``.
+        ``[{"messages": [system, user], "answer", "question", "turns", "doc_id", "passages", "passage_ids"}]``
+        where ``question``/``answer`` are the first turn's and ``turns`` is every
+        ``{"question", "answer"}`` of the example, first included.
     """
+    from jobs.cloze import cloze_questions
     from ops.rag_prompt import RAG_SYSTEM_PROMPT, rag_user_message
     from ops.retrieval import BM25Index
 
@@ -207,13 +222,21 @@ def qa_examples(docs: list[dict], questions: list[dict], doc_ids: list[str], qa:
     split = [d for d in docs if d["id"] in set(doc_ids)]
     position = {d["id"]: i for i, d in enumerate(split)}
     bm25 = BM25Index.build([d["text"] for d in split]) if len(split) > 1 else None
-    examples = []
+    by_paragraph: dict[str, list[dict]] = {}
     for q in questions:
-        if q["doc_id"] not in position or not q.get("answer"):
-            continue
-        gold = position[q["doc_id"]]
+        if q["doc_id"] in position and q.get("answer"):
+            by_paragraph.setdefault(q["doc_id"], []).append(q)
+    groups = []
+    for doc_id, qs in by_paragraph.items():
+        if qa.questions > 1:
+            qs = [qs[i] for i in rng.permutation(len(qs))]
+        groups += [qs[i:i + qa.questions] for i in range(0, len(qs), qa.questions)]
+    examples = []
+    for group in groups:
+        gold = position[group[0]["doc_id"]]
         others = [i for i in range(len(split)) if i != gold]
-        close = [r for r, _ in bm25.search([q["question"]], qa.passages + 1)[0] if r != gold] if bm25 else []
+        query = " ".join(q["question"] for q in group)
+        close = [r for r, _ in bm25.search([query], qa.passages + 1)[0] if r != gold] if bm25 else []
         for _ in range(qa.copies):
             n = min(int(rng.integers(1, qa.passages + 1)) - 1, len(others))
             n_hard = min(int(round(n * qa.hard_negatives)), len(close))
@@ -223,24 +246,59 @@ def qa_examples(docs: list[dict], questions: list[dict], doc_ids: list[str], qa:
             rows = [gold] + chosen
             rng.shuffle(rows)
             passages = [passage_text(split[i]) for i in rows]
+            first = group[0]
+            turns = [{"question": q["question"], "answer": q["answer"]} for q in group]
+            if cloze:
+                turns += cloze_questions(split[gold]["text"], qa.cloze, rng)
             examples.append({"messages": [{"role": "system", "content": RAG_SYSTEM_PROMPT},
-                                          {"role": "user", "content": rag_user_message(q["question"], passages)}],
-                             "answer": q["answer"], "question": q["question"], "doc_id": q["doc_id"],
-                             "passages": passages, "passage_ids": [split[i]["id"] for i in rows]})
+                                          {"role": "user", "content": rag_user_message(first["question"], passages)}],
+                             "answer": first["answer"], "question": first["question"],
+                             "turns": turns,
+                             "doc_id": first["doc_id"], "passages": passages,
+                             "passage_ids": [split[i]["id"] for i in rows]})
     return examples
+
+
+def _chat_tokens(example: dict, messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of the example's chat and, per token, the label (``IGNORE_INDEX`` except answer tokens).
+
+    Each follow-up turn is what the chat template renders after the previous answer; a template
+    whose rendering of a longer chat does not extend the shorter one's tokens stops at that turn.
+    """
+    from ops.rag_prompt import rag_follow_up
+
+    eos = tokenizer.eos_token or ""
+    chat = [dict(m) for m in messages]
+    ids: list[int] = []
+    labels: list[int] = []
+    for k, turn in enumerate(example.get("turns") or [{"question": example["question"], "answer": example["answer"]}]):
+        if k:
+            chat += [{"role": "assistant", "content": example["turns"][k - 1]["answer"]},
+                     {"role": "user", "content": rag_follow_up(turn["question"])}]
+        prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if prompt_ids[:len(ids)] != ids:
+            break
+        answer_ids = tokenizer(turn["answer"] + eos, add_special_tokens=False)["input_ids"]
+        new = prompt_ids[len(ids):]
+        ids += new + answer_ids
+        labels += [IGNORE_INDEX] * len(new) + answer_ids
+    return ids, labels
 
 
 def encode_qa(example: dict, tokenizer, block_size: int) -> dict[str, np.ndarray] | None:
     """Token ids and labels of one chat example, left-padded to ``block_size``; loss on the answer only.
 
-    Left padding puts every row's answer at the end, so training computes logits for the last
-    few positions only (the vocabulary projection of a whole 1k-token row is a fifth of the
+    Left padding puts every row's answers at its end, so training computes logits for the
+    positions from the first answer on only (the vocabulary projection of a whole 1k-token row is a fifth of the
     forward pass and most of its memory). RoPE attention depends on relative positions only, so
     the shift does not change what the model computes for the real tokens.
 
     The prompt is rendered as the serving engine renders it (chat template with the generation
     prompt, then tokenized without special tokens), so training sees the served token sequence.
-    Passages are dropped from the end until the example fits; None when even one does not.
+    With several ``turns``, each question after the first follows the previous answer in the same
+    chat and every answer carries loss. Distractor passages are dropped from the end until the
+    example fits, then its last questions; None when not even the first fits.
 
     Returns:
         ``{"input_ids", "labels", "attention_mask"}``, each (block_size,) int64.
@@ -249,15 +307,16 @@ def encode_qa(example: dict, tokenizer, block_size: int) -> dict[str, np.ndarray
 
     messages = [dict(m) for m in example["messages"]]
     passages = list(zip(example["passage_ids"], example["passages"]))
+    turns = list(example.get("turns") or [])
     while True:
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(example["answer"] + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
-        ids = prompt_ids + answer_ids
+        ids, labels = _chat_tokens({**example, "turns": turns}, messages, tokenizer)
         if len(ids) <= block_size:
             break
         if len(passages) <= 1:
-            return None
+            if len(turns) <= 1:
+                return None
+            turns = turns[:-1]  # the question's own paragraph alone is too long for all its questions
+            continue
         # Drop the last distractor (never the question's own paragraph).
         drop = max(i for i, (pid, _) in enumerate(passages) if pid != example["doc_id"])
         passages = passages[:drop] + passages[drop + 1:]
@@ -267,7 +326,7 @@ def encode_qa(example: dict, tokenizer, block_size: int) -> dict[str, np.ndarray
     out = {"input_ids": np.full(block_size, pad, np.int64), "labels": np.full(block_size, IGNORE_INDEX, np.int64),
            "attention_mask": np.zeros(block_size, np.int64)}
     out["input_ids"][start:] = ids
-    out["labels"][start + len(prompt_ids):] = answer_ids
+    out["labels"][start:] = labels
     out["attention_mask"][start:] = 1
     return out
 
@@ -290,7 +349,7 @@ def qa_datasets(cfg: DataConfig, qa: QASection, tokenizer, block_size: int, seed
     docs, train_q, val_q, train_ids, val_ids = qa_splits(cfg, seed)
     sets = []
     for name, qs, ids, s in (("train", train_q, train_ids, seed), ("validation", val_q, val_ids, seed + 1)):
-        examples = qa_examples(docs, qs, ids, qa, seed=s)
+        examples = qa_examples(docs, qs, ids, qa, seed=s, cloze=name == "train")
         rows = [r for r in (encode_qa(e, tokenizer, block_size) for e in examples) if r is not None]
         if not rows:
             raise UserError(f"no {name} QA example fits block_size={block_size} tokens; raise block_size")

@@ -21,10 +21,20 @@ RAG_SYSTEM_PROMPT = ("You answer questions from the numbered passages. Reply wit
 
 
 def rag_user_message(question: str, passages: Sequence[str]) -> str:
-    """The user turn: numbered passages, then the question and the instruction, nearest the answer."""
+    """The user turn: the question, the numbered passages, then the question again and the instruction.
+
+    A causal model reads each passage token without seeing what comes after it; with the question
+    first, the passages are read knowing what is asked (query-aware contextualisation, Liu et al.
+    2023, "Lost in the Middle"), and the question again last keeps it nearest the answer.
+    """
     context = "\n\n".join(f"[{i + 1}] {t}" for i, t in enumerate(passages))
-    head = f"Passages:\n{context}\n\n" if passages else ""
-    return f"{head}Question: {question}\nAnswer with the shortest phrase from the passages."
+    head = f"Question: {question}\n\nPassages:\n{context}\n\n" if passages else ""
+    return f"{head}{rag_follow_up(question)}"
+
+
+def rag_follow_up(question: str) -> str:
+    """A later user turn over the same passages (training asks several questions of one paragraph per chat)."""
+    return f"Question: {question}\nAnswer with the shortest phrase from the passages."
 
 
 def rag_messages(question: str, passages: Sequence[str], system: str = RAG_SYSTEM_PROMPT,

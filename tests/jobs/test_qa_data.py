@@ -42,7 +42,7 @@ def squad(tmp_path) -> Path:
 
 def test_split_by_paragraph_keeps_validation_paragraphs_out_of_training(squad):
     cfg = DataConfig(data=str(squad), val_fraction=0.25)
-    qa = QASection(passages=4, copies=3)
+    qa = QASection(passages=4, copies=3, questions=1)
     docs, train_q, val_q, train_ids, val_ids = qa_splits(cfg, seed=0)
     assert len(val_ids) == 3 and len(train_ids) == 9 and not set(train_ids) & set(val_ids)
     assert {q["doc_id"] for q in val_q} == set(val_ids) and {q["doc_id"] for q in train_q} == set(train_ids)
@@ -137,3 +137,68 @@ def test_rag_qa_training_lowers_answer_loss(ray_local, squad, tiny_model_dir, tm
     # Real tokens (padding excluded) are counted: far fewer than batch x block_size per step.
     assert all(0 < h["tokens"] / h["step"] < 4 * 400 for h in history)
     assert np.isfinite([h["loss"] for h in history]).all()
+
+
+def test_several_questions_of_a_paragraph_share_one_example(squad, tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    docs, questions = read_squad(squad)
+    ids = [d["id"] for d in docs]
+    examples = qa_examples(docs, questions, ids, QASection(passages=3, questions=4, copies=2), seed=0)
+    # Two questions per paragraph: one example per paragraph and copy, every question in each copy.
+    assert len(examples) == 2 * len(docs)
+    asked = sorted(t["question"] for e in examples for t in e["turns"])
+    assert asked == sorted(2 * [q["question"] for q in questions])
+    by_question = {q["question"]: q for q in questions}
+    for e in examples:
+        assert {by_question[t["question"]]["doc_id"] for t in e["turns"]} == {e["doc_id"]}
+        assert (e["question"], e["answer"]) == (e["turns"][0]["question"], e["turns"][0]["answer"])
+    example = examples[0]
+    row = encode_qa(example, tok, 512)
+    real = row["attention_mask"] == 1
+    labels = row["labels"][real]
+    # Every answer carries loss, each closed by EOS; nothing else does.
+    answers = tok.decode(labels[labels != IGNORE_INDEX])
+    assert answers == "".join(t["answer"] + tok.eos_token for t in example["turns"])
+    # The first question is asked exactly as serving asks it: that prompt starts the row.
+    served = tok.apply_chat_template(example["messages"], add_generation_prompt=True, tokenize=False)
+    assert tok.decode(row["input_ids"][real]).startswith(served + example["turns"][0]["answer"])
+    assert "Question: " + example["turns"][1]["question"] in tok.decode(row["input_ids"][real])
+
+
+def test_a_long_example_loses_distractors_then_its_last_questions(squad, tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    docs, questions = read_squad(squad)
+    examples = qa_examples(docs, questions, [d["id"] for d in docs], QASection(passages=3, questions=2), seed=1)
+    example = next(e for e in examples if len(e["passages"]) > 1)
+    full = int(encode_qa(example, tok, 1024)["attention_mask"].sum())
+    alone = {**example, "passages": [p for p, i in zip(example["passages"], example["passage_ids"])
+                                     if i == example["doc_id"]], "passage_ids": [example["doc_id"]]}
+    from ops.rag_prompt import rag_user_message
+
+    alone["messages"] = [example["messages"][0], {"role": "user", "content": rag_user_message(
+        example["question"], alone["passages"])}]
+    both_alone = int(encode_qa(alone, tok, 1024)["attention_mask"].sum())
+    assert both_alone < full
+    # Room for the paragraph alone with both questions: distractors go, both answers stay.
+    row = encode_qa(example, tok, both_alone)
+    kept = row["labels"][row["labels"] != IGNORE_INDEX]
+    assert tok.decode(kept).count(tok.eos_token) == 2
+    # One token less: the last question goes too, the first stays.
+    row = encode_qa(example, tok, both_alone - 1)
+    assert tok.decode(row["labels"][row["labels"] != IGNORE_INDEX]).count(tok.eos_token) == 1
+
+
+def test_cloze_turns_follow_the_real_questions_in_training_only(squad):
+    cfg = DataConfig(data=str(squad), val_fraction=0.25)
+    qa = QASection(passages=2, questions=4, cloze=2)
+    docs, train_q, val_q, train_ids, val_ids = qa_splits(cfg, seed=0)
+    text = {d["id"]: d["text"] for d in docs}
+    real = {q["question"] for q in train_q}
+    for e in qa_examples(docs, train_q, train_ids, qa, seed=0):
+        asked = [t["question"] for t in e["turns"]]
+        n_real = sum(a in real for a in asked)
+        assert n_real == 2 and set(asked[:n_real]) <= real and len(asked) > n_real
+        for t in e["turns"][n_real:]:  # cloze: the paragraph's own sentence, its answer taken out
+            assert t["question"].endswith("?") and t["answer"] in text[e["doc_id"]]
+    for e in qa_examples(docs, val_q, val_ids, qa, seed=1, cloze=False):
+        assert {t["question"] for t in e["turns"]} <= {q["question"] for q in val_q}

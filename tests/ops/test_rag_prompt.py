@@ -5,9 +5,9 @@ from __future__ import annotations
 from ops.rag_prompt import RAG_SYSTEM_PROMPT, cited_passages, rag_messages, rag_user_message
 
 
-def test_prompt_numbers_passages_and_ends_with_the_question():
+def test_prompt_asks_the_question_before_and_after_the_numbered_passages():
     user = rag_user_message("Who won?", ["Alpha text.", "Beta text."])
-    assert user.startswith("Passages:\n[1] Alpha text.\n\n[2] Beta text.\n\nQuestion: Who won?\n")
+    assert user.startswith("Question: Who won?\n\nPassages:\n[1] Alpha text.\n\n[2] Beta text.\n\nQuestion: Who won?\n")
     assert "shortest phrase" in user
     assert rag_user_message("Who won?", []).startswith("Question: Who won?")
     messages = rag_messages("Who won?", ["Alpha text."])
