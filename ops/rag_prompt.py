@@ -48,19 +48,28 @@ def rag_messages(question: str, passages: Sequence[str], system: str = RAG_SYSTE
         count_tokens: prompt length in tokens of a message list (with the chat template applied).
         budget: tokens the prompt may take; None = no limit.
     """
-    texts = [t for t in passages]
-    messages: list[dict] = []
-    for _ in range(5):
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": rag_user_message(question, texts)}]
-        if count_tokens is None or budget is None or not texts:
-            return messages
-        n = count_tokens(messages)
+    def build(texts: Sequence[str]) -> list[dict]:
+        return [{"role": "system", "content": system}, {"role": "user", "content": rag_user_message(question, texts)}]
+
+    texts = list(passages)
+    if count_tokens is None or budget is None or not texts:
+        return build(texts)
+    # Only the passages shrink: scaling them by budget / total would barely move a prompt whose
+    # fixed part (system, question twice, numbering) is most of a short context.
+    fixed = count_tokens(build([""] * len(texts)))
+    for _ in range(8):
+        n = count_tokens(build(texts))
         if n <= budget:
-            return messages
-        scale = 0.9 * budget / n
+            return build(texts)
+        if fixed >= budget or n <= fixed:
+            break
+        scale = 0.95 * (budget - fixed) / (n - fixed)
         texts = [t[: int(len(t) * scale)] for t in texts]
-        texts = [t for t in texts if t.strip()]
-    return messages
+    # Still over (tokens per character vary between passages): the lowest-ranked passages go first.
+    texts = [t for t in texts if t.strip()]
+    while texts and count_tokens(build(texts)) > budget:
+        texts.pop()
+    return build(texts)  # without passages and still too long, the engine refuses it with a clear 422
 
 
 def cited_passages(answer: str, passages: Sequence[str]) -> list[int]:

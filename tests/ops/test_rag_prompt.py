@@ -20,6 +20,24 @@ def test_budget_trims_passages():
     assert count(messages) <= 500 and "[2] y" in messages[1]["content"]
 
 
+def test_budget_holds_when_the_fixed_part_is_most_of_it():
+    # A char-level count: system prompt + question twice take ~80% of the budget, the passages the rest.
+    count = lambda messages: sum(len(m["content"]) for m in messages)  # noqa: E731
+    question = "Which of the five passages names the person who founded the university, and in which year? " * 2
+    fixed = count(rag_messages(question, ["", "", ""], RAG_SYSTEM_PROMPT))
+    budget = fixed + 120
+    messages = rag_messages(question, ["a b " * 300, "c d " * 300, "e f " * 300], RAG_SYSTEM_PROMPT, count, budget)
+    assert count(messages) <= budget
+    assert "[3] e f" in messages[1]["content"]  # every passage kept, each trimmed
+
+
+def test_budget_drops_passages_when_not_even_their_numbers_fit():
+    count = lambda messages: sum(len(m["content"]) for m in messages)  # noqa: E731
+    bare = count(rag_messages("q?", [], "sys"))
+    messages = rag_messages("q?", ["long passage " * 50] * 5, "sys", count, budget=bare + 5)
+    assert count(messages) <= bare + 5 and "Passages" not in messages[1]["content"]
+
+
 def test_citations_are_the_passages_holding_the_answer():
     passages = ["The game was broadcast by CBS in the U.S.", "CBSN streamed it.", "Fox had the year before."]
     assert cited_passages("the CBS.", passages) == [0]
