@@ -56,15 +56,18 @@ def rag_messages(question: str, passages: Sequence[str], system: str = RAG_SYSTE
         return build(texts)
     # Only the passages shrink: scaling them by budget / total would barely move a prompt whose
     # fixed part (system, question twice, numbering) is most of a short context.
+    n = count_tokens(build(texts))
+    if n <= budget:  # the usual case costs one count
+        return build(texts)
     fixed = count_tokens(build([""] * len(texts)))
     for _ in range(8):
-        n = count_tokens(build(texts))
         if n <= budget:
             return build(texts)
         if fixed >= budget or n <= fixed:
             break
         scale = 0.95 * (budget - fixed) / (n - fixed)
         texts = [t[: int(len(t) * scale)] for t in texts]
+        n = count_tokens(build(texts))
     # Still over (tokens per character vary between passages): the lowest-ranked passages go first.
     texts = [t for t in texts if t.strip()]
     while texts and count_tokens(build(texts)) > budget:
