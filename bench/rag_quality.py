@@ -13,7 +13,8 @@ token-aware chunks, without and with the document title prefixed (what ``jobs.in
 searched dense, BM25 and hybrid; embedding throughput of each chunking.
 Answers (through ``/v1/rag`` of a local Serve app, top_k 5, max_tokens 24, greedy): exact match,
 F1, contains-gold (SQuAD normalisation), recall@5 of the sources and p50 latency, for the base
-model and the tuned one (``--tuned``: a quantized/adapter artifact or model dir).
+model and the tuned one (``--tuned``: a quantized/adapter artifact or model dir), with the
+endpoint's default extractive decoding (``ops.extractive``) and, for the tuned model, without it.
 Writes docs/benchmarks/rag_quality.{json,md}.
 """
 
@@ -98,11 +99,11 @@ def retrieval(docs: list[dict], questions: list[dict], model) -> tuple[dict, dic
     return result, store.manifest, token_chunks, vectors
 
 
-def ask_all(url: str, questions: list[dict]) -> dict:
+def ask_all(url: str, questions: list[dict], extractive: bool) -> dict:
     answers, latencies, found = [], [], 0
     for q in questions:
         body = json.dumps({"question": q["question"], "top_k": TOP_K, "max_tokens": MAX_TOKENS,
-                           "temperature": 0.0}).encode()
+                           "temperature": 0.0, "extractive": extractive}).encode()
         request = urllib.request.Request(f"{url}/v1/rag", data=body, headers={"Content-Type": "application/json"})
         t0 = time.perf_counter()
         with urllib.request.urlopen(request, timeout=300) as resp:
@@ -117,7 +118,8 @@ def ask_all(url: str, questions: list[dict]) -> dict:
 
 
 def answers(storage: Path, models: dict[str, str], questions: list[dict], port: int) -> dict:
-    """Deploy the RAG app once per model on the index in ``storage`` and ask every question."""
+    """Deploy the RAG app once per model on the index in ``storage`` and ask every question, with
+    the default extractive decoding and, for the tuned model, also without it."""
     import ray
     from ray import serve
 
@@ -130,9 +132,11 @@ def answers(storage: Path, models: dict[str, str], questions: list[dict], port: 
         for label, model in models.items():
             serve.run(build_app({"storage": str(storage), "model": model, "index": "bench", "model_id": "m"}),
                       name="rag", route_prefix="/")
-            rows[label] = ask_all(f"http://127.0.0.1:{port}", questions)
-            print(f"[bench.rag_quality] {label}: " + json.dumps({k: v for k, v in rows[label].items()
-                                                                 if k != "examples"}), flush=True)
+            for extractive in (False, True) if label != "base" else (True,):
+                row = f"{label}, {'extractive (default)' if extractive else 'free generation'}"
+                rows[row] = ask_all(f"http://127.0.0.1:{port}", questions, extractive)
+                print(f"[bench.rag_quality] {row}: " + json.dumps({k: v for k, v in rows[row].items()
+                                                                  if k != "examples"}), flush=True)
             serve.delete("rag")
     finally:
         serve.shutdown()

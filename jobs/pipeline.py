@@ -484,7 +484,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
         qa = s["qa"]
         lines += ["", f"RAG QA through `/v1/rag` on {qa['questions']} questions of the {qa['val_paragraphs']} held-out "
                   f"paragraphs (training saw the other {qa['train_paragraphs']}); top_k {qa['top_k']}, max_tokens "
-                  f"{qa['max_tokens']}, greedy.", "",
+                  f"{qa['max_tokens']}, greedy, extractive (the endpoint's default).", "",
                   "| model | exact match | F1 | contains gold | recall@1 | recall@k | p50 s |", "|---|---|---|---|---|---|---|"]
         recall_k = f"recall@{qa['top_k']}"
         for label, row in qa["rows"].items():

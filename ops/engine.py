@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ops.attention import AttentionChoice
+from ops.extractive import SpanConstraint
 from ops.lora import DEFAULT_TARGETS
 from ops.multi_lora import LORA_DTYPES, AdapterRegistry, MultiLora, slot_dtype
 from ops.openmp import release_openmp_workers, set_threads
@@ -72,6 +73,9 @@ class Request:
         ignore_eos: Keep generating past EOS (benchmarks, equality tests).
         adapter: Name of a LoRA adapter registered with `Engine.add_adapter`, applied unmerged to
             this request only; None = the base model.
+        extract_from: Passages the answer must be copied from (`ops.extractive`): every generated
+            token keeps the text a substring of one of them (case and whitespace aside); None =
+            free generation.
     """
 
     prompt: str | None = None
@@ -84,6 +88,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     adapter: str | None = None
+    extract_from: list[str] | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -98,6 +103,8 @@ class Request:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty, got {self.stop!r}")
+        if self.extract_from is not None and not any(s.strip() for s in self.extract_from):
+            raise ValueError("extract_from needs at least one non-empty passage")
 
 
 @dataclass
@@ -247,6 +254,7 @@ class _Sequence:
     slot: int = 0  # LoRA slot pinned while running (0: no adapter)
     row: int = -1  # KV cache row while prefilling (while decoding: its index in `Engine._running`)
     prefilled: int = 0  # prompt tokens already in the KV cache
+    constraint: SpanConstraint | None = None  # Request.extract_from
 
     @property
     def position(self) -> int:
@@ -423,6 +431,8 @@ class Engine:
             else:
                 generator.manual_seed(request.seed)
         seq = _Sequence(request, prompt_ids, on_event, time.perf_counter(), generator)
+        if request.extract_from is not None:
+            seq.constraint = SpanConstraint(request.extract_from, self.tokenizer, self.eos_token_ids)
         with self._wakeup:
             if len(self._waiting) >= self.config.max_queue:
                 raise QueueFullError(
@@ -742,8 +752,17 @@ class Engine:
         if self._budget is not None and not prefilled:  # a decode step alone: what a chunk's stall is measured against
             self._budget.observe_decode(time.perf_counter() - started)
         for b, seq in enumerate(self._running):
-            token = greedy[b] if seq.request.temperature == 0 else sample(logits[b], seq.request, seq.generator)
+            if seq.constraint is not None:
+                token = self._next_token(seq, logits[b])
+            else:
+                token = greedy[b] if seq.request.temperature == 0 else sample(logits[b], seq.request, seq.generator)
             self._accept(seq, token)
+
+    def _next_token(self, seq: _Sequence, logits: torch.Tensor) -> int:
+        """Samples `seq`'s next token from its (V,) logits, within its span constraint if it has one."""
+        if seq.constraint is not None:
+            logits = seq.constraint.mask(logits, seq.token_ids, seq.text, first_only=seq.request.temperature == 0)
+        return sample(logits, seq.request, seq.generator)
 
     def _prefill_step(self) -> bool:
         """The prefill part of a step: prompt chunks of the admitted requests, within the step's budget.
@@ -828,7 +847,7 @@ class Engine:
                 self.runner.move(seq.row, len(self._running), seq.cached)
             seq.row = len(self._running)
             self._running.append(seq)
-            self._accept(seq, sample(logits, seq.request, seq.generator))
+            self._accept(seq, self._next_token(seq, logits))
         return taken
 
     def _reuse_prefix(self, seq: _Sequence) -> None:

@@ -385,9 +385,11 @@ class Generator:
         if "rag" in payload:
             budget = engine.config.max_seq_len - payload["max_tokens"]
             count = lambda m: len(engine.encode(Request(messages=m, max_tokens=1)))  # noqa: E731
-            messages = rag_messages(payload["rag"]["question"], payload["rag"]["sources"], self.args.system_prompt,
-                                    count, budget)
-            return Request(messages=messages, **params)
+            rag = payload["rag"]
+            messages = rag_messages(rag["question"], rag["sources"], self.args.system_prompt, count, budget)
+            texts = [s["text"] for s in rag["sources"] if s["text"].strip()]
+            return Request(messages=messages, extract_from=texts if rag.get("extractive") and texts else None,
+                           **params)
         if "messages" in payload:
             return Request(messages=payload["messages"], **params)
         return Request(prompt=payload["prompt"], **params)

@@ -53,6 +53,8 @@ class RagRequest(GenerationParams):
     question: str = Field(..., min_length=1, max_length=MAX_QUESTION_CHARS, description="the question")
     top_k: int = Field(4, ge=1, le=TOP_K_LIMIT, description="passages to retrieve")
     adapter: str | None = Field(None, pattern=NAME_PATTERN, description="registered LoRA adapter name")
+    extractive: bool = Field(True, description="copy the answer from the passages: every generated token keeps it a "
+                             "span of one passage (case and spacing aside); false: free generation")
 
     _q = field_validator("question")(_not_blank)
 

@@ -64,7 +64,8 @@ async def rag(ingress: Ingress, body: schemas.RagRequest) -> dict | StreamingRes
     adapter = ingress.resolve_model(body.adapter, param="adapter")
     sources = await ingress.retrieve(body.question, body.top_k, deadline)
     retrieve_s = time.monotonic() - t0
-    payload = {"rag": {"question": body.question, "sources": sources}, "max_tokens": body.max_tokens,
+    payload = {"rag": {"question": body.question, "sources": sources, "extractive": body.extractive},
+               "max_tokens": body.max_tokens,
                "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed}
     model = body.adapter or args.model_id
     public = public_sources(sources) or []

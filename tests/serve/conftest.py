@@ -65,11 +65,16 @@ def serve_storage(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def greedy_reference(model_dir: Path, max_tokens: int, *, prompt: str | None = None,
-                     messages: list[dict] | None = None, adapter: Path | None = None) -> dict:
+                     messages: list[dict] | None = None, adapter: Path | None = None,
+                     extract_from: list[str] | None = None) -> dict:
     """What the app must answer at temperature 0, computed with plain transformers (the oracle of
-    the HTTP tests): ``text``, ``prompt_tokens``, ``completion_tokens`` and ``finish_reason``."""
+    the HTTP tests): ``text``, ``prompt_tokens``, ``completion_tokens`` and ``finish_reason``.
+    ``extract_from``: the answer is kept a span of these passages by ``ops.extractive``, applied
+    as a transformers logits processor."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+
+    from ops.extractive import SpanConstraint
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -82,9 +87,23 @@ def greedy_reference(model_dir: Path, max_tokens: int, *, prompt: str | None = N
         ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
+    processors = LogitsProcessorList()
+    if extract_from is not None:
+        eos: set[int] = set()
+        for source in (model.generation_config, model.config, tok):  # as ops.engine.Engine._eos_ids
+            e = getattr(source, "eos_token_id", None)
+            eos.update([] if e is None else [e] if isinstance(e, int) else e)
+        constraint = SpanConstraint(extract_from, tok, eos)
+
+        def extractive(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            scores[0] = constraint.mask(scores[0], input_ids[0, ids.shape[1]:].tolist(), first_only=True)
+            return scores
+
+        processors.append(extractive)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                             do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
+                             do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id,
+                             logits_processor=processors)
     tokens = out[0, ids.shape[1]:].tolist()
     stopped = tok.eos_token_id in tokens
     if stopped:
@@ -95,9 +114,9 @@ def greedy_reference(model_dir: Path, max_tokens: int, *, prompt: str | None = N
 
 
 def rag_reference(model_dir: Path, question: str, sources: list[dict], max_tokens: int, max_seq_len: int,
-                  adapter: Path | None = None) -> dict:
+                  adapter: Path | None = None, extractive: bool = True) -> dict:
     """:func:`greedy_reference` for a /v1/rag answer: the app's prompt from ``question`` and the
-    ``sources`` it returned, trimmed to the same token budget."""
+    ``sources`` it returned, trimmed to the same token budget; ``extractive`` as the request's."""
     from transformers import AutoTokenizer
 
     from serve.app import DEFAULT_SYSTEM_PROMPT, rag_messages
@@ -109,7 +128,8 @@ def rag_reference(model_dir: Path, question: str, sources: list[dict], max_token
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
     messages = rag_messages(question, sources, DEFAULT_SYSTEM_PROMPT, count, max_seq_len - max_tokens)
-    return greedy_reference(model_dir, max_tokens, messages=messages, adapter=adapter)
+    return greedy_reference(model_dir, max_tokens, messages=messages, adapter=adapter,
+                            extract_from=[s["text"] for s in sources] if extractive else None)
 
 
 def wait_ready(base_url: str, deadline_s: float = 180.0) -> None:

@@ -94,6 +94,22 @@ def test_rag_stream_sends_sources_then_text_then_done(rag_app, tiny_model_dir):
     assert last["sources"] == first["sources"] and last["model"] == "tiny"
 
 
+def test_rag_answer_is_copied_from_its_sources_unless_extractive_is_off(rag_app, tiny_model_dir):
+    from ops.extractive import normalize
+
+    question = "Where is the Grotto?"
+    answers = {}
+    for extractive in (True, False):
+        r = post(rag_app, "/v1/rag", {"question": question, "max_tokens": 6, "extractive": extractive})
+        assert r.status_code == 200, r.text
+        body = answers[extractive] = r.json()
+        want = rag_reference(tiny_model_dir, question, body["sources"], 6, MAX_SEQ_LEN, extractive=extractive)
+        assert body["answer"] == want["text"] and body["usage"]["completion_tokens"] == want["completion_tokens"]
+    copied = normalize(answers[True]["answer"]).strip()
+    assert copied and any(f" {copied}" in f" {normalize(s['text'])}" for s in answers[True]["sources"]), copied
+    assert answers[True]["answer"] != answers[False]["answer"]  # the random tiny model strays when free
+
+
 def test_rag_with_an_adapter_answers_with_the_adapter(rag_app, tiny_model_dir, serve_storage):
     question = "Who jumps over the lazy dog?"
     r = post(rag_app, "/v1/rag", {"question": question, "max_tokens": 6, "adapter": "tiny-lora"})

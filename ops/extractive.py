@@ -1,0 +1,143 @@
+"""Extractive decoding: keep a generated answer a span of the given passages.
+
+A RAG answer to a factual question is a phrase of the retrieved passages. A small model asked to
+copy one still drifts off the text on the tokens it is least sure of: it starts a name right and
+finishes it wrong ("Dragon Blue and Gold Rush" where the passage says "Navy Blue and Gold
+Rush"), or writes a date range that is in no passage. At each step the constraint looks at the
+model's most likely next tokens, best first, and keeps those with which the answer so far is
+still a run of whole and partial words of some passage, starting at a word (compared as SQuAD
+compares answers: case, punctuation, articles and spacing aside, so "a wind tunnel" may come
+from "an early wind tunnel" and the model is not forced onto another span by its first word);
+EOS is allowed once the answer has a word. The model still chooses the span; the constraint
+only rules out what the passages do not say. It is what the answer's citations rely on too: an
+answer copied from a passage cites it exactly.
+
+This is a string check on a few candidates per step (the decoded answer, at most ``candidates``
+of them), not a trie over the vocabulary: answers are short and the tokenizer's merges make a
+token-level index of the passages miss spans that start mid-token.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ops.qa_metrics import normalize_answer
+
+DEFAULT_CANDIDATES = 32
+
+
+def _spaced(text: str) -> str:
+    """Lower case, whitespace runs as one space, a trailing space kept."""
+    core = " ".join(text.lower().split())
+    return core + " " if core and text[-1:].isspace() else core
+
+
+def normalize(text: str) -> str:
+    """SQuAD's answer normalisation (case, ASCII punctuation, articles and spacing aside); a
+    trailing space is kept: the next word has not started yet, which only the passages' spaces allow."""
+    core = normalize_answer(text)
+    if core and text[-1:].isspace():
+        core += " "
+    return core
+
+
+class SpanConstraint:
+    """Restricts a sequence's tokens to those that keep its text a substring of one of ``sources``.
+
+    Args:
+        sources: the texts an answer may copy from (the passages of the prompt).
+        tokenizer: decodes token ids to text (a Hugging Face tokenizer).
+        eos_ids: token ids that end generation.
+        candidates: the most likely tokens checked per step; when none of them continues a span
+            the answer ends (EOS), or, before any text, it starts with the most likely of the
+            passages' own tokens.
+    """
+
+    def __init__(self, sources: Sequence[str], tokenizer: Any, eos_ids: Iterable[int],
+                 candidates: int = DEFAULT_CANDIDATES):
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
+        self.texts = [s for s in sources if s.strip()]
+        # padded: a span starts at a word
+        self.sources = [f" {normalize(s)} " for s in self.texts]
+        self.literal = [_spaced(s) for s in self.texts]
+        self._starts: list[int] | None = None
+        if not self.sources:
+            raise ValueError("extractive decoding needs at least one non-empty passage")
+        self.tokenizer = tokenizer
+        self.eos_ids = sorted(set(eos_ids))
+        self.candidates = candidates
+
+    def _passage_tokens(self) -> list[int]:
+        if self._starts is None:
+            self._starts = sorted({t for text in self.texts for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]})
+        return self._starts
+
+    def _text(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def allows(self, token_ids: Sequence[int], token: int, text: str | None = None) -> bool:
+        """Whether ``token`` may follow ``token_ids`` (whose decoded text is ``text``, if known)."""
+        before = self._text(token_ids) if text is None else text
+        if token in self.eos_ids:
+            return bool(normalize(before))
+        after = self._text([*token_ids, token])
+        if len(after) <= len(before):  # special tokens and pieces that add no text
+            return False
+        added = after[len(before):] if after.startswith(before) else after
+        if not added.strip() and (not normalize(before) or before[-1:].isspace()):
+            return False  # whitespace only between words
+        head = after.rstrip("\ufffd")
+        if len(head) < len(after):  # bytes of a character not complete yet: one must follow the rest
+            return len(after) - len(head) < 4 and self._before_non_ascii(normalize(head))
+        candidate = normalize(after)
+        starts_a_word = any(f" {candidate}" in s for s in self.sources)
+        if any(_spaced(after) in s for s in self.literal):  # copied as it stands
+            return not candidate or starts_a_word
+        # Otherwise compared as SQuAD compares answers, for tokens that add a word (punctuation and
+        # articles only as a passage has them: a stream of "?" normalises to nothing)
+        return bool(candidate) and starts_a_word and any(c.isalnum() for c in added)
+
+    def _before_non_ascii(self, text: str) -> bool:
+        """Whether some passage has ``text`` followed by a non-ASCII character."""
+        text = f" {text}" if text else ""
+        for s in self.sources:
+            at = s.find(text)
+            while at >= 0:
+                end = at + len(text)
+                if end < len(s) and ord(s[end]) > 127:
+                    return True
+                at = s.find(text, at + 1)
+        return False
+
+    def mask(self, logits: torch.Tensor, token_ids: Sequence[int], text: str | None = None,
+             first_only: bool = False) -> torch.Tensor:
+        """``logits`` (V,) with every token the constraint rules out at -inf.
+
+        Args:
+            logits: next-token logits of the sequence.
+            token_ids: tokens generated so far (not the prompt).
+            text: their decoded text, if the caller has it.
+            first_only: keep only the most likely allowed token (greedy decoding needs no more).
+        """
+        before = self._text(token_ids) if text is None else text
+        top = torch.topk(logits, min(self.candidates, logits.shape[-1])).indices.tolist()
+        keep = []
+        for token in top:
+            if self.allows(token_ids, token, before):
+                keep.append(token)
+                if first_only:
+                    break
+        if not keep and not normalize(before):
+            # none of the likely tokens starts a span: the best of the passages' own tokens does
+            keep = [t for t in self._passage_tokens() if self.allows(token_ids, t, before)]
+        if not keep:
+            if not self.eos_ids:
+                return logits
+            keep = self.eos_ids
+        masked = torch.full_like(logits, float("-inf"))
+        index = torch.tensor(keep, device=logits.device)
+        masked[index] = logits[index]
+        return masked

@@ -1,0 +1,103 @@
+"""Tests of ops/extractive.py: the span constraint on its own and inside the engine."""
+
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from ops.engine import Engine, EngineConfig, Request
+from ops.extractive import SpanConstraint, normalize
+from ops.model import DEFAULT_MODEL, embedded_gguf
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+PASSAGES = ["Notre Dame's official colors are Navy Blue and Gold Rush, chosen in 1920.",
+            "The Grotto of Our Lady of Lourdes was built in 1896."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    gguf = embedded_gguf(DEFAULT_MODEL)
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_normalize_is_squads_with_a_trailing_space():
+    assert normalize("  The Navy,\n Blue ") == "navy blue "
+    assert normalize("Navy") == "navy"
+    assert normalize("   ") == ""
+
+
+def test_allows_a_span_of_one_passage_and_refuses_what_no_passage_says(tokenizer):
+    c = SpanConstraint(PASSAGES, tokenizer, [tokenizer.eos_token_id])
+    navy = ids(tokenizer, " Navy Blue")
+    assert c.allows([], navy[0]) and c.allows(navy[:1], navy[1])
+    assert not c.allows([], ids(tokenizer, " Dragon")[0])
+    # a span that crosses from one passage into the next is in neither
+    assert not c.allows(ids(tokenizer, " 1920."), ids(tokenizer, " Grotto")[0])
+    # case, punctuation and articles do not matter; a span starts at a word
+    assert c.allows([], ids(tokenizer, "NAVY")[0])
+    assert c.allows(ids(tokenizer, "the official"), ids(tokenizer, " colors")[0])
+    assert not c.allows([], ids(tokenizer, "avy")[0])
+    # EOS only once there is an answer
+
+    assert not c.allows([], tokenizer.eos_token_id) and c.allows(navy, tokenizer.eos_token_id)
+    assert not c.allows(ids(tokenizer, " the,"), tokenizer.eos_token_id)  # no word yet
+    # whitespace only between words, once
+    newline = ids(tokenizer, "\n")[0]
+    assert not c.allows([], newline) and not c.allows(ids(tokenizer, "Navy\n"), newline)
+
+
+def test_mask_keeps_the_best_allowed_tokens(tokenizer):
+    c = SpanConstraint(PASSAGES, tokenizer, [tokenizer.eos_token_id])
+    dragon, navy, grotto = ids(tokenizer, " Dragon")[0], ids(tokenizer, " Navy")[0], ids(tokenizer, " Grotto")[0]
+    logits = torch.zeros(len(tokenizer))
+    logits[[dragon, navy, grotto]] = torch.tensor([5.0, 4.0, 3.0])
+    assert int(c.mask(logits, [], first_only=True).argmax()) == navy
+    kept = torch.isfinite(c.mask(logits, [])).nonzero().flatten().tolist()
+    assert navy in kept and grotto in kept and dragon not in kept
+    # nothing likely continues "Navy Blue and Gold Rush, chosen in 1920." except ending the answer
+    done = ids(tokenizer, " chosen in 1920.")
+    logits = torch.zeros(len(tokenizer))
+    logits[dragon] = 9.0
+    masked = c.mask(logits, done)
+    assert int(masked.argmax()) == tokenizer.eos_token_id
+
+
+def test_refuses_no_passage(tokenizer):
+    with pytest.raises(ValueError, match="non-empty passage"):
+        SpanConstraint(["  "], tokenizer, [0])
+    with pytest.raises(ValueError, match="non-empty passage"):
+        Request(prompt="q", extract_from=[""])
+
+
+def test_engine_output_is_a_span_of_the_passages(tokenizer):
+    """A random model says nothing sensible; constrained, each answer is still copied text."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    sources = [f" {normalize(p)} " for p in PASSAGES]
+    with Engine(model, tokenizer, EngineConfig(max_batch_size=4, max_seq_len=256)) as engine:
+        requests = [Request(prompt=f"Question {i}: what colour?", max_tokens=12, extract_from=PASSAGES,
+                            temperature=t, seed=i) for i, t in enumerate((0.0, 0.0, 1.0, 1.0))]
+        free = engine.generate_sync([Request(prompt="Question 0: what colour?", max_tokens=12)])[0]
+        outs = engine.generate_sync(requests)
+    def copied(text):
+        return bool(normalize(text)) and any(f" {normalize(text)}" in s for s in sources)
+
+    assert not copied(free.text)  # unconstrained it drifts off the passages
+    for out in outs:
+        assert copied(out.text), out.text
+
+
+def test_partial_utf8_needs_a_non_ascii_character_next(tokenizer):
+    c = SpanConstraint(["Zahm (1851\u20131921) wrote it."], tokenizer, [tokenizer.eos_token_id])
+    dash = ids(tokenizer, "1851\u2013")
+    assert all(c.allows(dash[:i], dash[i]) for i in range(len(dash)))
+    byte = next(t for t in range(len(tokenizer)) if tokenizer.decode([t]) == "\ufffd")
+    assert not c.allows(ids(tokenizer, "Zahm"), byte)  # "zahm" is followed by a space, not a multi-byte character
