@@ -8,8 +8,8 @@ model's most likely next tokens, best first, and keeps those with which the answ
 still a run of whole and partial words of some passage, starting at a word (compared as SQuAD
 compares answers: case, punctuation, articles and spacing aside, so "a wind tunnel" may come
 from "an early wind tunnel" and the model is not forced onto another span by its first word);
-EOS is allowed once the answer has a word. The model still chooses the span; the constraint
-only rules out what the passages do not say. It is what the answer's citations rely on too: an
+EOS is allowed where a word of the passage ends. The model still chooses the span; the
+constraint only rules out what the passages do not say. It is what the answer's citations rely on too: an
 answer copied from a passage cites it exactly.
 
 This is a string check on a few candidates per step (the decoded answer, at most ``candidates``
@@ -81,8 +81,9 @@ class SpanConstraint:
     def allows(self, token_ids: Sequence[int], token: int, text: str | None = None) -> bool:
         """Whether ``token`` may follow ``token_ids`` (whose decoded text is ``text``, if known)."""
         before = self._text(token_ids) if text is None else text
-        if token in self.eos_ids:
-            return bool(normalize(before))
+        if token in self.eos_ids:  # at the end of a word of the passages ("Dor" of "Dorm" is no answer)
+            done = normalize(before).rstrip()
+            return bool(done) and any(f" {done} " in s for s in self.sources)
         after = self._text([*token_ids, token])
         if len(after) <= len(before):  # special tokens and pieces that add no text
             return False

@@ -46,6 +46,7 @@ def test_allows_a_span_of_one_passage_and_refuses_what_no_passage_says(tokenizer
 
     assert not c.allows([], tokenizer.eos_token_id) and c.allows(navy, tokenizer.eos_token_id)
     assert not c.allows(ids(tokenizer, " the,"), tokenizer.eos_token_id)  # no word yet
+    assert not c.allows(ids(tokenizer, " Gro"), tokenizer.eos_token_id)  # inside a word
     # whitespace only between words, once
     newline = ids(tokenizer, "\n")[0]
     assert not c.allows([], newline) and not c.allows(ids(tokenizer, "Navy\n"), newline)
