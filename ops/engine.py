@@ -74,8 +74,8 @@ class Request:
         adapter: Name of a LoRA adapter registered with `Engine.add_adapter`, applied unmerged to
             this request only; None = the base model.
         extract_from: Passages the answer must be copied from (`ops.extractive`): every generated
-            token keeps the text a substring of one of them (case and whitespace aside); None =
-            free generation.
+            token keeps the text a run of words of one of them (compared as SQuAD compares
+            answers); None = free generation.
     """
 
     prompt: str | None = None

@@ -9,8 +9,8 @@ still a run of whole and partial words of some passage, starting at a word (comp
 compares answers: case, punctuation, articles and spacing aside, so "a wind tunnel" may come
 from "an early wind tunnel" and the model is not forced onto another span by its first word);
 EOS is allowed where a word of the passage ends. The model still chooses the span; the
-constraint only rules out what the passages do not say. It is what the answer's citations rely on too: an
-answer copied from a passage cites it exactly.
+constraint only rules out what the passages do not say. It is what the answer's citations rely
+on too: an answer copied from a passage cites it exactly.
 
 This is a string check on a few candidates per step (the decoded answer, at most ``candidates``
 of them), not a trie over the vocabulary: answers are short and the tokenizer's merges make a
@@ -44,7 +44,7 @@ def normalize(text: str) -> str:
 
 
 class SpanConstraint:
-    """Restricts a sequence's tokens to those that keep its text a substring of one of ``sources``.
+    """Restricts a sequence's tokens to those that keep its text a run of words of one of ``sources``.
 
     Args:
         sources: the texts an answer may copy from (the passages of the prompt).
@@ -72,7 +72,8 @@ class SpanConstraint:
 
     def _passage_tokens(self) -> list[int]:
         if self._starts is None:
-            self._starts = sorted({t for text in self.texts for t in self.tokenizer(text, add_special_tokens=False)["input_ids"]})
+            encoded = self.tokenizer(self.texts, add_special_tokens=False)["input_ids"]
+            self._starts = sorted({t for ids in encoded for t in ids})
         return self._starts
 
     def _text(self, token_ids: Sequence[int]) -> str:

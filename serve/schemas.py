@@ -54,7 +54,8 @@ class RagRequest(GenerationParams):
     top_k: int = Field(4, ge=1, le=TOP_K_LIMIT, description="passages to retrieve")
     adapter: str | None = Field(None, pattern=NAME_PATTERN, description="registered LoRA adapter name")
     extractive: bool = Field(True, description="copy the answer from the passages: every generated token keeps it a "
-                             "span of one passage (case and spacing aside); false: free generation")
+                             "run of words of one passage (case, punctuation and articles aside); "
+                             "false: free generation")
 
     _q = field_validator("question")(_not_blank)
 
