@@ -19,6 +19,8 @@ token-level index of the passages miss spans that start mid-token.
 
 from __future__ import annotations
 
+import re
+import string
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -26,6 +28,9 @@ import torch
 from ops.qa_metrics import normalize_answer
 
 DEFAULT_CANDIDATES = 32
+# Searched only when none of the first `candidates` tokens may follow (a few steps of an answer, if any).
+WIDE_CANDIDATES = 1024
+_LEADING_ARTICLES = re.compile(r"^(?:(?:a|an|the)(?: |$))+")
 
 
 def _spaced(text: str) -> str:
@@ -43,6 +48,14 @@ def normalize(text: str) -> str:
     return core
 
 
+def _with_articles(text: str) -> str:
+    """:func:`normalize` keeping articles after the first word ("Congregatio a Sancta"), so an
+    article is checked against the passages while the answer's own leading article is not."""
+    core = " ".join("".join(c for c in text.lower() if c not in string.punctuation).split())
+    core = _LEADING_ARTICLES.sub("", core)
+    return core + " " if core and text[-1:].isspace() else core
+
+
 class SpanConstraint:
     """Restricts a sequence's tokens to those that keep its text a run of words of one of ``sources``.
 
@@ -51,8 +64,9 @@ class SpanConstraint:
         tokenizer: decodes token ids to text (a Hugging Face tokenizer).
         eos_ids: token ids that end generation.
         candidates: the most likely tokens checked per step; when none of them continues a span
-            the answer ends (EOS), or, before any text, it starts with the most likely of the
-            passages' own tokens.
+            the answer ends (EOS) where a word of the passages ends, and otherwise (before any
+            text, or inside a word) goes on with the most likely token of the first
+            ``WIDE_CANDIDATES`` that may, else of the passages' own tokens.
     """
 
     def __init__(self, sources: Sequence[str], tokenizer: Any, eos_ids: Iterable[int],
@@ -63,6 +77,7 @@ class SpanConstraint:
         # padded: a span starts at a word
         self.sources = [f" {normalize(s)} " for s in self.texts]
         self.literal = [_spaced(s) for s in self.texts]
+        self.with_articles = [f" {_with_articles(s)} " for s in self.texts]
         self._starts: list[int] | None = None
         if not self.sources:
             raise ValueError("extractive decoding needs at least one non-empty passage")
@@ -98,9 +113,14 @@ class SpanConstraint:
         starts_a_word = any(f" {candidate}" in s for s in self.sources)
         if any(_spaced(after) in s for s in self.literal):  # copied as it stands
             return not candidate or starts_a_word
-        # Otherwise compared as SQuAD compares answers, for tokens that add a word (punctuation and
-        # articles only as a passage has them: a stream of "?" normalises to nothing)
-        return bool(candidate) and starts_a_word and any(c.isalnum() for c in added)
+        # Otherwise compared as SQuAD compares answers, for tokens that add to a word (punctuation and
+        # articles only as a passage has them: a stream of "?" normalises to nothing, "Dor an the A A"
+        # to "dor")
+        if not (candidate and starts_a_word and any(c.isalnum() for c in added)):
+            return False
+        if candidate.rstrip() == normalize(before).rstrip():  # an article: only where a passage has it
+            return any(f" {_with_articles(after)}" in s for s in self.with_articles)
+        return True
 
     def _before_non_ascii(self, text: str) -> bool:
         """Whether some passage has ``text`` followed by a non-ASCII character."""
@@ -126,15 +146,24 @@ class SpanConstraint:
         """
         before = self._text(token_ids) if text is None else text
         top = torch.topk(logits, min(self.candidates, logits.shape[-1])).indices.tolist()
-        keep = []
-        for token in top:
-            if self.allows(token_ids, token, before):
-                keep.append(token)
-                if first_only:
-                    break
-        if not keep and not normalize(before):
-            # none of the likely tokens starts a span: the best of the passages' own tokens does
-            keep = [t for t in self._passage_tokens() if self.allows(token_ids, t, before)]
+
+        def scan(tokens: Sequence[int]) -> list[int]:
+            keep = []
+            for token in tokens:
+                if self.allows(token_ids, token, before):
+                    keep.append(token)
+                    if first_only:
+                        break
+            return keep
+
+        keep = scan(top)
+        if not keep and self.eos_ids and normalize(before) and self.allows(token_ids, self.eos_ids[0], before):
+            keep = self.eos_ids  # nothing likely continues the span, and it ends at a word: the answer ends
+        if not keep:
+            # none of the likely tokens starts a span, or the answer stops inside a word ("Dor" of
+            # "Dorm"): the best-ranked token further down that does, else the passages' own tokens
+            wide = torch.topk(logits, min(WIDE_CANDIDATES, logits.shape[-1])).indices.tolist()
+            keep = scan(wide[len(top):]) or [t for t in self._passage_tokens() if self.allows(token_ids, t, before)]
         if not keep:
             if not self.eos_ids:
                 return logits

@@ -68,6 +68,29 @@ def test_mask_keeps_the_best_allowed_tokens(tokenizer):
     assert int(masked.argmax()) == tokenizer.eos_token_id
 
 
+def test_an_answer_stopped_inside_a_word_finishes_the_word(tokenizer):
+    """Nothing likely continues "Navy Blue and Go": the answer goes on from the passage ("Gold"), not "Go"."""
+    c = SpanConstraint(PASSAGES, tokenizer, [tokenizer.eos_token_id])
+    partial = ids(tokenizer, " Navy Blue and Go")
+    assert tokenizer.decode(partial).strip() == "Navy Blue and Go" and c.allows(partial[:-1], partial[-1])
+    assert not c.allows(partial, tokenizer.eos_token_id)
+    # articles add nothing to a word SQuAD compares: only where the passage has them, as they stand
+    assert not c.allows(partial, ids(tokenizer, " an")[0]) and not c.allows(partial, ids(tokenizer, " A")[0])
+    latin = SpanConstraint(["founded by the Congregation of Holy Cross (Congregatio a Sancta Cruce) in 1842"],
+                           tokenizer, [tokenizer.eos_token_id])
+    answer = ids(tokenizer, "the Congregatio")
+    assert latin.allows(answer, ids(tokenizer, " a")[0])  # the passage's own "a", after the answer's "the"
+    assert not latin.allows(answer, ids(tokenizer, " the")[0])
+    rest = [t for t in range(len(tokenizer)) if tokenizer.decode([*partial, t]).strip() == "Navy Blue and Gold"]
+    assert rest
+    logits = torch.full((len(tokenizer),), -10.0)
+    logits[ids(tokenizer, " Dragon")[0]] = 9.0
+    logits[tokenizer.eos_token_id] = 8.0
+    logits[rest[0]] = 1.0  # below the candidates checked first
+    narrow = SpanConstraint(PASSAGES, tokenizer, [tokenizer.eos_token_id], candidates=2)
+    assert int(narrow.mask(logits, partial, first_only=True).argmax()) == rest[0]
+
+
 def test_refuses_no_passage(tokenizer):
     with pytest.raises(ValueError, match="non-empty passage"):
         SpanConstraint(["  "], tokenizer, [0])
