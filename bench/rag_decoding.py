@@ -1,0 +1,183 @@
+"""Extractive decoding: greedy (what /v1/rag serves) vs beam search over spans, same model, same passages.
+
+    python bench/rag_decoding.py --report artifacts/reports/<name> [--beams 4]
+
+Takes a RAG pipeline run's report (``configs/rag_lora.yaml``: its held-out questions, gold answers
+and the answers ``/v1/rag`` served), its index (the passages each question retrieved, looked up
+again with the Retriever's code and checked to be the same documents) and its adapter on the
+float32 base model (transformers, not the engine). Each question is decoded with the endpoint's
+prompt under ``ops.extractive``'s span constraint, greedily and by beam search (the ``--beams``
+most likely allowed tokens per step; an answer's score is the sum of its tokens' log-probabilities
+including EOS, no length penalty: the most likely span). Greedy here reproduces the served
+answers (the table counts how many match) so the beam row differs only by the search.
+
+Why: of the wrong answers of an extractive run, most had the right passage first; greedy commits to
+its first token ("D" -> "Dor" where the span is "Navy Blue and Gold Rush"), a beam keeps the spans
+whose later tokens are likelier. The engine does not run beam search yet; this measures what it
+would buy. Writes docs/benchmarks/rag_decoding.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ops.extractive import SpanConstraint  # noqa: E402
+from ops.qa_metrics import score_answers  # noqa: E402
+
+
+def load(report: Path, storage: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ops.retrieval import RetrievalStore
+
+    summary = json.loads((report / "summary.json").read_text())
+    answers = summary["qa"]["rows"]["fine-tuned"]["answers"]
+    served = summary["served"]
+    store = RetrievalStore.load(storage / "indexes" / served["index"])
+    hits = store.search_text([a["question"] for a in answers], summary["qa"]["top_k"])
+    rows = []
+    for a, found in zip(answers, hits):
+        if [h.doc_id for h in found] != a["retrieved"]:
+            raise SystemExit(f"the index no longer returns what was served for {a['question']!r}")
+        rows.append({**a, "passages": [h.text for h in found]})
+    base = storage / "models" / summary["model"]
+    adapter = storage / "adapters" / Path(served["model"]).name
+    tok = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter)).eval()
+    return summary, rows, tok, model, adapter
+
+
+class Decoder:
+    def __init__(self, model, tok, max_tokens: int):
+        self.model, self.tok, self.max_tokens = model, tok, max_tokens
+        eos: set[int] = set()
+        for source in (model.generation_config, model.config, tok):  # as ops.engine.Engine._eos_ids
+            e = getattr(source, "eos_token_id", None)
+            eos.update([] if e is None else [e] if isinstance(e, int) else e)
+        self.eos = eos
+
+    @torch.inference_mode()
+    def step(self, cache, ids):
+        out = self.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+        return out.past_key_values, torch.log_softmax(out.logits[0, -1].float(), -1)
+
+    def greedy(self, prompt, constraint):
+        cache, lp = self.step(None, prompt)
+        toks = []
+        for _ in range(self.max_tokens):
+            t = int(torch.argmax(constraint.mask(lp, toks, first_only=True)))
+            if t in self.eos:
+                break
+            toks.append(t)
+            cache, lp = self.step(cache, [t])
+        return toks
+
+    def beam(self, prompt, constraint, width: int):
+        import copy
+
+        cache, lp = self.step(None, prompt)
+        beams, done = [(0.0, [], cache, lp)], []
+        for _ in range(self.max_tokens):
+            grown = []
+            for score, toks, c, l in beams:
+                masked = constraint.mask(l, toks)
+                allowed = sorted(torch.isfinite(masked).nonzero().flatten().tolist(), key=lambda t: -float(l[t]))
+                grown += [(score + float(l[t]), toks, t, c) for t in allowed[:width]]
+            grown.sort(key=lambda g: -g[0])
+            beams = []
+            for score, toks, t, c in grown:
+                if t in self.eos:
+                    done.append((score, toks))
+                elif len(beams) < width:
+                    beams.append((score, toks, t, c))
+            beams = [(s, toks + [t], *self.step(copy.deepcopy(c), [t])) for s, toks, t, c in beams]
+            # a finished span beats every open one: adding tokens only lowers a score
+            if not beams or (done and max(d[0] for d in done) >= max(b[0] for b in beams)):
+                break
+        if not done:  # max_tokens reached with no span finished
+            done = [(s, toks) for s, toks, _, _ in beams]
+        return max(done, key=lambda d: d[0])[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--report", type=Path, required=True, help="a RAG pipeline report directory (summary.json)")
+    ap.add_argument("--storage", type=Path, default=REPO / "artifacts", help="the pipeline's storage root")
+    ap.add_argument("--beams", type=int, default=4, help="beam width (default 4)")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
+    args = ap.parse_args()
+    if args.beams < 2:
+        ap.error("--beams must be >= 2 (1 is greedy, which is always measured)")
+    if not (args.report / "summary.json").is_file():
+        ap.error(f"{args.report}/summary.json not found: run the pipeline with configs/rag_lora.yaml first")
+    from serve.app import DEFAULT_SYSTEM_PROMPT, rag_messages
+
+    summary, rows, tok, model, adapter = load(args.report, args.storage)
+    max_tokens = summary["qa"]["max_tokens"]
+    dec = Decoder(model, tok, max_tokens)
+
+    def count(messages):
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    results = {"greedy": [], f"beam {args.beams}": []}
+    seconds = {k: 0.0 for k in results}
+    for i, r in enumerate(rows, 1):
+        messages = rag_messages(r["question"], [{"text": p} for p in r["passages"]], DEFAULT_SYSTEM_PROMPT, count,
+                                2048 - max_tokens)
+        prompt = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False)["input_ids"]
+        constraint = SpanConstraint(r["passages"], tok, dec.eos)
+        for key in results:
+            t0 = time.perf_counter()
+            toks = dec.greedy(prompt, constraint) if key == "greedy" else dec.beam(prompt, constraint, args.beams)
+            seconds[key] += time.perf_counter() - t0
+            results[key].append(tok.decode(toks, skip_special_tokens=True).strip())
+        print(f"[{i}/{len(rows)}] {r['question'][:60]!r}: greedy {results['greedy'][-1]!r}, "
+              f"beam {results[f'beam {args.beams}'][-1]!r}, gold {r['gold'][:2]}", flush=True)
+
+    golds = [r["gold"] for r in rows]
+    served = [r["answer"] for r in rows]
+    table = {"served by /v1/rag (the pipeline run)": {**score_answers(served, golds), "s_per_question": None}}
+    for key, answers in results.items():
+        table[f"{key} (transformers, float32 base + adapter)"] = {
+            **score_answers(answers, golds), "s_per_question": seconds[key] / len(rows),
+            "same_as_served": sum(a == s for a, s in zip(answers, served))}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    meta = {"report": str(args.report), "adapter": str(adapter), "questions": len(rows), "top_k": summary["qa"]["top_k"],
+            "max_tokens": max_tokens, "beams": args.beams, "commit": commit, "machine": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "rag_decoding.json").write_text(json.dumps(
+        {"meta": meta, "rows": table, "answers": {"served": served, **results, "gold": golds,
+                                                   "question": [r["question"] for r in rows]}}, indent=1))
+    lines = ["# Extractive decoding: greedy vs beam search", "",
+             f"Generated by `python bench/rag_decoding.py --report {args.report} --beams {args.beams}` at `{commit}`; "
+             f"{len(rows)} held-out questions of the pipeline run's report, the passages it served (top_k "
+             f"{meta['top_k']}), max_tokens {max_tokens}, {meta['threads']} threads. Beam score: sum of token "
+             "log-probabilities including EOS, no length penalty.", "",
+             "| decoding | exact match | F1 | contains gold | same answer as served | s / question |",
+             "|---|---|---|---|---|---|"]
+    for key, row in table.items():
+        same = row.get("same_as_served")
+        sec = row["s_per_question"]
+        lines.append(f"| {key} | {row['exact_match']:.3f} | {row['f1']:.3f} | {row['contains_gold']:.3f} | "
+                     f"{'-' if same is None else f'{same}/{len(rows)}'} | {'-' if sec is None else f'{sec:.2f}'} |")
+    (args.out / "rag_decoding.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
