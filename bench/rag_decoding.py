@@ -61,12 +61,10 @@ def load(report: Path, storage: Path):
 
 class Decoder:
     def __init__(self, model, tok, max_tokens: int):
+        from ops.engine import Engine
+
         self.model, self.tok, self.max_tokens = model, tok, max_tokens
-        eos: set[int] = set()
-        for source in (model.generation_config, model.config, tok):  # as ops.engine.Engine._eos_ids
-            e = getattr(source, "eos_token_id", None)
-            eos.update([] if e is None else [e] if isinstance(e, int) else e)
-        self.eos = eos
+        self.eos = Engine._eos_ids(model, tok)  # what ends an answer in the engine
 
     @torch.inference_mode()
     def step(self, cache, ids):
@@ -122,7 +120,7 @@ def main() -> None:
         ap.error("--beams must be >= 2 (1 is greedy, which is always measured)")
     if not (args.report / "summary.json").is_file():
         ap.error(f"{args.report}/summary.json not found: run the pipeline with configs/rag_lora.yaml first")
-    from serve.app import DEFAULT_SYSTEM_PROMPT, rag_messages
+    from serve.app import DEFAULT_SYSTEM_PROMPT, AppArgs, rag_messages
 
     summary, rows, tok, model, adapter = load(args.report, args.storage)
     max_tokens = summary["qa"]["max_tokens"]
@@ -135,8 +133,9 @@ def main() -> None:
     results = {"greedy": [], f"beam {args.beams}": []}
     seconds = {k: 0.0 for k in results}
     for i, r in enumerate(rows, 1):
+        # trimmed to the token budget the Generator gives a prompt (the app's default max_seq_len)
         messages = rag_messages(r["question"], [{"text": p} for p in r["passages"]], DEFAULT_SYSTEM_PROMPT, count,
-                                2048 - max_tokens)
+                                AppArgs.model_fields["max_seq_len"].default - max_tokens)
         prompt = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
                      add_special_tokens=False)["input_ids"]
         constraint = SpanConstraint(r["passages"], tok, dec.eos)
