@@ -13,8 +13,8 @@ answers (the table counts how many match) so the beam row differs only by the se
 
 Why: of the wrong answers of an extractive run, most had the right passage first; greedy commits to
 its first token ("D" -> "Dor" where the span is "Navy Blue and Gold Rush"), a beam keeps the spans
-whose later tokens are likelier. The engine does not run beam search yet; this measures what it
-would buy. Writes docs/benchmarks/rag_decoding.{json,md}.
+whose later tokens are likelier. The search is the engine's (``Request.beams``, the ``/v1/rag``
+default since this measurement), here on the float32 weights. Writes docs/benchmarks/rag_decoding.{json,md}.
 """
 
 from __future__ import annotations
@@ -85,28 +85,29 @@ class Decoder:
     def beam(self, prompt, constraint, width: int):
         import copy
 
+        # as the engine's Request.beams (tests/references.py has it over full forwards)
         cache, lp = self.step(None, prompt)
         beams, done = [(0.0, [], cache, lp)], []
-        for _ in range(self.max_tokens):
+        while True:
             grown = []
             for score, toks, c, l in beams:
                 masked = constraint.mask(l, toks)
-                allowed = sorted(torch.isfinite(masked).nonzero().flatten().tolist(), key=lambda t: -float(l[t]))
-                grown += [(score + float(l[t]), toks, t, c) for t in allowed[:width]]
+                values, tokens = torch.topk(masked, min(width, int(torch.isfinite(masked).sum())))
+                grown += [(score + v, toks, t, c) for v, t in zip(values.tolist(), tokens.tolist())]
             grown.sort(key=lambda g: -g[0])
             beams = []
             for score, toks, t, c in grown:
                 if t in self.eos:
                     done.append((score, toks))
                 elif len(beams) < width:
-                    beams.append((score, toks, t, c))
-            beams = [(s, toks + [t], *self.step(copy.deepcopy(c), [t])) for s, toks, t, c in beams]
+                    if len(toks) + 1 >= self.max_tokens:  # final at max_tokens
+                        done.append((score, toks + [t]))
+                    else:
+                        beams.append((score, toks, t, c))
             # a finished span beats every open one: adding tokens only lowers a score
-            if not beams or (done and max(d[0] for d in done) >= max(b[0] for b in beams)):
-                break
-        if not done:  # max_tokens reached with no span finished
-            done = [(s, toks) for s, toks, _, _ in beams]
-        return max(done, key=lambda d: d[0])[1]
+            if not beams or (done and max(d[0] for d in done) >= beams[0][0]):
+                return max(done, key=lambda d: d[0])[1]
+            beams = [(s, toks + [t], *self.step(copy.deepcopy(c), [t])) for s, toks, t, c in beams]
 
 
 def main() -> None:

@@ -11,10 +11,11 @@ Retrieval (in-process, the Serve Retriever's code): recall@1, recall@5, MRR@10 b
 the earlier baseline (dense on 1000-character chunks, some longer than MiniLM reads) and for
 token-aware chunks, without and with the document title prefixed (what ``jobs.index`` builds),
 searched dense, BM25 and hybrid; embedding throughput of each chunking.
-Answers (through ``/v1/rag`` of a local Serve app, top_k 5, max_tokens 24, greedy): exact match,
-F1, contains-gold (SQuAD normalisation), recall@5 of the sources and p50 latency, for the base
-model and the tuned one (``--tuned``: a quantized/adapter artifact or model dir), with the
-endpoint's default extractive decoding (``ops.extractive``) and, for the tuned model, without it.
+Answers (through ``/v1/rag`` of a local Serve app, top_k 5, max_tokens 24, temperature 0): exact
+match, F1, contains-gold (SQuAD normalisation), recall@5 of the sources and p50 latency, for the
+base model and the tuned one (``--tuned``: a quantized/adapter artifact or model dir), with the
+endpoint's default decoding (extractive, ``ops.extractive``, beam search) and, for the tuned model,
+extractive greedy (``beams: 1``) and free generation.
 Writes docs/benchmarks/rag_quality.{json,md}.
 """
 
@@ -38,6 +39,7 @@ sys.path.insert(0, str(REPO))
 from bench.retrieval import doc_ranking, rank_metrics, wikitext_paragraphs  # noqa: E402
 from ops.datasets import read_squad, split_paragraphs  # noqa: E402
 from ops.qa_metrics import score_answers  # noqa: E402
+from serve.schemas import DEFAULT_RAG_BEAMS  # noqa: E402
 from ops.retrieval import (RetrievalStore, chunk_documents, embed, embedder_token_limit,  # noqa: E402
                            load_embedder)
 
@@ -99,11 +101,12 @@ def retrieval(docs: list[dict], questions: list[dict], model) -> tuple[dict, dic
     return result, store.manifest, token_chunks, vectors
 
 
-def ask_all(url: str, questions: list[dict], extractive: bool) -> dict:
+def ask_all(url: str, questions: list[dict], extractive: bool, beams: int | None = None) -> dict:
     answers, latencies, found = [], [], 0
     for q in questions:
         body = json.dumps({"question": q["question"], "top_k": TOP_K, "max_tokens": MAX_TOKENS,
-                           "temperature": 0.0, "extractive": extractive}).encode()
+                           "temperature": 0.0, "extractive": extractive,
+                           **({"beams": beams} if beams is not None else {})}).encode()
         request = urllib.request.Request(f"{url}/v1/rag", data=body, headers={"Content-Type": "application/json"})
         t0 = time.perf_counter()
         with urllib.request.urlopen(request, timeout=300) as resp:
@@ -119,7 +122,8 @@ def ask_all(url: str, questions: list[dict], extractive: bool) -> dict:
 
 def answers(storage: Path, models: dict[str, str], questions: list[dict], port: int) -> dict:
     """Deploy the RAG app once per model on the index in ``storage`` and ask every question, with
-    the default extractive decoding and, for the tuned model, also without it."""
+    the default decoding (extractive, beam search) and, for the tuned model, also extractive greedy
+    and free generation."""
     import ray
     from ray import serve
 
@@ -132,9 +136,12 @@ def answers(storage: Path, models: dict[str, str], questions: list[dict], port: 
         for label, model in models.items():
             serve.run(build_app({"storage": str(storage), "model": model, "index": "bench", "model_id": "m"}),
                       name="rag", route_prefix="/")
-            for extractive in (False, True) if label != "base" else (True,):
-                row = f"{label}, {'extractive (default)' if extractive else 'free generation'}"
-                rows[row] = ask_all(f"http://127.0.0.1:{port}", questions, extractive)
+            variants = {"extractive, beam search (default)": (True, None)}
+            if label != "base":
+                variants = {"free generation": (False, None), "extractive, greedy (beams 1)": (True, 1), **variants}
+            for name, (extractive, beams) in variants.items():
+                row = f"{label}, {name}"
+                rows[row] = ask_all(f"http://127.0.0.1:{port}", questions, extractive, beams)
                 print(f"[bench.rag_quality] {row}: " + json.dumps({k: v for k, v in rows[row].items()
                                                                   if k != "examples"}), flush=True)
             serve.delete("rag")
@@ -165,7 +172,7 @@ def write(report: dict) -> None:
               "reuses vectors and rate); on a shared machine they vary with its load and compare only within a run."]
     if r.get("answers"):
         lines += ["", f"## Answers through `/v1/rag` (hybrid retrieval, top_k {TOP_K}, max_tokens {MAX_TOKENS}, "
-                  "greedy)", "", "| model | exact match | F1 | contains gold | recall@5 | p50 latency s |",
+                  f"temperature 0; the default decoding is extractive with a beam of {DEFAULT_RAG_BEAMS})", "", "| model | exact match | F1 | contains gold | recall@5 | p50 latency s |",
                   "|---|---|---|---|---|---|"]
         for label, m in r["answers"].items():
             lines.append(f"| {label} | {m['exact_match']:.3f} | {m['f1']:.3f} | {m['contains_gold']:.3f} | "

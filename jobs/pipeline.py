@@ -136,7 +136,7 @@ class ServeSection(BaseConfig):
                       f"API key (serve.app.api_key or env {API_KEY_ENV})")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy")
     top_k: int = Field(4, ge=1, le=50, description="passages retrieved per question")
-    max_tokens: int = Field(96, ge=1, le=1024, description="answer tokens at most (greedy)")
+    max_tokens: int = Field(96, ge=1, le=1024, description="answer tokens at most")
     request_timeout_s: float = Field(120.0, gt=0, description="per question")
     app: dict[str, Any] = Field(default_factory=dict, description="extra serve.app args (e.g. max_batch_size, "
                                 "api_key; an api_key is never printed or saved)")
@@ -484,7 +484,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
         qa = s["qa"]
         lines += ["", f"RAG QA through `/v1/rag` on {qa['questions']} questions of the {qa['val_paragraphs']} held-out "
                   f"paragraphs (training saw the other {qa['train_paragraphs']}); top_k {qa['top_k']}, max_tokens "
-                  f"{qa['max_tokens']}, greedy, extractive (the endpoint's default).", "",
+                  f"{qa['max_tokens']}, extractive, beam search of width {qa.get('beams', 1)} (the endpoint's "
+                  "default decoding).", "",
                   "| model | exact match | F1 | contains gold | recall@1 | recall@k | p50 s |", "|---|---|---|---|---|---|---|"]
         recall_k = f"recall@{qa['top_k']}"
         for label, row in qa["rows"].items():
@@ -512,8 +513,13 @@ def evaluate_rag_qa(cfg: PipelineConfig, storage: str, model_spec: str, index_na
     url = deploy(cfg, storage, model_spec, index_name)
     rows["fine-tuned"] = ask_squad(url, cfg, questions)
     log(f"qa: fine-tuned: {_qa_line(rows['fine-tuned'])}")
+    from serve.app import AppArgs
+    from serve.schemas import DEFAULT_RAG_BEAMS
+
+    batch = cfg.serve.app.get("max_batch_size", AppArgs.model_fields["max_batch_size"].default)
     return {"questions": len(questions), "train_paragraphs": len(train_ids), "val_paragraphs": len(val_ids),
-            "top_k": cfg.serve.top_k, "max_tokens": cfg.serve.max_tokens, "rows": rows}, url
+            "top_k": cfg.serve.top_k, "max_tokens": cfg.serve.max_tokens, "beams": min(DEFAULT_RAG_BEAMS, batch),
+            "rows": rows}, url
 
 
 def _qa_line(row: dict) -> str:

@@ -76,6 +76,10 @@ class Request:
         extract_from: Passages the answer must be copied from (`ops.extractive`): every generated
             token keeps the text a run of words of one of them (compared as SQuAD compares
             answers); None = free generation.
+        beams: Beam width; 1 = greedy or sampled decoding. With more, the request holds `beams` KV
+            rows and returns the most likely sequence found (sum of its tokens' log-probabilities,
+            EOS included, no length penalty); its text arrives whole when it finishes. Needs
+            temperature 0 and no stop strings.
     """
 
     prompt: str | None = None
@@ -89,6 +93,7 @@ class Request:
     ignore_eos: bool = False
     adapter: str | None = None
     extract_from: list[str] | None = None
+    beams: int = 1
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -105,6 +110,13 @@ class Request:
             raise ValueError(f"stop strings must be non-empty, got {self.stop!r}")
         if self.extract_from is not None and not any(s.strip() for s in self.extract_from):
             raise ValueError("extract_from needs at least one non-empty passage")
+        if self.beams < 1:
+            raise ValueError(f"beams must be >= 1, got {self.beams}")
+        if self.beams > 1 and self.temperature > 0:
+            raise ValueError(f"beams={self.beams} searches for the most likely answer: it needs temperature 0, got "
+                             f"{self.temperature}")
+        if self.beams > 1 and self.stop:
+            raise ValueError(f"beams={self.beams} does not take stop strings (it finishes on EOS or max_tokens)")
 
 
 @dataclass
@@ -255,6 +267,8 @@ class _Sequence:
     row: int = -1  # KV cache row while prefilling (while decoding: its index in `Engine._running`)
     prefilled: int = 0  # prompt tokens already in the KV cache
     constraint: SpanConstraint | None = None  # Request.extract_from
+    beam: _Beam | None = None  # the beam search this sequence is a hypothesis of
+    score: float = 0.0  # beam search: sum of the log-probabilities of `token_ids`
 
     @property
     def position(self) -> int:
@@ -265,6 +279,20 @@ class _Sequence:
     def cached(self) -> int:
         """Filled KV cache positions of the request's row."""
         return self.prefilled + max(len(self.token_ids) - 1, 0)
+
+
+@dataclass
+class _Beam:
+    """A beam search: `width` hypotheses, one KV row each, decoded in the batch like other requests.
+
+    The leader is the request's own `_Sequence` (its id, events and LoRA slot); the other rows are
+    followers that share its prompt. A hypothesis that continues another's tokens is written into a
+    row by copying the other's generated keys and values (the prompt's are the same in every row).
+    """
+
+    leader: _Sequence
+    width: int
+    finished: list[tuple[float, list[int], str]] = field(default_factory=list)  # (score, token ids, reason)
 
 
 class Engine:
@@ -423,6 +451,12 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds "
                 f"max_seq_len={self.config.max_seq_len}"
             )
+        if request.beams > self.config.max_batch_size:
+            raise ValueError(f"beams={request.beams} needs as many KV rows; this engine has max_batch_size="
+                             f"{self.config.max_batch_size}")
+        if request.beams > 1 and not isinstance(self.runner, LlamaRunner):
+            raise ValueError(f"beams={request.beams}: beam search copies KV rows, which the HF fallback "
+                             f"({type(self.model).__name__}) does not expose; valid: 1")
         generator = None
         if request.temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -751,12 +785,113 @@ class Engine:
         greedy = logits.argmax(-1).tolist()
         if self._budget is not None and not prefilled:  # a decode step alone: what a chunk's stall is measured against
             self._budget.observe_decode(time.perf_counter() - started)
+        beams: dict[int, list[tuple[_Sequence, torch.Tensor]]] = {}
         for b, seq in enumerate(self._running):
+            if seq.beam is not None:  # a beam search's rows step together, below
+                beams.setdefault(id(seq.beam), []).append((seq, logits[b]))
+                continue
             if seq.constraint is not None:
                 token = self._next_token(seq, logits[b])
             else:
                 token = greedy[b] if seq.request.temperature == 0 else sample(logits[b], seq.request, seq.generator)
             self._accept(seq, token)
+        for hypotheses in beams.values():
+            self._beam_step(hypotheses)
+
+    # ----------------------------------------------------------------- beam search
+
+    def _start_beam(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """Turns a request whose prompt was just prefilled into a beam search: its first tokens choose
+        the hypotheses; rows after its own get the prompt's keys and values for them."""
+        seq.first_token_at = time.perf_counter()
+        seq.beam = _Beam(seq, seq.request.beams)
+        self._beam_step([(seq, logits)], expanding=True)
+
+    def _beam_step(self, hypotheses: list[tuple[_Sequence, torch.Tensor]], expanding: bool = False) -> None:
+        """One step of a beam search: extends its open hypotheses by their `width` most likely (allowed)
+        tokens each, keeps the `width` best non-final extensions and rewrites its rows to hold them.
+
+        A hypothesis ending in EOS, or reaching max_tokens, is final. The search ends once no open
+        hypothesis can beat the best final one (a score only falls as tokens are added) or none is open;
+        the leader then carries the best final hypothesis and the followers are dropped.
+        """
+        beam = hypotheses[0][0].beam
+        request, width = beam.leader.request, beam.width
+        candidates = []
+        for seq, logits in hypotheses:
+            logprobs = torch.log_softmax(logits.float(), -1)
+            allowed = seq.constraint.mask(logprobs, seq.token_ids, seq.text) if seq.constraint else logprobs
+            k = min(width, int(torch.isfinite(allowed).sum()))
+            values, tokens = torch.topk(allowed, k)
+            candidates += [(seq.score + v, seq, t) for v, t in zip(values.tolist(), tokens.tolist())]
+        candidates.sort(key=lambda c: -c[0])
+        survivors: list[tuple[float, _Sequence, int]] = []
+        for score, seq, token in candidates:
+            if token in self.eos_token_ids and not request.ignore_eos:
+                beam.finished.append((score, [*seq.token_ids, token], "stop"))
+            elif len(survivors) < width:
+                if len(seq.token_ids) + 1 >= request.max_tokens:
+                    beam.finished.append((score, [*seq.token_ids, token], "length"))
+                else:
+                    survivors.append((score, seq, token))
+        best_final = max((f[0] for f in beam.finished), default=float("-inf"))
+        if not survivors or best_final >= survivors[0][0] or beam.leader.cancelled:
+            self._end_beam(beam, [seq for seq, _ in hypotheses])
+            return
+        rows = {id(seq): b for b, seq in enumerate(self._running)}
+        members = [seq for seq, _ in hypotheses]
+        if expanding:  # the leader's row only so far: followers in the rows after it
+            leader = beam.leader
+            for _ in range(len(survivors) - 1):
+                follower = _Sequence(leader.request, leader.prompt_ids, _ignore_event, leader.submitted, None,
+                                     slot=leader.slot, prefilled=leader.prefilled, constraint=leader.constraint,
+                                     beam=beam, first_token_at=leader.first_token_at)
+                follower.row = len(self._running)
+                self._running.append(follower)
+                self.runner.move(rows[id(leader)], follower.row, leader.cached)
+                rows[id(follower)] = follower.row
+                members.append(follower)
+        # A surviving hypothesis stays in its parent's row where it can; the leader always holds one.
+        assigned: dict[int, tuple[float, _Sequence, int]] = {}
+        rest = []
+        for survivor in survivors:
+            parent = survivor[1]
+            if id(parent) not in assigned and not expanding:
+                assigned[id(parent)] = survivor
+            else:
+                rest.append(survivor)
+        free = sorted((m for m in members if id(m) not in assigned), key=lambda m: m is not beam.leader)
+        for seq, survivor in zip(free, rest):
+            assigned[id(seq)] = survivor
+        if id(beam.leader) not in assigned:  # only when fewer survivors than rows: hand the leader one
+            donor = next(m for m in members if id(m) in assigned)
+            assigned[id(beam.leader)] = assigned.pop(id(donor))
+        prompt = len(beam.leader.prompt_ids)
+        copies = [(seq, self.runner.read_kv(rows[id(parent)], prompt, prompt + len(parent.token_ids)))
+                  for seq in members if id(seq) in assigned
+                  for _, parent, _ in [assigned[id(seq)]] if parent is not seq and parent.token_ids]
+        for seq, kv in copies:  # every source is read before any row is written
+            self.runner.write_kv(rows[id(seq)], prompt, kv)
+        updates = {id(seq): (score, [*parent.token_ids, token]) for seq in members if id(seq) in assigned
+                   for score, parent, token in [assigned[id(seq)]]}
+        for seq in members:
+            if id(seq) in updates:
+                seq.score, seq.token_ids = updates[id(seq)]
+                seq.text = self.tokenizer.decode(seq.token_ids, skip_special_tokens=True)
+            else:
+                seq.finish_reason = "beam"  # a row no hypothesis needs: retired
+
+    def _end_beam(self, beam: _Beam, members: list[_Sequence]) -> None:
+        """Gives the leader the best final hypothesis (the best open one if none is final) and drops the rows."""
+        leader = beam.leader
+        final = beam.finished or [(m.score, m.token_ids, "length") for m in members]
+        score, token_ids, reason = max(final, key=lambda f: f[0])
+        leader.score, leader.token_ids = score, list(token_ids)
+        text_ids = token_ids[:-1] if reason == "stop" else token_ids
+        leader.text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        for seq in members:
+            seq.finish_reason = "beam"
+        leader.finish_reason = "cancelled" if leader.cancelled else reason
 
     def _next_token(self, seq: _Sequence, logits: torch.Tensor) -> int:
         """Samples `seq`'s next token from its (V,) logits, within its span constraint if it has one."""
@@ -808,6 +943,8 @@ class Engine:
             with self._wakeup:
                 if not self._waiting:
                     return None
+                if len(self._running) + self._waiting[0].request.beams > self.config.max_batch_size:
+                    return None  # a beam search waits for its rows; first come, first served
                 seq = self._waiting.popleft()
             if seq.cancelled:
                 self._finish(seq, "cancelled")
@@ -847,7 +984,10 @@ class Engine:
                 self.runner.move(seq.row, len(self._running), seq.cached)
             seq.row = len(self._running)
             self._running.append(seq)
-            self._accept(seq, self._next_token(seq, logits))
+            if seq.request.beams > 1:
+                self._start_beam(seq, logits)
+            else:
+                self._accept(seq, self._next_token(seq, logits))
         return taken
 
     def _reuse_prefix(self, seq: _Sequence) -> None:
@@ -928,7 +1068,11 @@ class Engine:
         """Removes finished and cancelled requests, compacting running rows to 0..n-1."""
         for row in reversed(range(len(self._running))):
             seq = self._running[row]
-            if seq.finish_reason is None and not seq.cancelled:
+            follower = seq.beam is not None and seq is not seq.beam.leader
+            done = seq.finish_reason is not None or seq.cancelled
+            if follower:  # goes with its beam search
+                done = done or seq.beam.leader.finish_reason is not None or seq.beam.leader.cancelled
+            if not done:
                 continue
             last = len(self._running) - 1
             if row != last:
@@ -936,7 +1080,8 @@ class Engine:
                 self.runner.move(last, row, moved.cached)
                 self._running[row] = moved
             self._running.pop()
-            self._finish(seq, seq.finish_reason or "cancelled")
+            if not follower:
+                self._finish(seq, seq.finish_reason or "cancelled")
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
         self._by_id.pop(seq.request_id, None)
@@ -960,6 +1105,10 @@ class Engine:
         seq.on_event(Delta(seq.text[seq.emitted :], completion))
         seq.emitted = len(seq.text)
 
+
+
+def _ignore_event(event: Delta | BaseException) -> None:
+    """Events of a beam search's follower rows: the leader reports the search."""
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:

@@ -388,8 +388,12 @@ class Generator:
             rag = payload["rag"]
             messages = rag_messages(rag["question"], rag["sources"], self.args.system_prompt, count, budget)
             texts = [s["text"] for s in rag["sources"] if s["text"].strip()]
-            return Request(messages=messages, extract_from=texts if rag.get("extractive") and texts else None,
-                           **params)
+            extract = texts if rag.get("extractive") and texts else None
+            beams = payload.get("beams")
+            if beams is None:  # the default: a beam where it is built for (extractive, greedy) and the engine can
+                beams = (min(schemas.DEFAULT_RAG_BEAMS, engine.config.max_batch_size)
+                         if extract and params.get("temperature", 0) == 0 and engine.backend == "llama" else 1)
+            return Request(messages=messages, extract_from=extract, beams=beams, **params)
         if "messages" in payload:
             return Request(messages=payload["messages"], **params)
         return Request(prompt=payload["prompt"], **params)

@@ -16,6 +16,10 @@ MAX_MESSAGES = 64
 MAX_TOKENS_LIMIT = 1_024
 TOP_K_LIMIT = 50
 MAX_STOP = 4
+MAX_BEAMS = 8
+# Extractive answers: a beam of 4 found better spans than greedy on held-out questions
+# (docs/benchmarks/rag_decoding.md); each hypothesis takes a row of the generator's batch.
+DEFAULT_RAG_BEAMS = 4
 # Registered artifact names only: a path (``../x``, ``/etc``) can never name an adapter.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -56,6 +60,11 @@ class RagRequest(GenerationParams):
     extractive: bool = Field(True, description="copy the answer from the passages: every generated token keeps it a "
                              "run of words of one passage (case, punctuation and articles aside); "
                              "false: free generation")
+    beams: int | None = Field(None, ge=1, le=MAX_BEAMS, description="beam width: the answer is the most likely "
+                              "sequence found among this many hypotheses (sent whole when it finishes; needs "
+                              f"temperature 0); default {DEFAULT_RAG_BEAMS} for extractive answers at temperature 0 "
+                              "(at most the generator's max_batch_size; 1 where the model runs through the HF "
+                              "fallback), else 1: greedy or sampled, streamed token by token")
 
     _q = field_validator("question")(_not_blank)
 

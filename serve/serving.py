@@ -66,7 +66,7 @@ async def rag(ingress: Ingress, body: schemas.RagRequest) -> dict | StreamingRes
     retrieve_s = time.monotonic() - t0
     payload = {"rag": {"question": body.question, "sources": sources, "extractive": body.extractive},
                "max_tokens": body.max_tokens,
-               "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed}
+               "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "beams": body.beams}
     model = body.adapter or args.model_id
     public = public_sources(sources) or []
 

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig
 
 from ops.engine import Engine, EngineConfig, QueueFullError, Request, sample
 from ops.model import DEFAULT_MODEL, embedded_gguf, load_model
+from tests.references import beam_search
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPTS = [
@@ -524,3 +525,98 @@ def test_release_openmp_workers_frees_this_threads_team_and_torch_rebuilds_it():
     finally:
         torch.set_num_threads(previous)
 
+
+
+# ------------------------------------------------------------------------------------------- beam search
+
+
+@pytest.mark.parametrize("settings", [{}, {"prefill_chunk_tokens": 4, "prefix_cache_mb": 1, "prefix_block_tokens": 2}],
+                         ids=["whole-prompts", "chunked-prefix-cached"])
+def test_beam_search_matches_reference_next_to_greedy_requests(tiny_model, tokenizer, settings):
+    """Beam searches share the batch with greedy requests: rows are forked, reordered and retired
+    among the others', and every request gets its own answer."""
+    with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=8, max_seq_len=512, **settings)) as eng:
+        requests = [Request(prompt=PROMPTS[0], max_tokens=10, beams=3, ignore_eos=True),
+                    Request(prompt=PROMPTS[1], max_tokens=12, ignore_eos=True),
+                    Request(prompt=PROMPTS[2], max_tokens=7, beams=4),
+                    Request(prompt=PROMPTS[3], max_tokens=9, ignore_eos=True)]
+        outs = eng.generate_sync(requests)
+        if settings:  # again, the prompts' blocks now from the prefix cache
+            assert eng.generate_sync(requests)[0].token_ids == outs[0].token_ids
+            assert eng.prefix_cache_stats()["hit_tokens"] > 0
+        assert eng.num_running == 0
+    for request, out in zip(requests, outs):
+        if request.beams == 1:
+            assert out.token_ids == hf_greedy(tiny_model, tokenizer, request.prompt, request.max_tokens)
+        else:
+            assert out.token_ids == beam_search(tiny_model, tokenizer(request.prompt)["input_ids"], request.beams,
+                                                request.max_tokens, eng.eos_token_ids, ignore_eos=request.ignore_eos)
+            assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    assert outs[0].finish_reason == "length" and outs[0].completion_tokens == 10
+
+
+def test_beam_search_differs_from_greedy_where_a_later_token_outweighs(tiny_model, tokenizer):
+    """What a beam is for: some prompt's best-scoring sequence does not start with greedy's choice."""
+    def logprob(prompt: str, toks: list[int]) -> float:
+        ids = tokenizer(prompt)["input_ids"]
+        with torch.inference_mode():
+            lp = torch.log_softmax(tiny_model(torch.tensor([ids + toks])).logits[0].float(), -1)
+        return sum(float(lp[len(ids) - 1 + i, t]) for i, t in enumerate(toks))
+
+    with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=4, max_seq_len=512)) as eng:
+        prompts = [f"{p} {i}" for p in PROMPTS for i in range(3)]
+        beam = eng.generate_sync([Request(prompt=p, max_tokens=6, beams=4, ignore_eos=True) for p in prompts])
+        greedy = eng.generate_sync([Request(prompt=p, max_tokens=6, ignore_eos=True) for p in prompts])
+    gains = [logprob(p, b.token_ids) - logprob(p, g.token_ids) for p, b, g in zip(prompts, beam, greedy)]
+    assert all(g > -1e-4 for g in gains), gains  # never worse than greedy here...
+    assert any(g > 1e-3 for g in gains), gains  # ...and better on some prompt
+
+
+def test_beam_search_under_a_span_constraint_matches_reference(tiny_model, tokenizer):
+    from ops.extractive import SpanConstraint, normalize
+
+    passages = ["Notre Dame's official colors are Navy Blue and Gold Rush, chosen in 1920.",
+                "The Grotto of Our Lady of Lourdes was built in 1896."]
+    prompts = [f"Question {i}: what colour?" for i in range(3)]
+    with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=4, max_seq_len=512)) as eng:
+        outs = eng.generate_sync([Request(prompt=p, max_tokens=10, beams=4, extract_from=passages) for p in prompts])
+        eos = eng.eos_token_ids
+    sources = [f" {normalize(p)} " for p in passages]
+    for prompt, out in zip(prompts, outs):
+        constraint = SpanConstraint(passages, tokenizer, eos)
+        assert out.token_ids == beam_search(tiny_model, tokenizer(prompt)["input_ids"], 4, 10, eos, constraint)
+        assert any(f" {normalize(out.text)}" in s for s in sources), out.text
+
+
+def test_beam_search_waits_for_its_rows_and_a_cancelled_one_frees_them(tiny_model, tokenizer):
+    with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=4, max_seq_len=512)) as eng:
+        outs = eng.generate_sync([Request(prompt=p, max_tokens=5, beams=4, ignore_eos=True) for p in PROMPTS[:2]])
+        assert [o.completion_tokens for o in outs] == [5, 5]  # one after the other: each needs all four rows
+
+        async def run():
+            long = eng.generate(Request(prompt=PROMPTS[0], max_tokens=400, beams=4, ignore_eos=True))
+            while eng.num_running < 4:  # admitted, four hypotheses decoding
+                await asyncio.sleep(0.01)  # poll interval
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(long, 0.05)
+            return await asyncio.wait_for(eng.generate(Request(prompt=PROMPTS[1], max_tokens=4, beams=4,
+                                                               ignore_eos=True)), 30)
+
+        assert asyncio.run(run()).completion_tokens == 4
+        assert eng.num_running == 0 and eng.num_waiting == 0
+
+
+def test_beam_request_validation(engine, tokenizer):
+    with pytest.raises(ValueError, match="temperature 0"):
+        Request(prompt="x", beams=2, temperature=0.5)
+    with pytest.raises(ValueError, match="stop strings"):
+        Request(prompt="x", beams=2, stop=["."])
+    with pytest.raises(ValueError, match="beams must be >= 1"):
+        Request(prompt="x", beams=0)
+    with pytest.raises(ValueError, match="max_batch_size=4"):
+        engine.generate_sync([Request(prompt="x", beams=5)])
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_embd=32, n_layer=1, n_head=2, n_positions=128)).eval()
+    with Engine(gpt2, tokenizer, EngineConfig(max_batch_size=4, max_seq_len=128)) as hf:
+        with pytest.raises(ValueError, match="HF fallback"):
+            hf.generate_sync([Request(prompt="x", max_tokens=4, beams=2)])

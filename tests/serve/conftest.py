@@ -66,11 +66,12 @@ def serve_storage(tmp_path_factory, tiny_model_dir) -> Path:
 
 def greedy_reference(model_dir: Path, max_tokens: int, *, prompt: str | None = None,
                      messages: list[dict] | None = None, adapter: Path | None = None,
-                     extract_from: list[str] | None = None) -> dict:
+                     extract_from: list[str] | None = None, beams: int = 1) -> dict:
     """What the app must answer at temperature 0, computed with plain transformers (the oracle of
     the HTTP tests): ``text``, ``prompt_tokens``, ``completion_tokens`` and ``finish_reason``.
     ``extract_from``: the answer is kept a span of these passages by ``ops.extractive``, applied
-    as a transformers logits processor."""
+    as a transformers logits processor. ``beams`` > 1: beam search (`tests.references.beam_search`)
+    instead of greedy decoding."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
@@ -88,12 +89,20 @@ def greedy_reference(model_dir: Path, max_tokens: int, *, prompt: str | None = N
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
     processors = LogitsProcessorList()
-    if extract_from is not None:
-        eos: set[int] = set()
-        for source in (model.generation_config, model.config, tok):  # as ops.engine.Engine._eos_ids
-            e = getattr(source, "eos_token_id", None)
-            eos.update([] if e is None else [e] if isinstance(e, int) else e)
-        constraint = SpanConstraint(extract_from, tok, eos)
+    eos: set[int] = set()
+    for source in (model.generation_config, model.config, tok):  # as ops.engine.Engine._eos_ids
+        e = getattr(source, "eos_token_id", None)
+        eos.update([] if e is None else [e] if isinstance(e, int) else e)
+    constraint = SpanConstraint(extract_from, tok, eos) if extract_from is not None else None
+    if beams > 1:
+        from tests.references import beam_search
+
+        tokens = beam_search(model, ids[0].tolist(), beams, max_tokens, eos, constraint)
+        stopped = tokens[-1] in eos
+        return {"text": tok.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=True),
+                "prompt_tokens": ids.shape[1], "completion_tokens": len(tokens),
+                "finish_reason": "stop" if stopped else "length"}
+    if constraint is not None:
 
         def extractive(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
             scores[0] = constraint.mask(scores[0], input_ids[0, ids.shape[1]:].tolist(), first_only=True)
@@ -114,9 +123,12 @@ def greedy_reference(model_dir: Path, max_tokens: int, *, prompt: str | None = N
 
 
 def rag_reference(model_dir: Path, question: str, sources: list[dict], max_tokens: int, max_seq_len: int,
-                  adapter: Path | None = None, extractive: bool = True) -> dict:
+                  adapter: Path | None = None, extractive: bool = True, beams: int | None = None) -> dict:
     """:func:`greedy_reference` for a /v1/rag answer: the app's prompt from ``question`` and the
-    ``sources`` it returned, trimmed to the same token budget; ``extractive`` as the request's."""
+    ``sources`` it returned, trimmed to the same token budget; ``extractive`` and ``beams`` as the
+    request's (None: the endpoint's default, a beam for extractive answers)."""
+    from serve.schemas import DEFAULT_RAG_BEAMS
+
     from transformers import AutoTokenizer
 
     from serve.app import DEFAULT_SYSTEM_PROMPT, rag_messages
@@ -128,8 +140,10 @@ def rag_reference(model_dir: Path, question: str, sources: list[dict], max_token
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
     messages = rag_messages(question, sources, DEFAULT_SYSTEM_PROMPT, count, max_seq_len - max_tokens)
+    if beams is None:
+        beams = DEFAULT_RAG_BEAMS if extractive else 1
     return greedy_reference(model_dir, max_tokens, messages=messages, adapter=adapter,
-                            extract_from=[s["text"] for s in sources] if extractive else None)
+                            extract_from=[s["text"] for s in sources] if extractive else None, beams=beams)
 
 
 def wait_ready(base_url: str, deadline_s: float = 180.0) -> None:

@@ -99,15 +99,19 @@ def test_rag_answer_is_copied_from_its_sources_unless_extractive_is_off(rag_app,
 
     question = "Where is the Grotto?"
     answers = {}
-    for extractive in (True, False):
-        r = post(rag_app, "/v1/rag", {"question": question, "max_tokens": 6, "extractive": extractive})
+    # extractive by default with a beam of DEFAULT_RAG_BEAMS; beams=1 is greedy; free generation is greedy
+    for extractive, beams in ((True, None), (True, 1), (False, None)):
+        r = post(rag_app, "/v1/rag", {"question": question, "max_tokens": 6, "extractive": extractive,
+                                      **({"beams": beams} if beams else {})})
         assert r.status_code == 200, r.text
-        body = answers[extractive] = r.json()
-        want = rag_reference(tiny_model_dir, question, body["sources"], 6, MAX_SEQ_LEN, extractive=extractive)
+        body = answers[extractive, beams] = r.json()
+        want = rag_reference(tiny_model_dir, question, body["sources"], 6, MAX_SEQ_LEN, extractive=extractive,
+                             beams=beams)
         assert body["answer"] == want["text"] and body["usage"]["completion_tokens"] == want["completion_tokens"]
-    copied = normalize(answers[True]["answer"]).strip()
-    assert copied and any(f" {copied}" in f" {normalize(s['text'])}" for s in answers[True]["sources"]), copied
-    assert answers[True]["answer"] != answers[False]["answer"]  # the random tiny model strays when free
+    for key in ((True, None), (True, 1)):
+        copied = normalize(answers[key]["answer"]).strip()
+        assert copied and any(f" {copied}" in f" {normalize(s['text'])}" for s in answers[key]["sources"]), copied
+    assert answers[True, None]["answer"] != answers[False, None]["answer"]  # the random tiny model strays when free
 
 
 def test_rag_with_an_adapter_answers_with_the_adapter(rag_app, tiny_model_dir, serve_storage):
@@ -154,6 +158,9 @@ BAD_INPUTS = [
     ("/v1/rag", {"question": "q", "top_k": 10000}, AUTH, 422),
     ("/v1/rag", {"question": "q", "temperature": -1}, AUTH, 422),
     ("/v1/rag", {"question": "q", "nonsense": 1}, AUTH, 422),
+    ("/v1/rag", {"question": "q", "beams": 0}, AUTH, 422),
+    ("/v1/rag", {"question": "q", "beams": 9}, AUTH, 422),
+    ("/v1/rag", {"question": "q", "beams": 2, "temperature": 0.7}, AUTH, 422),  # a beam search is greedy
     ("/v1/rag", None, AUTH, 422),
     ("/v1/rag", {"question": "q"}, {}, 401),
     ("/v1/rag", {"question": "q"}, {"Authorization": "Bearer wrong"}, 401),
