@@ -109,8 +109,8 @@ def test_gemm_path_agrees_with_matrix_vector_path(kind, compute_dtype):
     gemm = layer(x)
     matvec = torch.cat([layer(row[None]) for row in x])
     assert (gemm - matvec).abs().max() / matvec.abs().max() < 1e-2
-    # the GEMM path is the dequantized weight's matmul (exactly, in the compute dtype)
-    cdt = torch.bfloat16 if compute_dtype == "bfloat16" else torch.float32
+    # the GEMM path is the dequantized weight's matmul (exactly, in the dtype this CPU multiplies natively)
+    cdt = quantization.cpu_gemm_dtype(torch.bfloat16 if compute_dtype == "bfloat16" else torch.float32)
     w = layer.dequantize_rows(torch.arange(96))
     if kind == "int8":
         expected = torch.nn.functional.linear(x.to(cdt), layer.weight.to(cdt)) * layer.scales + layer.bias
@@ -119,6 +119,18 @@ def test_gemm_path_agrees_with_matrix_vector_path(kind, compute_dtype):
         expected = torch.nn.functional.linear(x.to(cdt), layer.dequantize().to(cdt)) + layer.bias
     assert torch.equal(gemm, expected.float())
     torch.testing.assert_close(gemm, x @ w.t() + layer.bias.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_prefill_gemm_runs_bfloat16_only_where_the_cpu_multiplies_it(monkeypatch, native):
+    monkeypatch.setattr(quantization, "_NATIVE_BF16", native)
+    assert quantization.cpu_gemm_dtype(torch.bfloat16) == (torch.bfloat16 if native else torch.float32)
+    assert quantization.cpu_gemm_dtype(torch.float32) == torch.float32
+    torch.manual_seed(0)
+    layer = _weight_only("int4", "bfloat16", torch.nn.Linear(128, 96, bias=False))
+    x = torch.randn(GEMM_MIN_ROWS, 128)
+    gemm = torch.bfloat16 if native else torch.float32
+    assert torch.equal(layer(x), torch.nn.functional.linear(x.to(gemm), layer.dequantize().to(gemm)).float())
 
 
 @pytest.mark.parametrize("method, settings", [("weight_only_int8", {}), ("weight_only_int4", INT4)])
