@@ -1,6 +1,6 @@
 """Extractive decoding: greedy (what /v1/rag serves) vs beam search over spans, same model, same passages.
 
-    python bench/rag_decoding.py --report artifacts/reports/<name> [--beams 4]
+    python bench/rag_decoding.py --report artifacts/reports/<name> [--beams 4] [--length-penalty 1]
 
 Takes a RAG pipeline run's report (``configs/rag_lora.yaml``: its held-out questions, gold answers
 and the answers ``/v1/rag`` served), its index (the passages each question retrieved, looked up
@@ -82,7 +82,9 @@ class Decoder:
             cache, lp = self.step(cache, [t])
         return toks
 
-    def beam(self, prompt, constraint, width: int):
+    def beam(self, prompt, constraint, width: int, length_penalty: float = 0.0):
+        if length_penalty:
+            return self.normalised_beam(prompt, constraint, width, length_penalty)
         import copy
 
         # as the engine's Request.beams (tests/references.py has it over full forwards)
@@ -109,12 +111,43 @@ class Decoder:
                 return max(done, key=lambda d: d[0])[1]
             beams = [(s, toks + [t], *self.step(copy.deepcopy(c), [t])) for s, toks, t, c in beams]
 
+    def normalised_beam(self, prompt, constraint, width: int, alpha: float):
+        """transformers' beam search scoring: a final hypothesis scores sum / length ** alpha; the best
+        ``width`` final ones are kept, and the search stops once the worst of them beats the best open
+        hypothesis's sum / its length ** alpha (``early_stopping=False``)."""
+        import copy
+
+        cache, lp = self.step(None, prompt)
+        beams, done = [(0.0, [], cache, lp)], []
+        while True:
+            grown = []
+            for score, toks, c, l in beams:
+                masked = constraint.mask(l, toks)
+                values, tokens = torch.topk(masked, min(width, int(torch.isfinite(masked).sum())))
+                grown += [(score + v, toks, t, c) for v, t in zip(values.tolist(), tokens.tolist())]
+            grown.sort(key=lambda g: -g[0])
+            beams = []
+            for score, toks, t, c in grown:
+                if t in self.eos:
+                    done.append((score / (len(toks) + 1) ** alpha, toks))
+                elif len(beams) < width:
+                    if len(toks) + 1 >= self.max_tokens:
+                        done.append((score / (len(toks) + 1) ** alpha, toks + [t]))
+                    else:
+                        beams.append((score, toks, t, c))
+            done = sorted(done, key=lambda d: -d[0])[:width]
+            if not beams or (len(done) >= width and done[-1][0] >= beams[0][0] / (len(beams[0][1]) + 1) ** alpha):
+                return done[0][1]
+            beams = [(s, toks + [t], *self.step(copy.deepcopy(c), [t])) for s, toks, t, c in beams]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--report", type=Path, required=True, help="a RAG pipeline report directory (summary.json)")
     ap.add_argument("--storage", type=Path, default=REPO / "artifacts", help="the pipeline's storage root")
     ap.add_argument("--beams", type=int, default=4, help="beam width (default 4)")
+    ap.add_argument("--length-penalty", type=float, default=0.0, help="0 (default): the engine's search, the most "
+                    "likely span; > 0: transformers' length-normalised scoring, sum / length ** this")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
     args = ap.parse_args()
     if args.beams < 2:
@@ -131,7 +164,8 @@ def main() -> None:
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
-    results = {"greedy": [], f"beam {args.beams}": []}
+    beam_key = f"beam {args.beams}" + (f", length penalty {args.length_penalty:g}" if args.length_penalty else "")
+    results = {"greedy": [], beam_key: []}
     seconds = {k: 0.0 for k in results}
     for i, r in enumerate(rows, 1):
         # trimmed to the token budget the Generator gives a prompt (the app's default max_seq_len)
@@ -142,11 +176,12 @@ def main() -> None:
         constraint = SpanConstraint(r["passages"], tok, dec.eos)
         for key in results:
             t0 = time.perf_counter()
-            toks = dec.greedy(prompt, constraint) if key == "greedy" else dec.beam(prompt, constraint, args.beams)
+            toks = (dec.greedy(prompt, constraint) if key == "greedy"
+                    else dec.beam(prompt, constraint, args.beams, args.length_penalty))
             seconds[key] += time.perf_counter() - t0
             results[key].append(tok.decode(toks, skip_special_tokens=True).strip())
         print(f"[{i}/{len(rows)}] {r['question'][:60]!r}: greedy {results['greedy'][-1]!r}, "
-              f"beam {results[f'beam {args.beams}'][-1]!r}, gold {r['gold'][:2]}", flush=True)
+              f"beam {results[beam_key][-1]!r}, gold {r['gold'][:2]}", flush=True)
 
     golds = [r["gold"] for r in rows]
     served = [r["answer"] for r in rows]
@@ -157,14 +192,16 @@ def main() -> None:
             "same_as_served": sum(a == s for a, s in zip(answers, served))}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     meta = {"report": str(args.report), "adapter": str(adapter), "questions": len(rows), "top_k": summary["qa"]["top_k"],
-            "max_tokens": max_tokens, "beams": args.beams, "commit": commit, "machine": platform.processor() or platform.machine(),
+            "max_tokens": max_tokens, "beams": args.beams, "length_penalty": args.length_penalty, "commit": commit, "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads()}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rag_decoding.json").write_text(json.dumps(
+    stem = "rag_decoding" + (f"_length_penalty_{args.length_penalty:g}" if args.length_penalty else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "rows": table, "answers": {"served": served, **results, "gold": golds,
                                                    "question": [r["question"] for r in rows]}}, indent=1))
     lines = ["# Extractive decoding: greedy vs beam search", "",
-             f"Generated by `python bench/rag_decoding.py --report {args.report} --beams {args.beams}` at `{commit}`; "
+             f"Generated by `python bench/rag_decoding.py --report {args.report} --beams {args.beams}"
+             + (f" --length-penalty {args.length_penalty:g}" if args.length_penalty else "") + f"` at `{commit}`; "
              f"{len(rows)} held-out questions of the pipeline run's report, the passages it served (top_k "
              f"{meta['top_k']}), max_tokens {max_tokens}, {meta['threads']} threads. Beam score: sum of token "
              "log-probabilities including EOS, no length penalty.", "",
@@ -175,7 +212,7 @@ def main() -> None:
         sec = row["s_per_question"]
         lines.append(f"| {key} | {row['exact_match']:.3f} | {row['f1']:.3f} | {row['contains_gold']:.3f} | "
                      f"{'-' if same is None else f'{same}/{len(rows)}'} | {'-' if sec is None else f'{sec:.2f}'} |")
-    (args.out / "rag_decoding.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
