@@ -429,7 +429,7 @@ def ask_squad(url: str, cfg: PipelineConfig, questions: list[dict]) -> dict[str,
         a = ask(url, Question(question=q["question"]), cfg)
         answers.append({"question": q["question"], "gold": q["answers"], "answer": a["answer"].strip(),
                         "citations": a.get("citations", []), "retrieved": [s["doc_id"] for s in a["sources"]],
-                        "doc_id": q["doc_id"], "client_s": a["client_s"]})
+                        "doc_id": q["doc_id"], "client_s": a["client_s"], "beams": a.get("beams", 1)})
     scores = score_answers([a["answer"] for a in answers], [a["gold"] for a in answers])
     latencies = sorted(a["client_s"] for a in answers)
     return {**scores, f"recall@{cfg.serve.top_k}": sum(a["doc_id"] in a["retrieved"] for a in answers) /
@@ -484,8 +484,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
         qa = s["qa"]
         lines += ["", f"RAG QA through `/v1/rag` on {qa['questions']} questions of the {qa['val_paragraphs']} held-out "
                   f"paragraphs (training saw the other {qa['train_paragraphs']}); top_k {qa['top_k']}, max_tokens "
-                  f"{qa['max_tokens']}, extractive, beam search of width {qa.get('beams', 1)} (the endpoint's "
-                  "default decoding).", "",
+                  f"{qa['max_tokens']}, the endpoint's default decoding: extractive, beam width "
+                  f"{'/'.join(map(str, qa.get('beams') or [1]))}.", "",
                   "| model | exact match | F1 | contains gold | recall@1 | recall@k | p50 s |", "|---|---|---|---|---|---|---|"]
         recall_k = f"recall@{qa['top_k']}"
         for label, row in qa["rows"].items():
@@ -513,13 +513,9 @@ def evaluate_rag_qa(cfg: PipelineConfig, storage: str, model_spec: str, index_na
     url = deploy(cfg, storage, model_spec, index_name)
     rows["fine-tuned"] = ask_squad(url, cfg, questions)
     log(f"qa: fine-tuned: {_qa_line(rows['fine-tuned'])}")
-    from serve.app import AppArgs
-    from serve.schemas import DEFAULT_RAG_BEAMS
-
-    batch = cfg.serve.app.get("max_batch_size", AppArgs.model_fields["max_batch_size"].default)
+    beams = sorted({a["beams"] for row in rows.values() for a in row["answers"]})  # what the endpoint decoded with
     return {"questions": len(questions), "train_paragraphs": len(train_ids), "val_paragraphs": len(val_ids),
-            "top_k": cfg.serve.top_k, "max_tokens": cfg.serve.max_tokens, "beams": min(DEFAULT_RAG_BEAMS, batch),
-            "rows": rows}, url
+            "top_k": cfg.serve.top_k, "max_tokens": cfg.serve.max_tokens, "beams": beams, "rows": rows}, url
 
 
 def _qa_line(row: dict) -> str:

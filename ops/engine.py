@@ -132,6 +132,7 @@ class Completion:
         time_to_first_token_s: Seconds from submit to the first generated token.
         latency_s: Seconds from submit to the end of the request.
         tokens_per_s: Decode rate after the first token, (completion_tokens - 1) / decode time.
+        beams: Beam width the request was decoded with (1: greedy or sampled).
     """
 
     text: str
@@ -142,6 +143,7 @@ class Completion:
     time_to_first_token_s: float
     latency_s: float
     tokens_per_s: float
+    beams: int = 1
 
 
 @dataclass
@@ -1101,6 +1103,7 @@ class Engine:
             time_to_first_token_s=first - seq.submitted,
             latency_s=now - seq.submitted,
             tokens_per_s=(n - 1) / (now - first) if n > 1 and now > first else 0.0,
+            beams=seq.request.beams,
         )
         seq.on_event(Delta(seq.text[seq.emitted :], completion))
         seq.emitted = len(seq.text)

@@ -92,6 +92,7 @@ class RagResponse(BaseModel):
     timings: dict[str, float] = Field(..., description="retrieve_s, generate_s, total_s, time_to_first_token_s")
     model: str
     finish_reason: Literal["stop", "length"]
+    beams: int = Field(1, description="beam width the answer was decoded with (1: greedy or sampled)")
 
 
 class ContentPart(BaseModel):

@@ -73,7 +73,8 @@ async def rag(ingress: Ingress, body: schemas.RagRequest) -> dict | StreamingRes
     def finish(completion: dict) -> dict:
         return {"answer": completion["text"], "sources": public, "model": model,
                 "citations": cited_passages(completion["text"], [s["text"] for s in sources]),
-                "finish_reason": completion["finish_reason"], "usage": usage(completion),
+                "finish_reason": completion["finish_reason"], "beams": completion.get("beams", 1),
+                "usage": usage(completion),
                 "timings": {"retrieve_s": retrieve_s, "generate_s": time.monotonic() - t0 - retrieve_s,
                             "total_s": time.monotonic() - t0,
                             "time_to_first_token_s": completion["time_to_first_token_s"]}}

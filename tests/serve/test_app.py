@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from serve.schemas import DEFAULT_RAG_BEAMS
 from tests.serve.conftest import API_KEY, MAX_ADAPTERS, SQUAD, greedy_reference, rag_reference
 
 pytestmark = pytest.mark.integration
@@ -108,6 +109,7 @@ def test_rag_answer_is_copied_from_its_sources_unless_extractive_is_off(rag_app,
         want = rag_reference(tiny_model_dir, question, body["sources"], 6, MAX_SEQ_LEN, extractive=extractive,
                              beams=beams)
         assert body["answer"] == want["text"] and body["usage"]["completion_tokens"] == want["completion_tokens"]
+        assert body["beams"] == (beams or (DEFAULT_RAG_BEAMS if extractive else 1))
     for key in ((True, None), (True, 1)):
         copied = normalize(answers[key]["answer"]).strip()
         assert copied and any(f" {copied}" in f" {normalize(s['text'])}" for s in answers[key]["sources"]), copied
