@@ -83,40 +83,15 @@ class Decoder:
         return toks
 
     def beam(self, prompt, constraint, width: int, length_penalty: float = 0.0):
-        if length_penalty:
-            return self.normalised_beam(prompt, constraint, width, length_penalty)
+        """Beam search over spans. ``length_penalty`` 0: the engine's (``Request.beams``; tests/references.py
+        has it over full forwards): the most likely span, stopping once a final hypothesis beats every open
+        one (adding tokens only lowers a score). > 0: transformers' scoring: a final hypothesis scores
+        sum / length ** length_penalty, the best ``width`` final ones are kept, and the search stops once
+        the worst of them beats the best open one's sum / its length ** length_penalty
+        (``early_stopping=False``)."""
         import copy
 
-        # as the engine's Request.beams (tests/references.py has it over full forwards)
-        cache, lp = self.step(None, prompt)
-        beams, done = [(0.0, [], cache, lp)], []
-        while True:
-            grown = []
-            for score, toks, c, l in beams:
-                masked = constraint.mask(l, toks)
-                values, tokens = torch.topk(masked, min(width, int(torch.isfinite(masked).sum())))
-                grown += [(score + v, toks, t, c) for v, t in zip(values.tolist(), tokens.tolist())]
-            grown.sort(key=lambda g: -g[0])
-            beams = []
-            for score, toks, t, c in grown:
-                if t in self.eos:
-                    done.append((score, toks))
-                elif len(beams) < width:
-                    if len(toks) + 1 >= self.max_tokens:  # final at max_tokens
-                        done.append((score, toks + [t]))
-                    else:
-                        beams.append((score, toks, t, c))
-            # a finished span beats every open one: adding tokens only lowers a score
-            if not beams or (done and max(d[0] for d in done) >= beams[0][0]):
-                return max(done, key=lambda d: d[0])[1]
-            beams = [(s, toks + [t], *self.step(copy.deepcopy(c), [t])) for s, toks, t, c in beams]
-
-    def normalised_beam(self, prompt, constraint, width: int, alpha: float):
-        """transformers' beam search scoring: a final hypothesis scores sum / length ** alpha; the best
-        ``width`` final ones are kept, and the search stops once the worst of them beats the best open
-        hypothesis's sum / its length ** alpha (``early_stopping=False``)."""
-        import copy
-
+        alpha = length_penalty
         cache, lp = self.step(None, prompt)
         beams, done = [(0.0, [], cache, lp)], []
         while True:
@@ -131,15 +106,20 @@ class Decoder:
                 if t in self.eos:
                     done.append((score / (len(toks) + 1) ** alpha, toks))
                 elif len(beams) < width:
-                    if len(toks) + 1 >= self.max_tokens:
+                    if len(toks) + 1 >= self.max_tokens:  # final at max_tokens
                         done.append((score / (len(toks) + 1) ** alpha, toks + [t]))
                     else:
                         beams.append((score, toks, t, c))
             done = sorted(done, key=lambda d: -d[0])[:width]
-            if not beams or (len(done) >= width and done[-1][0] >= beams[0][0] / (len(beams[0][1]) + 1) ** alpha):
+            if not beams:
+                return done[0][1]
+            if alpha:
+                stop = len(done) >= width and done[-1][0] >= beams[0][0] / (len(beams[0][1]) + 1) ** alpha
+            else:
+                stop = bool(done) and done[0][0] >= beams[0][0]
+            if stop:
                 return done[0][1]
             beams = [(s, toks + [t], *self.step(copy.deepcopy(c), [t])) for s, toks, t, c in beams]
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
