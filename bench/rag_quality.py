@@ -39,9 +39,9 @@ sys.path.insert(0, str(REPO))
 from bench.retrieval import doc_ranking, rank_metrics, wikitext_paragraphs  # noqa: E402
 from ops.datasets import read_squad, split_paragraphs  # noqa: E402
 from ops.qa_metrics import score_answers  # noqa: E402
-from serve.schemas import DEFAULT_RAG_BEAMS  # noqa: E402
 from ops.retrieval import (RetrievalStore, chunk_documents, embed, embedder_token_limit,  # noqa: E402
                            load_embedder)
+from serve.schemas import DEFAULT_RAG_BEAMS  # noqa: E402
 
 OUT = REPO / "docs" / "benchmarks"
 TOP_K, MAX_TOKENS = 5, 24
@@ -172,7 +172,8 @@ def write(report: dict) -> None:
               "reuses vectors and rate); on a shared machine they vary with its load and compare only within a run."]
     if r.get("answers"):
         lines += ["", f"## Answers through `/v1/rag` (hybrid retrieval, top_k {TOP_K}, max_tokens {MAX_TOKENS}, "
-                  f"temperature 0; the default decoding is extractive with a beam of {DEFAULT_RAG_BEAMS})", "", "| model | exact match | F1 | contains gold | recall@5 | p50 latency s |",
+                  f"temperature 0; the default decoding is extractive with a beam of {DEFAULT_RAG_BEAMS})", "",
+                  "| model | exact match | F1 | contains gold | recall@5 | p50 latency s |",
                   "|---|---|---|---|---|---|"]
         for label, m in r["answers"].items():
             lines.append(f"| {label} | {m['exact_match']:.3f} | {m['f1']:.3f} | {m['contains_gold']:.3f} | "

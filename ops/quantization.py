@@ -165,9 +165,8 @@ def cpu_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a CPU prefill GEMM over a dequantized weight runs in, for activations of ``dtype``.
 
     bfloat16 only where the CPU multiplies it natively (AVX512-BF16 or AMX): elsewhere oneDNN
-    emulates it, and on an AVX2 machine a bfloat16 GEMM of the embedded model's shapes ran at 16
-    GFLOP/s against float32's 109 (a 1300-token RAG prompt took 17 s to prefill). float32 rounds
-    less, so only speed differs.
+    emulates it, several times slower than float32 (docs/benchmarks/cpu_gemm_dtype.md, from
+    bench/cpu_gemm_dtype.py). float32 rounds less, so only speed differs.
     """
     if dtype == torch.bfloat16 and not _native_bf16():
         return torch.float32
@@ -333,17 +332,15 @@ class Int8WeightOnlyLinear(nn.Module):
             if dot is not None:
                 y = torch.ops.raylm.int8_bf16_linear(x.reshape(rows, self.in_features).float(), *dot)
                 return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
-        if self.weight.is_cuda:
-            # int8 -> compute dtype is exact (|q| <= 127), then one GEMM (cuBLAS); the per-channel
-            # scale applies to the output columns. (No fast CUDA int8 weight-only kernel.)
-            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales
-        elif x2.shape[0] >= GEMM_MIN_ROWS:  # the same with oneDNN, in a dtype this CPU multiplies natively
-            gemm = cpu_gemm_dtype(self.scales.dtype)
-            x2 = x.reshape(-1, self.in_features).to(gemm)
-            y = F.linear(x2, self.weight.to(gemm)) * self.scales.to(gemm)
+        # int8 -> compute dtype is exact (|q| <= 127), then one GEMM; the per-channel scale applies to
+        # the output columns. (No fast CUDA int8 weight-only kernel.) On CPU from GEMM_MIN_ROWS rows,
+        # in a dtype this CPU multiplies natively.
+        cdt = self.scales.dtype
+        if self.weight.is_cuda or rows >= GEMM_MIN_ROWS:
+            gemm = cdt if self.weight.is_cuda else cpu_gemm_dtype(cdt)
+            y = F.linear(x.reshape(-1, self.in_features).to(gemm), self.weight.to(gemm)) * self.scales.to(gemm)
         else:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(cdt), self.weight, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -471,13 +468,15 @@ class Int4WeightOnlyLinear(nn.Module):
             if dot is not None:
                 y = torch.ops.raylm.int4_bf16_linear(x.reshape(rows, self.in_features).float(), *dot)
                 return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
-        if not self.packed.is_cuda and x2.shape[0] >= GEMM_MIN_ROWS:
-            gemm = cpu_gemm_dtype(x2.dtype)
+        cdt = self.scales_and_zeros.dtype
+        if not self.packed.is_cuda and rows >= GEMM_MIN_ROWS:  # in a dtype this CPU multiplies natively
+            gemm = cpu_gemm_dtype(cdt)
             y = F.linear(x.reshape(-1, self.in_features).to(gemm), self.dequantize().to(gemm))
         elif self.packed.is_cuda:
-            y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self.packed, self.group_size, self.scales_and_zeros)
+            x2 = x.reshape(-1, self.in_features).to(cdt).contiguous()
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
         else:
+            x2 = x.reshape(-1, self.in_features).to(cdt)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
         if self.bias is not None:
             y = y + self.bias

@@ -98,10 +98,18 @@ def greedy_reference(model_dir: Path, max_tokens: int, *, prompt: str | None = N
         from tests.references import beam_search
 
         tokens = beam_search(model, ids[0].tolist(), beams, max_tokens, eos, constraint)
-        stopped = tokens[-1] in eos
-        return {"text": tok.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=True),
-                "prompt_tokens": ids.shape[1], "completion_tokens": len(tokens),
-                "finish_reason": "stop" if stopped else "length"}
+    else:
+        tokens = _greedy_tokens(model, tok, ids, max_tokens, constraint, processors)
+    stopped = tokens[-1] in eos
+    return {"text": tok.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=True),
+            "prompt_tokens": ids.shape[1], "completion_tokens": len(tokens),
+            "finish_reason": "stop" if stopped else "length"}
+
+
+def _greedy_tokens(model, tok, ids, max_tokens: int, constraint, processors) -> list[int]:
+    """transformers' greedy tokens after ``ids``, up to and including the first EOS."""
+    import torch
+
     if constraint is not None:
 
         def extractive(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -114,12 +122,9 @@ def greedy_reference(model_dir: Path, max_tokens: int, *, prompt: str | None = N
                              do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id,
                              logits_processor=processors)
     tokens = out[0, ids.shape[1]:].tolist()
-    stopped = tok.eos_token_id in tokens
-    if stopped:
+    if tok.eos_token_id in tokens:
         tokens = tokens[: tokens.index(tok.eos_token_id) + 1]
-    return {"text": tok.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=True),
-            "prompt_tokens": ids.shape[1], "completion_tokens": len(tokens),
-            "finish_reason": "stop" if stopped else "length"}
+    return tokens
 
 
 def rag_reference(model_dir: Path, question: str, sources: list[dict], max_tokens: int, max_seq_len: int,
@@ -127,11 +132,10 @@ def rag_reference(model_dir: Path, question: str, sources: list[dict], max_token
     """:func:`greedy_reference` for a /v1/rag answer: the app's prompt from ``question`` and the
     ``sources`` it returned, trimmed to the same token budget; ``extractive`` and ``beams`` as the
     request's (None: the endpoint's default, a beam for extractive answers)."""
-    from serve.schemas import DEFAULT_RAG_BEAMS
-
     from transformers import AutoTokenizer
 
     from serve.app import DEFAULT_SYSTEM_PROMPT, rag_messages
+    from serve.schemas import DEFAULT_RAG_BEAMS
 
     tok = AutoTokenizer.from_pretrained(model_dir)
 
