@@ -8,7 +8,10 @@ model's most likely next tokens, best first, and keeps those with which the answ
 still a run of whole and partial words of some passage, starting at a word (compared as SQuAD
 compares answers: case, punctuation, articles and spacing aside, so "a wind tunnel" may come
 from "an early wind tunnel" and the model is not forced onto another span by its first word);
-EOS is allowed where a word of the passage ends. The model still chooses the span; the
+EOS is allowed where a word of the passage ends. Layout is no answer: before its first word an
+answer has at most one opening character (a quote, bracket or currency sign), and no run of three
+equal punctuation characters ("+-----+ | Python object", a row of a table in documentation, is
+text of the passage). The model still chooses the span; the
 constraint only rules out what the passages do not say. It is what the answer's citations rely
 on too: an answer copied from a passage cites it exactly.
 
@@ -31,6 +34,12 @@ DEFAULT_CANDIDATES = 32
 # Searched only when none of the first `candidates` tokens may follow (a few steps of an answer, if any).
 WIDE_CANDIDATES = 1024
 _LEADING_ARTICLES = re.compile(r"^(?:(?:a|an|the)(?: |$))+")
+# Text before an answer's first word: at most one of these (a quote, bracket, currency sign, a flag's
+# or path's first character). Passages copied from documentation carry table borders ("+-----+ |")
+# and rules that are text of the passage but no answer.
+_OPENERS = frozenset("\"'([{$\u00a3\u20ac\u00a5#@-./~<\u201c\u2018\u00ab")
+_BEFORE_WORD = re.compile(r"\W*")
+_LAYOUT_RUN = re.compile(r"([^\w\s])\1\1")  # "---", "===", "+++": borders and rules, not words
 
 
 def _spaced(text: str) -> str:
@@ -54,6 +63,13 @@ def _with_articles(text: str) -> str:
     core = " ".join("".join(c for c in text.lower() if c not in string.punctuation).split())
     core = _LEADING_ARTICLES.sub("", core)
     return core + " " if core and text[-1:].isspace() else core
+
+
+def _opens_an_answer(text: str) -> bool:
+    """Whether what comes before ``text``'s first word is at most one opening character (spaces
+    aside; the bytes of a character not decoded yet are judged once it is)."""
+    prefix = "".join(_BEFORE_WORD.match(text).group(0).split()).replace("\ufffd", "")
+    return not prefix or (len(prefix) == 1 and prefix in _OPENERS)
 
 
 class SpanConstraint:
@@ -106,6 +122,8 @@ class SpanConstraint:
         added = after[len(before):] if after.startswith(before) else after
         if not added.strip() and (not normalize(before) or before[-1:].isspace()):
             return False  # whitespace only between words
+        if _LAYOUT_RUN.search(after) or not _opens_an_answer(after):
+            return False
         head = after.rstrip("\ufffd")
         if len(head) < len(after):  # bytes of a character not complete yet: one must follow the rest
             return len(after) - len(head) < 4 and self._before_non_ascii(normalize(head))

@@ -125,3 +125,21 @@ def test_partial_utf8_needs_a_non_ascii_character_next(tokenizer):
     assert all(c.allows(dash[:i], dash[i]) for i in range(len(dash)))
     byte = next(t for t in range(len(tokenizer)) if tokenizer.decode([t]) == "\ufffd")
     assert not c.allows(ids(tokenizer, "Zahm"), byte)  # "zahm" is followed by a space, not a multi-byte character
+
+
+def test_table_borders_are_no_answer(tokenizer):
+    """Documentation passages hold tables; their borders are text of the passage, not an answer."""
+    c = SpanConstraint(["+---------------+ | Python object | JSON |\n+===============+ | dict | object |",
+                        "It costs $400m (about \u20ac350m), said \"Kate\"."], tokenizer, [tokenizer.eos_token_id])
+    border = ids(tokenizer, "+---------------+ | Python object")
+    assert not c.allows([], border[0])  # "+" opens no answer
+    assert not c.allows([], ids(tokenizer, "===")[0])  # nor does a rule
+    assert not c.allows(ids(tokenizer, "+"), ids(tokenizer, " |")[0])  # "+ |": two characters before a word
+    words = ids(tokenizer, "Python object")
+    assert all(c.allows(words[:i], words[i]) for i in range(len(words)))
+    for answer in ("$400m", "(about \u20ac350m)", "\"Kate\""):  # one opening character is fine
+        tokens = ids(tokenizer, answer)
+        assert all(c.allows(tokens[:i], tokens[i]) for i in range(len(tokens))), answer
+    logits = torch.zeros(len(tokenizer))
+    logits[border[0]], logits[words[0]] = 9.0, 1.0
+    assert int(c.mask(logits, [], first_only=True).argmax()) == words[0]
