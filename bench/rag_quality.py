@@ -14,8 +14,9 @@ searched dense, BM25 and hybrid; embedding throughput of each chunking.
 Answers (through ``/v1/rag`` of a local Serve app, top_k 5, max_tokens 24, temperature 0): exact
 match, F1, contains-gold (SQuAD normalisation), recall@5 of the sources and p50 latency, for the
 base model and the tuned one (``--tuned``: a quantized/adapter artifact or model dir), with the
-endpoint's default decoding (extractive, ``ops.extractive``, beam search) and, for the tuned model,
-extractive greedy (``beams: 1``) and free generation.
+endpoint's default decoding (extractive, ``ops.extractive``, beam search; the model reads as many of
+the 5 passages as it was fine-tuned on) and, for the tuned model, extractive greedy (``beams: 1``),
+the beam reading all 5 (``read_k: 5``) and free generation.
 Writes docs/benchmarks/rag_quality.{json,md}.
 """
 
@@ -101,12 +102,14 @@ def retrieval(docs: list[dict], questions: list[dict], model) -> tuple[dict, dic
     return result, store.manifest, token_chunks, vectors
 
 
-def ask_all(url: str, questions: list[dict], extractive: bool, beams: int | None = None) -> dict:
-    answers, latencies, found = [], [], 0
+def ask_all(url: str, questions: list[dict], extractive: bool, beams: int | None = None,
+            read_k: int | None = None) -> dict:
+    answers, latencies, found, found_read, read = [], [], 0, 0, set()
     for q in questions:
         body = json.dumps({"question": q["question"], "top_k": TOP_K, "max_tokens": MAX_TOKENS,
                            "temperature": 0.0, "extractive": extractive,
-                           **({"beams": beams} if beams is not None else {})}).encode()
+                           **({"beams": beams} if beams is not None else {}),
+                           **({"read_k": read_k} if read_k is not None else {})}).encode()
         request = urllib.request.Request(f"{url}/v1/rag", data=body, headers={"Content-Type": "application/json"})
         t0 = time.perf_counter()
         with urllib.request.urlopen(request, timeout=300) as resp:
@@ -114,8 +117,11 @@ def ask_all(url: str, questions: list[dict], extractive: bool, beams: int | None
         latencies.append(time.perf_counter() - t0)
         answers.append(out["answer"].strip())
         found += q["doc_id"] in {s["doc_id"] for s in out["sources"]}
+        found_read += q["doc_id"] in {s["doc_id"] for s in out["sources"][:out["read_k"]]}
+        read.add(out["read_k"])
     scores = score_answers(answers, [q["answers"] for q in questions])
     return {**scores, "recall@5": found / len(questions), "p50_s": float(np.percentile(latencies, 50)),
+            "read_k": sorted(read), "recall_read": found_read / len(questions),
             "examples": [{"question": q["question"], "gold": q["answers"], "answer": a}
                          for q, a in zip(questions[:8], answers[:8])]}
 
@@ -136,12 +142,14 @@ def answers(storage: Path, models: dict[str, str], questions: list[dict], port: 
         for label, model in models.items():
             serve.run(build_app({"storage": str(storage), "model": model, "index": "bench", "model_id": "m"}),
                       name="rag", route_prefix="/")
-            variants = {"extractive, beam search (default)": (True, None)}
-            if label != "base":
-                variants = {"free generation": (False, None), "extractive, greedy (beams 1)": (True, 1), **variants}
-            for name, (extractive, beams) in variants.items():
+            variants = {"extractive, beam search (default)": (True, None, None)}
+            if label != "base":  # read_k None: as many passages as the model was fine-tuned to read
+                variants = {"free generation": (False, None, None), "extractive, greedy (beams 1)": (True, 1, None),
+                            f"extractive, beam search, reading all {TOP_K} passages (read_k {TOP_K})":
+                                (True, None, TOP_K), **variants}
+            for name, (extractive, beams, read_k) in variants.items():
                 row = f"{label}, {name}"
-                rows[row] = ask_all(f"http://127.0.0.1:{port}", questions, extractive, beams)
+                rows[row] = ask_all(f"http://127.0.0.1:{port}", questions, extractive, beams, read_k)
                 print(f"[bench.rag_quality] {row}: " + json.dumps({k: v for k, v in rows[row].items()
                                                                   if k != "examples"}), flush=True)
             serve.delete("rag")
@@ -173,11 +181,13 @@ def write(report: dict) -> None:
     if r.get("answers"):
         lines += ["", f"## Answers through `/v1/rag` (hybrid retrieval, top_k {TOP_K}, max_tokens {MAX_TOKENS}, "
                   f"temperature 0; the default decoding is extractive with a beam of {DEFAULT_RAG_BEAMS})", "",
-                  "| model | exact match | F1 | contains gold | recall@5 | p50 latency s |",
-                  "|---|---|---|---|---|---|"]
+                  "| model | passages read | exact match | F1 | contains gold | recall@5 | gold in passages read | "
+                  "p50 latency s |",
+                  "|---|---|---|---|---|---|---|---|"]
         for label, m in r["answers"].items():
-            lines.append(f"| {label} | {m['exact_match']:.3f} | {m['f1']:.3f} | {m['contains_gold']:.3f} | "
-                         f"{m['recall@5']:.3f} | {m['p50_s']:.2f} |")
+            read = ", ".join(map(str, m.get("read_k", []))) or "-"
+            lines.append(f"| {label} | {read} | {m['exact_match']:.3f} | {m['f1']:.3f} | {m['contains_gold']:.3f} | "
+                         f"{m['recall@5']:.3f} | {m.get('recall_read', float('nan')):.3f} | {m['p50_s']:.2f} |")
         lines += ["", "Models: " + "; ".join(f"{k} = `{v}`" for k, v in r["models"].items()) + "."]
     lines.append("")
     (OUT / "rag_quality.md").write_text("\n".join(lines))

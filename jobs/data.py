@@ -63,7 +63,8 @@ class QASection(BaseConfig):
     """How ``task=rag_qa`` turns SQuAD questions into chat examples."""
 
     passages: int = Field(5, ge=1, le=20, description="most passages per example: the question's paragraph plus "
-                          "distractors (match the serving top_k); each example draws 1..passages")
+                          "distractors; each example draws 1..passages, and /v1/rag answers with the adapter read "
+                          "at most this many of the retrieved passages")
     hard_negatives: float = Field(0.5, ge=0.0, le=1.0, description="fraction of distractors that are the BM25-closest "
                                   "other paragraphs of the split (the rest are random ones)")
     copies: int = Field(1, ge=1, le=16, description="examples per question, each with its own distractors and order")

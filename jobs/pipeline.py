@@ -429,12 +429,14 @@ def ask_squad(url: str, cfg: PipelineConfig, questions: list[dict]) -> dict[str,
         a = ask(url, Question(question=q["question"]), cfg)
         answers.append({"question": q["question"], "gold": q["answers"], "answer": a["answer"].strip(),
                         "citations": a.get("citations", []), "retrieved": [s["doc_id"] for s in a["sources"]],
-                        "doc_id": q["doc_id"], "client_s": a["client_s"], "beams": a.get("beams", 1)})
+                        "doc_id": q["doc_id"], "client_s": a["client_s"], "beams": a.get("beams", 1),
+                        "read_k": a["read_k"]})
     scores = score_answers([a["answer"] for a in answers], [a["gold"] for a in answers])
     latencies = sorted(a["client_s"] for a in answers)
     return {**scores, f"recall@{cfg.serve.top_k}": sum(a["doc_id"] in a["retrieved"] for a in answers) /
             max(1, len(answers)), "recall@1": sum(a["retrieved"][:1] == [a["doc_id"]] for a in answers) /
-            max(1, len(answers)), "p50_s": latencies[len(latencies) // 2] if latencies else None, "answers": answers}
+            max(1, len(answers)), "p50_s": latencies[len(latencies) // 2] if latencies else None,
+            "read_k": sorted({a["read_k"] for a in answers}), "answers": answers}
 
 
 def retrieval_hit(doc_ids: list[str], expect: list[str]) -> bool | None:
@@ -486,10 +488,12 @@ def summary_markdown(s: dict[str, Any]) -> str:
                   f"paragraphs (training saw the other {qa['train_paragraphs']}); top_k {qa['top_k']}, max_tokens "
                   f"{qa['max_tokens']}, the endpoint's default decoding: extractive, beam width "
                   f"{'/'.join(map(str, qa.get('beams') or [1]))}.", "",
-                  "| model | exact match | F1 | contains gold | recall@1 | recall@k | p50 s |", "|---|---|---|---|---|---|---|"]
+                  "| model | passages read | exact match | F1 | contains gold | recall@1 | recall@k | p50 s |",
+                  "|---|---|---|---|---|---|---|---|"]
         recall_k = f"recall@{qa['top_k']}"
         for label, row in qa["rows"].items():
-            lines.append(f"| {label} | {row['exact_match']:.3f} | {row['f1']:.3f} | {row['contains_gold']:.3f} | "
+            read = "/".join(map(str, row.get("read_k") or [])) or "-"
+            lines.append(f"| {label} | {read} | {row['exact_match']:.3f} | {row['f1']:.3f} | {row['contains_gold']:.3f} | "
                          f"{row['recall@1']:.3f} | {row[recall_k]:.3f} | {f(row['p50_s'], '.2f')} |")
     lines += ["", f"Retrieval hits: {s['retrieval_hits']}; steps built this run: {', '.join(s['built']) or 'none'}; "
               f"wall time {s['wall_s']:.0f} s."]

@@ -39,7 +39,7 @@ from cluster.config import BaseConfig, ConfigError, format_validation_error, sto
 from cluster.storage import resolve_storage, validate_name
 from ops import artifacts
 from ops.model import DEFAULT_MODEL
-from ops.rag_prompt import RAG_SYSTEM_PROMPT
+from ops.rag_prompt import RAG_SYSTEM_PROMPT, passages_trained_on
 from ops.rag_prompt import rag_messages as _rag_prompt_messages
 from serve import schemas
 from serve.errors import ApiError
@@ -520,6 +520,7 @@ class Ingress:
         require_key_off_loopback(serve_proxy_host(), self.args.api_key, "Serve's http_options.host")
         self.created = int(time.time())
         self.metrics = IngressMetrics()
+        self._passages_read: dict[str, int | None] = {}
 
     def __serve_build_asgi_app__(self):
         from serve.api import make_api
@@ -542,6 +543,19 @@ class Ingress:
             exc.param = param
             raise
         return model
+
+    def passages_read(self, adapter: str) -> int | None:
+        """How many retrieved passages the model serving ``adapter`` ('' = the app's own model) reads
+        by default: the ``qa.passages`` it was fine-tuned on (``ops.rag_prompt.passages_trained_on``),
+        None (all of them) for a model not fine-tuned for RAG. Read once per model."""
+        if adapter not in self._passages_read:
+            if adapter:
+                path: Any = adapter_dir(self.args.storage, adapter, self.args.model)
+            else:
+                resolved = artifacts.resolve(self.args.model, self.args.storage)
+                path = resolved.path if resolved is not None else None
+            self._passages_read[adapter] = passages_trained_on(path)
+        return self._passages_read[adapter]
 
     def model_cards(self) -> list[dict]:
         """``/v1/models`` entries: the base model and every adapter trained on it."""

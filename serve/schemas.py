@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_QUESTION_CHARS = 4_000
 MAX_PROMPT_CHARS = 16_000
@@ -56,6 +56,9 @@ class RagRequest(GenerationParams):
     model_config = ConfigDict(extra="forbid")
     question: str = Field(..., min_length=1, max_length=MAX_QUESTION_CHARS, description="the question")
     top_k: int = Field(4, ge=1, le=TOP_K_LIMIT, description="passages to retrieve")
+    read_k: int | None = Field(None, ge=1, le=TOP_K_LIMIT, description="of the `top_k` passages, how many the model "
+                               "reads (best first; at most `top_k`); default: all of them, or for a model fine-tuned "
+                               "with `jobs.train task=rag_qa` at most the `qa.passages` it read in training")
     adapter: str | None = Field(None, pattern=NAME_PATTERN, description="registered LoRA adapter name")
     extractive: bool = Field(True, description="copy the answer from the passages: every generated token keeps it a "
                              "run of words of one passage (case, punctuation and articles aside); "
@@ -67,6 +70,14 @@ class RagRequest(GenerationParams):
                               "fallback), else 1: greedy or sampled, streamed token by token")
 
     _q = field_validator("question")(_not_blank)
+
+    @field_validator("read_k")
+    @classmethod
+    def _read_what_is_retrieved(cls, v: int | None, info: ValidationInfo) -> int | None:
+        top_k = info.data.get("top_k")  # validated before read_k (declared first); absent if it failed
+        if v is not None and top_k is not None and v > top_k:
+            raise ValueError(f"read_k={v} is more than the top_k={top_k} passages retrieved")
+        return v
 
 
 class Source(BaseModel):
@@ -93,6 +104,7 @@ class RagResponse(BaseModel):
     model: str
     finish_reason: Literal["stop", "length"]
     beams: int = Field(1, description="beam width the answer was decoded with (1: greedy or sampled)")
+    read_k: int = Field(..., description="how many of `sources` (the first ones) the model read")
 
 
 class ContentPart(BaseModel):

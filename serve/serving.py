@@ -31,6 +31,8 @@ class Ingress(Protocol):
 
     def model_cards(self) -> list[dict]: ...
 
+    def passages_read(self, adapter: str) -> int | None: ...
+
     async def retrieve(self, question: str, top_k: int, deadline: float) -> list[dict]: ...
 
     async def generate(self, adapter: str, payload: dict, deadline: float) -> dict: ...
@@ -57,14 +59,16 @@ def _error_event(event: dict) -> str:
 
 
 async def rag(ingress: Ingress, body: schemas.RagRequest) -> dict | StreamingResponse:
-    """Retrieve ``top_k`` passages for the question and answer from them."""
+    """Retrieve ``top_k`` passages for the question and answer from the first ``read_k`` of them."""
     args = ingress.args
     t0 = time.monotonic()
     deadline = t0 + args.request_timeout_s
     adapter = ingress.resolve_model(body.adapter, param="adapter")
     sources = await ingress.retrieve(body.question, body.top_k, deadline)
     retrieve_s = time.monotonic() - t0
-    payload = {"rag": {"question": body.question, "sources": sources, "extractive": body.extractive},
+    read_k = body.read_k or min(len(sources), ingress.passages_read(adapter) or len(sources))
+    read = sources[:read_k]
+    payload = {"rag": {"question": body.question, "sources": read, "extractive": body.extractive},
                "max_tokens": body.max_tokens,
                "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "beams": body.beams}
     model = body.adapter or args.model_id
@@ -72,8 +76,9 @@ async def rag(ingress: Ingress, body: schemas.RagRequest) -> dict | StreamingRes
 
     def finish(completion: dict) -> dict:
         return {"answer": completion["text"], "sources": public, "model": model,
-                "citations": cited_passages(completion["text"], [s["text"] for s in sources]),
+                "citations": cited_passages(completion["text"], [s["text"] for s in read]),
                 "finish_reason": completion["finish_reason"], "beams": completion.get("beams", 1),
+                "read_k": len(read),
                 "usage": usage(completion),
                 "timings": {"retrieve_s": retrieve_s, "generate_s": time.monotonic() - t0 - retrieve_s,
                             "total_s": time.monotonic() - t0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from ops.rag_prompt import RAG_SYSTEM_PROMPT, cited_passages, rag_messages, rag_user_message
 
 
@@ -44,3 +46,17 @@ def test_citations_are_the_passages_holding_the_answer():
     assert cited_passages("Fox", passages) == [2]
     assert cited_passages("NBC", passages) == []
     assert cited_passages("  ", passages) == []
+
+
+def test_passages_trained_on_reads_a_rag_qa_training_config(tmp_path):
+    from ops.rag_prompt import passages_trained_on
+
+    assert passages_trained_on(None) is None and passages_trained_on(tmp_path) is None  # no config saved
+    config = tmp_path / "config.yaml"
+    config.write_text("task: rag_qa\nqa:\n  passages: 3\n  questions: 8\n")
+    assert passages_trained_on(tmp_path) == 3
+    config.write_text("task: lm\nqa:\n  passages: 3\n")  # trained on plain text: the qa section means nothing
+    assert passages_trained_on(tmp_path) is None
+    config.write_text("task: rag_qa\nqa:\n  passages: zero\n")
+    with pytest.raises(ValueError, match="qa.passages must be a positive integer"):
+        passages_trained_on(tmp_path)

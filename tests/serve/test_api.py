@@ -34,8 +34,9 @@ class Recorder:
 class FakeIngress:
     """The part of serve.app.Ingress the router calls; generation answers from a script of events."""
 
-    def __init__(self, events: list[dict] | None = None):
+    def __init__(self, events: list[dict] | None = None, passages_read: int | None = None):
         self.args = AppArgs(model_id="tiny", index=None, api_key=KEY)
+        self.trained_passages = passages_read
         self.created = 0
         self.metrics = type("M", (), {"requests": Recorder(), "retrieval": Recorder()})()
         self.events = events or [{"text": " wor"}, {"text": "ld", "completion": COMPLETION}]
@@ -49,8 +50,12 @@ class FakeIngress:
     def model_cards(self) -> list[dict]:
         return [{"id": "tiny", "created": 0, "owned_by": "raylm"}]
 
+    def passages_read(self, adapter: str) -> int | None:
+        return self.trained_passages
+
     async def retrieve(self, question: str, top_k: int, deadline: float) -> list[dict]:
-        return [{"id": "d#0", "doc_id": "d", "score": 0.5, "text": f"about {question}", "source": "s"}]
+        return [{"id": f"d{i}#0", "doc_id": f"d{i}", "score": 1 / (i + 1), "text": f"passage {i} about {question}",
+                 "source": "s"} for i in range(top_k)]
 
     async def generate(self, adapter: str, payload: dict, deadline: float) -> dict:
         self.payloads.append(payload)
@@ -222,3 +227,30 @@ def test_rag_names_the_adapter_field_of_an_unknown_adapter():
     r = http.post("/v1/rag", json={"question": "q", "adapter": "nope"}, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 404 and r.json()["error"]["param"] == "adapter"
     assert r.json()["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("trained, body, read", [
+    (None, {}, 4),                        # a model not fine-tuned for RAG reads every retrieved passage
+    (3, {}, 3),                           # a RAG-tuned one as many as it read in training
+    (3, {"top_k": 2}, 2),                 # never more than were retrieved
+    (3, {"read_k": 4}, 4),                # the request decides when it says
+    (None, {"top_k": 5, "read_k": 1}, 1),
+])
+def test_rag_reads_the_first_read_k_of_the_retrieved_passages(trained, body, read):
+    ingress = FakeIngress(passages_read=trained)
+    http = TestClient(make_api(ingress), raise_server_exceptions=False)  # type: ignore[arg-type]
+    r = http.post("/v1/rag", json={"question": "q", **body}, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["read_k"] == read and len(out["sources"]) == body.get("top_k", 4)
+    sent = ingress.payloads[-1]["rag"]["sources"]
+    assert [s["id"] for s in sent] == [s["id"] for s in out["sources"][:read]]
+
+
+def test_rag_read_k_above_top_k_is_422():
+    ingress = FakeIngress()
+    http = TestClient(make_api(ingress), raise_server_exceptions=False)  # type: ignore[arg-type]
+    r = http.post("/v1/rag", json={"question": "q", "top_k": 2, "read_k": 3}, headers={"Authorization": f"Bearer {KEY}"})
+    error = r.json()["error"]
+    assert r.status_code == 422 and error["param"] == "read_k" and "read_k=3 is more than the top_k=2" in error["message"]
+    assert ingress.payloads == []

@@ -15,6 +15,7 @@ import uuid
 import httpx
 import openai
 import pytest
+import yaml
 
 from serve.schemas import DEFAULT_RAG_BEAMS
 from tests.serve.conftest import API_KEY, MAX_ADAPTERS, SQUAD, greedy_reference, rag_reference
@@ -128,6 +129,27 @@ def test_rag_with_an_adapter_answers_with_the_adapter(rag_app, tiny_model_dir, s
     assert body["model"] == "tiny-lora" and body["answer"] == want["text"]
     assert body["usage"]["completion_tokens"] == want["completion_tokens"]
     assert "tiny-lora" in httpx.get(f"{rag_app}/healthz", timeout=30).json()["adapters_loaded"]
+    assert body["read_k"] == len(body["sources"]) == 4  # not fine-tuned for RAG: reads all it is given
+
+
+def test_rag_tuned_adapter_reads_as_many_passages_as_in_training(rag_app, tiny_model_dir, serve_storage):
+    """An adapter whose saved jobs.train config is task=rag_qa, qa.passages 2 answers from the first 2 of
+    the 4 retrieved passages (all 4 are returned as sources), unless the request says read_k."""
+    adapter = serve_storage / "adapters" / "tiny-rag-lora"
+    shutil.copytree(serve_storage / "adapters" / "tiny-lora", adapter)
+    try:
+        (adapter / "config.yaml").write_text(yaml.safe_dump({"task": "rag_qa", "qa": {"passages": 2}}))
+        question = "Who jumps over the lazy dog?"
+        for extra, read in (({}, 2), ({"read_k": 3}, 3)):
+            r = post(rag_app, "/v1/rag", {"question": question, "max_tokens": 6, "adapter": "tiny-rag-lora", **extra})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["read_k"] == read and len(body["sources"]) == 4
+            want = rag_reference(tiny_model_dir, question, body["sources"][:read], 6, MAX_SEQ_LEN, adapter=adapter)
+            assert body["answer"] == want["text"] and body["usage"]["prompt_tokens"] == want["prompt_tokens"]
+            assert all(i < read for i in body["citations"])
+    finally:
+        shutil.rmtree(adapter)
 
 
 def test_rag_recall_at_5_on_squad_notre_dame(rag_app):
