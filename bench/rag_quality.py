@@ -188,7 +188,11 @@ def write(report: dict) -> None:
             read = ", ".join(map(str, m.get("read_k", []))) or "-"
             lines.append(f"| {label} | {read} | {m['exact_match']:.3f} | {m['f1']:.3f} | {m['contains_gold']:.3f} | "
                          f"{m['recall@5']:.3f} | {m.get('recall_read', float('nan')):.3f} | {m['p50_s']:.2f} |")
-        lines += ["", "Models: " + "; ".join(f"{k} = `{v}`" for k, v in r["models"].items()) + "."]
+        lines += ["", "Models: " + "; ".join(f"{k} = `{v}`" for k, v in r["models"].items()) + ".", "",
+                  "Passages read: of the 5 sources a response returns, the model answers from the first `read_k`; "
+                  "by default all of them, and for a model fine-tuned with `task=rag_qa` the `qa.passages` it was "
+                  "trained on (docs/serve.md). The `read_k 5` row is the same tuned model given all 5. \"Gold in "
+                  "passages read\" counts the questions whose paragraph is among the passages the model read."]
     lines.append("")
     (OUT / "rag_quality.md").write_text("\n".join(lines))
 
