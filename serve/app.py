@@ -554,7 +554,11 @@ class Ingress:
             else:
                 resolved = artifacts.resolve(self.args.model, self.args.storage)
                 path = resolved.path if resolved is not None else None
-            self._passages_read[adapter] = passages_trained_on(path)
+            try:
+                self._passages_read[adapter] = passages_trained_on(path)
+            except ValueError as exc:  # a broken config beside the weights: still answer, from every passage
+                log.warning("reading every retrieved passage for %r: %s", adapter or self.args.model, exc)
+                self._passages_read[adapter] = None
         return self._passages_read[adapter]
 
     def model_cards(self) -> list[dict]:
