@@ -116,8 +116,9 @@ def ask_all(url: str, questions: list[dict], extractive: bool, beams: int | None
             out = json.loads(resp.read())
         latencies.append(time.perf_counter() - t0)
         answers.append(out["answer"].strip())
-        found += q["doc_id"] in {s["doc_id"] for s in out["sources"]}
-        found_read += q["doc_id"] in {s["doc_id"] for s in out["sources"][:out["read_k"]]}
+        docs = [s["doc_id"] for s in out["sources"]]
+        found += q["doc_id"] in docs
+        found_read += q["doc_id"] in docs[:out["read_k"]]
         read.add(out["read_k"])
     scores = score_answers(answers, [q["answers"] for q in questions])
     return {**scores, "recall@5": found / len(questions), "p50_s": float(np.percentile(latencies, 50)),

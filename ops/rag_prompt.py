@@ -10,9 +10,10 @@ for the extractive answers the prompt asks for.
 
 How many passages a model reads is part of that contract too: a model fine-tuned with
 ``task=rag_qa`` saw 1..``qa.passages`` of them per question, and the endpoint gives it no more
-(:func:`passages_trained_on` reads that number from the artifact). Measured on the same adapter
-(docs/benchmarks/rag_pipeline.md, rag_quality.md): among paragraphs of the same article, reading
-3 instead of 5 answered more questions right; among unrelated distractors as many, in less time.
+(:func:`passages_trained_on` reads that number from the artifact). Measured on the same adapter:
+among unrelated distractors, reading 3 instead of 5 answered as many questions right in less time
+(docs/benchmarks/rag_quality.md, one run); among one article's own paragraphs, more of them
+(docs/benchmarks/rag_pipeline.md, a run before and one after).
 """
 
 from __future__ import annotations
