@@ -103,13 +103,14 @@ def retrieval(docs: list[dict], questions: list[dict], model) -> tuple[dict, dic
 
 
 def ask_all(url: str, questions: list[dict], extractive: bool, beams: int | None = None,
-            read_k: int | None = None) -> dict:
-    answers, latencies, found, found_read, read = [], [], 0, 0, set()
+            read_k: int | None = None, support_weight: float | None = None) -> dict:
+    answers, latencies, found, found_read, read, weights = [], [], 0, 0, set(), set()
     for q in questions:
         body = json.dumps({"question": q["question"], "top_k": TOP_K, "max_tokens": MAX_TOKENS,
                            "temperature": 0.0, "extractive": extractive,
                            **({"beams": beams} if beams is not None else {}),
-                           **({"read_k": read_k} if read_k is not None else {})}).encode()
+                           **({"read_k": read_k} if read_k is not None else {}),
+                           **({"support_weight": support_weight} if support_weight is not None else {})}).encode()
         request = urllib.request.Request(f"{url}/v1/rag", data=body, headers={"Content-Type": "application/json"})
         t0 = time.perf_counter()
         with urllib.request.urlopen(request, timeout=300) as resp:
@@ -120,11 +121,12 @@ def ask_all(url: str, questions: list[dict], extractive: bool, beams: int | None
         found += q["doc_id"] in docs
         found_read += q["doc_id"] in docs[:out["read_k"]]
         read.add(out["read_k"])
+        weights.add(out["support_weight"])
     scores = score_answers(answers, [q["answers"] for q in questions])
     return {**scores, "recall@5": found / len(questions), "p50_s": float(np.percentile(latencies, 50)),
-            "read_k": sorted(read), "recall_read": found_read / len(questions),
-            "examples": [{"question": q["question"], "gold": q["answers"], "answer": a}
-                         for q, a in zip(questions[:8], answers[:8])]}
+            "read_k": sorted(read), "recall_read": found_read / len(questions), "support_weight": sorted(weights),
+            "answers": [{"question": q["question"], "gold": q["answers"], "answer": a}
+                        for q, a in zip(questions, answers)]}
 
 
 def answers(storage: Path, models: dict[str, str], questions: list[dict], port: int) -> dict:
@@ -143,16 +145,18 @@ def answers(storage: Path, models: dict[str, str], questions: list[dict], port: 
         for label, model in models.items():
             serve.run(build_app({"storage": str(storage), "model": model, "index": "bench", "model_id": "m"}),
                       name="rag", route_prefix="/")
-            variants = {"extractive, beam search (default)": (True, None, None)}
+            variants = {"extractive, beam search (default)": (True, None, None, None)}
             if label != "base":  # read_k None: as many passages as the model was fine-tuned to read
-                variants = {"free generation": (False, None, None), "extractive, greedy (beams 1)": (True, 1, None),
+                variants = {"free generation": (False, None, None, None),
+                            "extractive, greedy (beams 1)": (True, 1, None, None),
+                            "extractive, beam search, the most likely answer (support_weight 0)": (True, None, None, 0.0),
                             f"extractive, beam search, reading all {TOP_K} passages (read_k {TOP_K})":
-                                (True, None, TOP_K), **variants}
-            for name, (extractive, beams, read_k) in variants.items():
+                                (True, None, TOP_K, None), **variants}
+            for name, (extractive, beams, read_k, weight) in variants.items():
                 row = f"{label}, {name}"
-                rows[row] = ask_all(f"http://127.0.0.1:{port}", questions, extractive, beams, read_k)
+                rows[row] = ask_all(f"http://127.0.0.1:{port}", questions, extractive, beams, read_k, weight)
                 print(f"[bench.rag_quality] {row}: " + json.dumps({k: v for k, v in rows[row].items()
-                                                                  if k != "examples"}), flush=True)
+                                                                  if k != "answers"}), flush=True)
             serve.delete("rag")
     finally:
         serve.shutdown()
@@ -182,18 +186,24 @@ def write(report: dict) -> None:
     if r.get("answers"):
         lines += ["", f"## Answers through `/v1/rag` (hybrid retrieval, top_k {TOP_K}, max_tokens {MAX_TOKENS}, "
                   f"temperature 0; the default decoding is extractive with a beam of {DEFAULT_RAG_BEAMS})", "",
-                  "| model | passages read | exact match | F1 | contains gold | recall@5 | gold in passages read | "
-                  "p50 latency s |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| model | passages read | support weight | exact match | F1 | contains gold | recall@5 | "
+                  "gold in passages read | p50 latency s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for label, m in r["answers"].items():
             read = ", ".join(map(str, m.get("read_k", []))) or "-"
-            lines.append(f"| {label} | {read} | {m['exact_match']:.3f} | {m['f1']:.3f} | {m['contains_gold']:.3f} | "
-                         f"{m['recall@5']:.3f} | {m.get('recall_read', float('nan')):.3f} | {m['p50_s']:.2f} |")
+            weight = ", ".join(f"{w:g}" for w in m.get("support_weight", [])) or "-"
+            lines.append(f"| {label} | {read} | {weight} | {m['exact_match']:.3f} | {m['f1']:.3f} | "
+                         f"{m['contains_gold']:.3f} | {m['recall@5']:.3f} | {m.get('recall_read', float('nan')):.3f} | "
+                         f"{m['p50_s']:.2f} |")
         lines += ["", "Models: " + "; ".join(f"{k} = `{v}`" for k, v in r["models"].items()) + ".", "",
                   "Passages read: of the 5 sources a response returns, the model answers from the first `read_k`; "
                   "by default all of them, and for a model fine-tuned with `task=rag_qa` the `qa.passages` it was "
                   "trained on (docs/serve.md). The `read_k 5` row is the same tuned model given all 5. \"Gold in "
-                  "passages read\" counts the questions whose paragraph is among the passages the model read."]
+                  "passages read\" counts the questions whose paragraph is among the passages the model read.", "",
+                  "Support weight: a beam search's final answers are ranked by log-probability + this x the share of "
+                  "the question's content words in the passage sentence the answer was copied from "
+                  "(`ops.extractive.question_support`); the default ranks so, the `support_weight 0` row is the "
+                  "same model's most likely answer. Greedy and free answers have one candidate (0)."]
     lines.append("")
     (OUT / "rag_quality.md").write_text("\n".join(lines))
 

@@ -430,6 +430,7 @@ def ask_squad(url: str, cfg: PipelineConfig, questions: list[dict]) -> dict[str,
         answers.append({"question": q["question"], "gold": q["answers"], "answer": a["answer"].strip(),
                         "citations": a.get("citations", []), "retrieved": [s["doc_id"] for s in a["sources"]],
                         "doc_id": q["doc_id"], "client_s": a["client_s"], "beams": a.get("beams", 1),
+                        "support_weight": a.get("support_weight", 0.0),
                         "read_k": a["read_k"]})
     scores = score_answers([a["answer"] for a in answers], [a["gold"] for a in answers])
     latencies = sorted(a["client_s"] for a in answers)
@@ -487,7 +488,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
         lines += ["", f"RAG QA through `/v1/rag` on {qa['questions']} questions of the {qa['val_paragraphs']} held-out "
                   f"paragraphs (training saw the other {qa['train_paragraphs']}); top_k {qa['top_k']}, max_tokens "
                   f"{qa['max_tokens']}, the endpoint's default decoding: extractive, beam width "
-                  f"{'/'.join(map(str, qa.get('beams') or [1]))}.", "",
+                  f"{'/'.join(map(str, qa.get('beams') or [1]))}, answers ranked with support weight "
+                  f"{'/'.join(f'{w:g}' for w in qa.get('support_weight') or [0])}.", "",
                   "| model | passages read | exact match | F1 | contains gold | recall@1 | recall@k | p50 s |",
                   "|---|---|---|---|---|---|---|---|"]
         recall_k = f"recall@{qa['top_k']}"
@@ -518,8 +520,10 @@ def evaluate_rag_qa(cfg: PipelineConfig, storage: str, model_spec: str, index_na
     rows["fine-tuned"] = ask_squad(url, cfg, questions)
     log(f"qa: fine-tuned: {_qa_line(rows['fine-tuned'])}")
     beams = sorted({a["beams"] for row in rows.values() for a in row["answers"]})  # what the endpoint decoded with
+    weights = sorted({a["support_weight"] for row in rows.values() for a in row["answers"]})
     return {"questions": len(questions), "train_paragraphs": len(train_ids), "val_paragraphs": len(val_ids),
-            "top_k": cfg.serve.top_k, "max_tokens": cfg.serve.max_tokens, "beams": beams, "rows": rows}, url
+            "top_k": cfg.serve.top_k, "max_tokens": cfg.serve.max_tokens, "beams": beams, "support_weight": weights,
+            "rows": rows}, url
 
 
 def _qa_line(row: dict) -> str:

@@ -80,6 +80,10 @@ class Request:
             rows and returns the most likely sequence found (sum of its tokens' log-probabilities,
             EOS included, no length penalty); its text arrives whole when it finishes. Needs
             temperature 0 and no stop strings.
+        question: The question an extractive answer answers, for `support_weight`.
+        support_weight: With `extract_from` and `beams` > 1: the beam's final answers are ranked by
+            likelihood + this x how much of `question` the passage sentence each was copied from
+            repeats (`ops.extractive.SpanConstraint.rank`); 0 = likelihood only.
     """
 
     prompt: str | None = None
@@ -94,6 +98,8 @@ class Request:
     adapter: str | None = None
     extract_from: list[str] | None = None
     beams: int = 1
+    question: str | None = None
+    support_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -117,6 +123,11 @@ class Request:
                              f"{self.temperature}")
         if self.beams > 1 and self.stop:
             raise ValueError(f"beams={self.beams} does not take stop strings (it finishes on EOS or max_tokens)")
+        if self.support_weight < 0:
+            raise ValueError(f"support_weight must be >= 0, got {self.support_weight}")
+        if self.support_weight and not (self.extract_from and self.beams > 1 and (self.question or "").strip()):
+            raise ValueError(f"support_weight={self.support_weight} ranks a beam search's extractive answers: it needs "
+                             "extract_from, beams > 1 and a question")
 
 
 @dataclass
@@ -133,6 +144,7 @@ class Completion:
         latency_s: Seconds from submit to the end of the request.
         tokens_per_s: Decode rate after the first token, (completion_tokens - 1) / decode time.
         beams: Beam width the request was decoded with (1: greedy or sampled).
+        support_weight: `Request.support_weight` the answer was ranked with (0: likelihood only).
     """
 
     text: str
@@ -144,6 +156,7 @@ class Completion:
     latency_s: float
     tokens_per_s: float
     beams: int = 1
+    support_weight: float = 0.0
 
 
 @dataclass
@@ -294,7 +307,7 @@ class _Beam:
 
     leader: _Sequence
     width: int
-    finished: list[tuple[float, list[int], str]] = field(default_factory=list)  # (score, token ids, reason)
+    finished: list[tuple[float, float, list[int], str]] = field(default_factory=list)  # (rank, score, ids, reason)
 
 
 class Engine:
@@ -468,7 +481,8 @@ class Engine:
                 generator.manual_seed(request.seed)
         seq = _Sequence(request, prompt_ids, on_event, time.perf_counter(), generator)
         if request.extract_from is not None:
-            seq.constraint = SpanConstraint(request.extract_from, self.tokenizer, self.eos_token_ids)
+            seq.constraint = SpanConstraint(request.extract_from, self.tokenizer, self.eos_token_ids,
+                                            question=request.question, support_weight=request.support_weight)
         with self._wakeup:
             if len(self._waiting) >= self.config.max_queue:
                 raise QueueFullError(
@@ -813,9 +827,11 @@ class Engine:
         """One step of a beam search: extends its open hypotheses by their `width` most likely (allowed)
         tokens each, keeps the `width` best non-final extensions and rewrites its rows to hold them.
 
-        A hypothesis ending in EOS, or reaching max_tokens, is final. The search ends once no open
-        hypothesis can beat the best final one (a score only falls as tokens are added) or none is open;
-        the leader then carries the best final hypothesis and the followers are dropped.
+        A hypothesis ending in EOS, or reaching max_tokens, is final, ranked by its score plus what its
+        constraint adds (``SpanConstraint.rank``). The search ends once no open hypothesis can beat the
+        best final one (a score only falls as tokens are added; the most a rank adds is the constraint's
+        ``max_bonus``) or none is open; the leader then carries the best final hypothesis and the
+        followers are dropped.
         """
         beam = hypotheses[0][0].beam
         request, width = beam.leader.request, beam.width
@@ -828,16 +844,24 @@ class Engine:
             candidates += [(seq.score + v, seq, t) for v, t in zip(values.tolist(), tokens.tolist())]
         candidates.sort(key=lambda c: -c[0])
         survivors: list[tuple[float, _Sequence, int]] = []
+        constraint = beam.leader.constraint
+
+        def final(score: float, token_ids: list[int], reason: str) -> None:
+            text_ids = token_ids[:-1] if reason == "stop" else token_ids
+            rank = constraint.rank(score, text_ids) if constraint is not None else score
+            beam.finished.append((rank, score, token_ids, reason))
+
         for score, seq, token in candidates:
             if token in self.eos_token_ids and not request.ignore_eos:
-                beam.finished.append((score, [*seq.token_ids, token], "stop"))
+                final(score, [*seq.token_ids, token], "stop")
             elif len(survivors) < width:
                 if len(seq.token_ids) + 1 >= request.max_tokens:
-                    beam.finished.append((score, [*seq.token_ids, token], "length"))
+                    final(score, [*seq.token_ids, token], "length")
                 else:
                     survivors.append((score, seq, token))
         best_final = max((f[0] for f in beam.finished), default=float("-inf"))
-        if not survivors or best_final >= survivors[0][0] or beam.leader.cancelled:
+        bonus = constraint.max_bonus if constraint is not None else 0.0
+        if not survivors or best_final >= survivors[0][0] + bonus or beam.leader.cancelled:
             self._end_beam(beam, [seq for seq, _ in hypotheses])
             return
         rows = {id(seq): b for b, seq in enumerate(self._running)}
@@ -886,8 +910,8 @@ class Engine:
     def _end_beam(self, beam: _Beam, members: list[_Sequence]) -> None:
         """Gives the leader the best final hypothesis (the best open one if none is final) and drops the rows."""
         leader = beam.leader
-        final = beam.finished or [(m.score, m.token_ids, "length") for m in members]
-        score, token_ids, reason = max(final, key=lambda f: f[0])
+        final = beam.finished or [(m.score, m.score, m.token_ids, "length") for m in members]
+        _, score, token_ids, reason = max(final, key=lambda f: f[0])
         leader.score, leader.token_ids = score, list(token_ids)
         text_ids = token_ids[:-1] if reason == "stop" else token_ids
         leader.text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
@@ -1104,6 +1128,7 @@ class Engine:
             latency_s=now - seq.submitted,
             tokens_per_s=(n - 1) / (now - first) if n > 1 and now > first else 0.0,
             beams=seq.request.beams,
+            support_weight=seq.request.support_weight,
         )
         seq.on_event(Delta(seq.text[seq.emitted :], completion))
         seq.emitted = len(seq.text)

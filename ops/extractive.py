@@ -15,6 +15,14 @@ text of the passage). The model still chooses the span; the
 constraint only rules out what the passages do not say. It is what the answer's citations rely
 on too: an answer copied from a passage cites it exactly.
 
+Among the answers a beam search finishes, the model's likeliest is often a salient span of the wrong
+sentence ("Albert Zahm" for who sent the first wireless message, from the sentence about a wind
+tunnel). A reading-comprehension question is written about one sentence and mostly in its words, so
+:meth:`SpanConstraint.rank` adds ``support_weight`` x :func:`question_support` (the share of the
+question's content words in the sentence the answer was copied from) to a final answer's
+log-probability; the engine's beam ranks its final answers so and searches until no open hypothesis
+could outrank the best.
+
 This is a string check on a few candidates per step (the decoded answer, at most ``candidates``
 of them), not a trie over the vocabulary: answers are short and the tokenizer's merges make a
 token-level index of the passages miss spans that start mid-token.
@@ -22,6 +30,7 @@ token-level index of the passages miss spans that start mid-token.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from typing import Any, Iterable, Sequence
@@ -83,12 +92,19 @@ class SpanConstraint:
             the answer ends (EOS) where a word of the passages ends, and otherwise (before any
             text, or inside a word) goes on with the most likely token of the first
             ``WIDE_CANDIDATES`` that may, else of the passages' own tokens.
+        question: what the answer answers; with ``support_weight`` it ranks a beam search's final
+            answers (:meth:`rank`).
+        support_weight: weight of :func:`question_support` in :meth:`rank`; 0 ranks by likelihood only.
     """
 
     def __init__(self, sources: Sequence[str], tokenizer: Any, eos_ids: Iterable[int],
-                 candidates: int = DEFAULT_CANDIDATES):
+                 candidates: int = DEFAULT_CANDIDATES, question: str | None = None, support_weight: float = 0.0):
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
+        if support_weight < 0 or (support_weight and not (question or "").strip()):
+            raise ValueError(f"support_weight must be >= 0 and needs a question, got {support_weight} "
+                             f"with question {question!r}")
+        self.question, self.support_weight = question, float(support_weight)
         self.texts = [s for s in sources if s.strip()]
         # padded: a span starts at a word
         self.sources = [f" {normalize(s)} " for s in self.texts]
@@ -140,6 +156,20 @@ class SpanConstraint:
             return any(f" {_with_articles(after)}" in s for s in self.with_articles)
         return True
 
+    @property
+    def max_bonus(self) -> float:
+        """The most :meth:`rank` adds to a log-probability: how far below the best final answer's rank an
+        open hypothesis must be before a search may stop (its later tokens only lower its likelihood)."""
+        return self.support_weight
+
+    def rank(self, logprob: float, token_ids: Sequence[int]) -> float:
+        """A final answer's rank: ``logprob`` (its tokens', EOS included) + ``support_weight`` x
+        :func:`question_support` of its text (``token_ids`` decoded)."""
+        if not self.support_weight:
+            return logprob
+        return logprob + self.support_weight * question_support(self.question or "", self._text(token_ids), self.texts,
+                                                                 _stemmer())
+
     def _before_non_ascii(self, text: str) -> bool:
         """Whether some passage has ``text`` followed by a non-ASCII character."""
         text = f" {text}" if text else ""
@@ -190,3 +220,43 @@ class SpanConstraint:
         index = torch.tensor(keep, device=logits.device)
         masked[index] = logits[index]
         return masked
+
+
+# Words a question shares with any sentence: no evidence of where its answer is. bm25s's English list
+# (what BM25 ignores) plus the question words it keeps.
+_QUESTION_WORDS = frozenset("what which who whom whose when where why how whats did does do many much".split())
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+
+
+@functools.lru_cache(maxsize=1)
+def _stemmer() -> Any:
+    import Stemmer
+
+    return Stemmer.Stemmer("english")  # BM25's (ops.retrieval.BM25_LANGUAGE): "founded" meets "founding"
+
+
+def _content_words(text: str, stem: Any) -> set[str]:
+    from bm25s.stopwords import STOPWORDS_EN
+
+    words = [w for w in normalize_answer(text).split() if w not in STOPWORDS_EN and w not in _QUESTION_WORDS]
+    return set(stem.stemWords(words)) if stem is not None else set(words)
+
+
+def question_support(question: str, answer: str, passages: Sequence[str], stem: Any = None) -> float:
+    """How much of ``question`` the passage sentence ``answer`` was copied from repeats: the fraction of
+    the question's content words (stop and question words aside, and the answer's own words) found in
+    it, the best sentence holding the answer counted; 0.0 when no sentence holds it.
+
+    A reading-comprehension question is written about one sentence, and mostly in its words (the
+    sliding-window baseline of MCTest and SQuAD); a span the model likes from a sentence about
+    something else is the small reader's commonest wrong answer."""
+    span = normalize_answer(answer)
+    asked = _content_words(question, stem) - _content_words(answer, stem)
+    if not span or not asked:
+        return 0.0
+    best = 0.0
+    for passage in passages:
+        for sentence in _SENTENCE_END.split(passage):
+            if f" {span} " in f" {normalize_answer(sentence)} ":
+                best = max(best, len(asked & _content_words(sentence, stem)) / len(asked))
+    return best

@@ -393,7 +393,13 @@ class Generator:
             if beams is None:  # the default: a beam where it is built for (extractive, greedy) and the engine can
                 beams = (min(schemas.DEFAULT_RAG_BEAMS, engine.config.max_batch_size)
                          if extract and params.get("temperature", 0) == 0 and engine.backend == "llama" else 1)
-            return Request(messages=messages, extract_from=extract, beams=beams, **params)
+            weight = payload.get("support_weight")
+            if beams < 2:
+                weight = 0.0  # ranks a beam's final answers; greedy and sampled answers have one
+            elif weight is None:
+                weight = schemas.DEFAULT_SUPPORT_WEIGHT
+            return Request(messages=messages, extract_from=extract, beams=beams, question=rag["question"],
+                           support_weight=weight, **params)
         if "messages" in payload:
             return Request(messages=payload["messages"], **params)
         return Request(prompt=payload["prompt"], **params)

@@ -20,6 +20,11 @@ MAX_BEAMS = 8
 # Extractive answers: a beam of 4 found better spans than greedy on held-out questions
 # (docs/benchmarks/rag_decoding.md); each hypothesis takes a row of the generator's batch.
 DEFAULT_RAG_BEAMS = 4
+# A beam's extractive answers are ranked by log-probability + this x ops.extractive.question_support (0..1):
+# on held-out questions every weight measured (1, 2, 3, 5) did better than likelihood alone, 5 the most
+# (docs/benchmarks/rag_decoding.md); full support is then worth a likelihood ratio of e^5.
+DEFAULT_SUPPORT_WEIGHT = 5.0
+MAX_SUPPORT_WEIGHT = 100.0
 # Registered artifact names only: a path (``../x``, ``/etc``) can never name an adapter.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -68,6 +73,11 @@ class RagRequest(GenerationParams):
                               f"temperature 0); default {DEFAULT_RAG_BEAMS} for extractive answers at temperature 0 "
                               "(at most the generator's max_batch_size; 1 where the model runs through the HF "
                               "fallback), else 1: greedy or sampled, streamed token by token")
+    support_weight: float | None = Field(None, ge=0.0, le=MAX_SUPPORT_WEIGHT, description="a beam search's "
+                                         "extractive answers are ranked by log-probability + this x the fraction of "
+                                         "the question's content words in the passage sentence the answer was copied "
+                                         f"from; default {DEFAULT_SUPPORT_WEIGHT:g}; 0: the most likely answer. Only "
+                                         "with beams > 1")
 
     _q = field_validator("question")(_not_blank)
 
@@ -104,6 +114,8 @@ class RagResponse(BaseModel):
     model: str
     finish_reason: Literal["stop", "length"]
     beams: int = Field(1, description="beam width the answer was decoded with (1: greedy or sampled)")
+    support_weight: float = Field(0.0, description="`support_weight` the answer was ranked with (0: by likelihood "
+                                  "only, as every greedy, sampled or free answer is)")
     read_k: int = Field(..., description="how many of `sources` (the first ones) the model read")
 
 

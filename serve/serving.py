@@ -70,7 +70,8 @@ async def rag(ingress: Ingress, body: schemas.RagRequest) -> dict | StreamingRes
     read = sources[:read_k]
     payload = {"rag": {"question": body.question, "sources": read, "extractive": body.extractive},
                "max_tokens": body.max_tokens,
-               "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "beams": body.beams}
+               "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "beams": body.beams,
+               "support_weight": body.support_weight}
     model = body.adapter or args.model_id
     public = public_sources(sources) or []
 
@@ -78,6 +79,7 @@ async def rag(ingress: Ingress, body: schemas.RagRequest) -> dict | StreamingRes
         return {"answer": completion["text"], "sources": public, "model": model,
                 "citations": cited_passages(completion["text"], [s["text"] for s in read]),
                 "finish_reason": completion["finish_reason"], "beams": completion.get("beams", 1),
+                "support_weight": completion.get("support_weight", 0.0),
                 "read_k": len(read),
                 "usage": usage(completion),
                 "timings": {"retrieve_s": retrieve_s, "generate_s": time.monotonic() - t0 - retrieve_s,

@@ -160,7 +160,7 @@ def _summary_for_markdown() -> dict:
                   "best_val_perplexity": 9.5},
         "served": {"model": "x"}, "answers": [], "retrieval_hits": "0/0", "built": [], "wall_s": 1.0,
         "qa": {"questions": 4, "train_paragraphs": 9, "val_paragraphs": 3, "top_k": 5, "max_tokens": 24, "beams": [4],
-               "rows": {"base": {**qa_row, "f1": 0.1, "read_k": [5]}, "fine-tuned": {**qa_row, "read_k": [3]}}},
+               "support_weight": [5.0], "rows": {"base": {**qa_row, "f1": 0.1, "read_k": [5]}, "fine-tuned": {**qa_row, "read_k": [3]}}},
     }
     return summary
 
@@ -178,7 +178,7 @@ def test_squad_data_switches_to_rag_qa_and_the_summary_reports_em_f1(tmp_path):
     text = summary_markdown(summary)
     assert "| fine-tuned | 3 | 0.250 | 0.500 | 0.400 | 0.800 | 1.000 | 1.50 |" in text
     assert "| base | 5 | 0.250 | 0.100 |" in text and "| question |" not in text
-    assert "extractive, beam width 4." in text
+    assert "extractive, beam width 4, answers ranked with support weight 5." in text
 
 
 @pytest.mark.slow

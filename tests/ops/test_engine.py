@@ -588,6 +588,27 @@ def test_beam_search_under_a_span_constraint_matches_reference(tiny_model, token
         assert any(f" {normalize(out.text)}" in s for s in sources), out.text
 
 
+def test_beam_search_ranked_by_question_support_matches_reference(tiny_model, tokenizer):
+    """With support_weight the engine's beam ranks its final answers as the reference does (likelihood +
+    weight x question support) and searches on until no open hypothesis could outrank the best."""
+    from ops.extractive import SpanConstraint
+
+    passages = ["Notre Dame's official colors are Navy Blue and Gold Rush, chosen in 1920. The Grotto was "
+                "built in 1896 next to the lake.", "The marching band plays before every home game in the stadium."]
+    question = "What are the official colors of Notre Dame?"
+    prompts = [f"Question {i}: {question}" for i in range(3)]
+    with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=4, max_seq_len=512)) as eng:
+        outs = {w: eng.generate_sync([Request(prompt=p, max_tokens=8, beams=4, extract_from=passages,
+                                              question=question, support_weight=w) for p in prompts])
+                for w in (0.0, 5.0)}
+        eos = eng.eos_token_ids
+    for w, done in outs.items():
+        for prompt, out in zip(prompts, done):
+            constraint = SpanConstraint(passages, tokenizer, eos, question=question, support_weight=w)
+            assert out.token_ids == beam_search(tiny_model, tokenizer(prompt)["input_ids"], 4, 8, eos, constraint)
+            assert out.support_weight == w
+
+
 def test_beam_search_waits_for_its_rows_and_a_cancelled_one_frees_them(tiny_model, tokenizer):
     with Engine(tiny_model, tokenizer, EngineConfig(max_batch_size=4, max_seq_len=512)) as eng:
         outs = eng.generate_sync([Request(prompt=p, max_tokens=5, beams=4, ignore_eos=True) for p in PROMPTS[:2]])
@@ -613,6 +634,12 @@ def test_beam_request_validation(engine, tokenizer):
         Request(prompt="x", beams=2, stop=["."])
     with pytest.raises(ValueError, match="beams must be >= 1"):
         Request(prompt="x", beams=0)
+    with pytest.raises(ValueError, match="support_weight must be >= 0"):
+        Request(prompt="x", beams=2, extract_from=["a b"], question="q?", support_weight=-1)
+    for missing in ({"beams": 1}, {"extract_from": None}, {"question": " "}):  # nothing to rank, or nothing to rank by
+        with pytest.raises(ValueError, match="needs extract_from, beams > 1 and a question"):
+            Request(**{"prompt": "x", "beams": 2, "extract_from": ["a b"], "question": "q?", "support_weight": 5,
+                       **missing})
     with pytest.raises(ValueError, match="max_batch_size=4"):
         engine.generate_sync([Request(prompt="x", beams=5)])
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from ops.engine import Engine, EngineConfig, Request
-from ops.extractive import SpanConstraint, normalize
+from ops.extractive import SpanConstraint, normalize, question_support
 from ops.model import DEFAULT_MODEL, embedded_gguf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,6 +89,48 @@ def test_an_answer_stopped_inside_a_word_finishes_the_word(tokenizer):
     logits[rest[0]] = 1.0  # below the candidates checked first
     narrow = SpanConstraint(PASSAGES, tokenizer, [tokenizer.eos_token_id], candidates=2)
     assert int(narrow.mask(logits, partial, first_only=True).argmax()) == rest[0]
+
+
+def test_question_support_is_the_share_of_the_question_in_the_answers_sentence():
+    passages = ["Zahm was a professor. In 1899 Jerome Green became the first American to send a wireless message. "
+                "Albert Zahm built an early wind tunnel.", "The band plays before every home game."]
+    question = "Who was the first American to send a wireless message?"
+    # content words: first, american, send, wireless, message (stop and question words aside)
+    assert question_support(question, "Jerome Green", passages) == 1.0
+    assert question_support(question, "Albert Zahm", passages) == 0.0  # its sentence is about a wind tunnel
+    assert question_support(question, "Zahm", passages) == 0.0  # best of its sentences, both off the question
+    assert question_support(question, "not in any passage", passages) == 0.0
+    assert question_support(question, "1899", passages) == 1.0
+    # the answer's own words are not evidence ("American" answers "Which American ..." from any sentence)
+    assert question_support("Which American sent a wireless message first?", "the first American", passages) == 2 / 3
+    # an answer spanning two sentences is in none of them
+    assert question_support(question, "professor In 1899", passages) == 0.0
+    assert question_support("", "Jerome Green", passages) == 0.0
+
+
+def test_question_support_stems_as_bm25_does():
+    import Stemmer
+
+    passages = ["The university was founded by Father Sorin in 1842."]
+    stem = Stemmer.Stemmer("english")
+    assert question_support("Who is the founder of the university?", "Father Sorin", passages) == 0.5
+    assert question_support("Who founded the university?", "Father Sorin", passages, stem) == 1.0
+
+
+def test_rank_adds_the_weighted_support_to_the_likelihood(tokenizer):
+    passages = ["In 1899 Jerome Green sent the first wireless message. Albert Zahm built a wind tunnel."]
+    question = "Who sent the first wireless message?"
+    plain = SpanConstraint(passages, tokenizer, [2])
+    ranked = SpanConstraint(passages, tokenizer, [2], question=question, support_weight=5.0)
+    green, zahm = ids(tokenizer, "Jerome Green"), ids(tokenizer, "Albert Zahm")
+    assert plain.rank(-3.0, green) == -3.0 and plain.max_bonus == 0.0
+    assert ranked.max_bonus == 5.0
+    assert ranked.rank(-3.0, green) == pytest.approx(2.0)  # full support: + 5
+    assert ranked.rank(-1.0, zahm) == -1.0  # likelier, but from a sentence the question is not about
+    with pytest.raises(ValueError, match="needs a question"):
+        SpanConstraint(passages, tokenizer, [2], support_weight=1.0)
+    with pytest.raises(ValueError, match="support_weight must be >= 0"):
+        SpanConstraint(passages, tokenizer, [2], question=question, support_weight=-1.0)
 
 
 def test_refuses_no_passage(tokenizer):

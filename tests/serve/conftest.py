@@ -66,12 +66,14 @@ def serve_storage(tmp_path_factory, tiny_model_dir) -> Path:
 
 def greedy_reference(model_dir: Path, max_tokens: int, *, prompt: str | None = None,
                      messages: list[dict] | None = None, adapter: Path | None = None,
-                     extract_from: list[str] | None = None, beams: int = 1) -> dict:
+                     extract_from: list[str] | None = None, beams: int = 1, question: str | None = None,
+                     support_weight: float = 0.0) -> dict:
     """What the app must answer at temperature 0, computed with plain transformers (the oracle of
     the HTTP tests): ``text``, ``prompt_tokens``, ``completion_tokens`` and ``finish_reason``.
     ``extract_from``: the answer is kept a span of these passages by ``ops.extractive``, applied
     as a transformers logits processor. ``beams`` > 1: beam search (`tests.references.beam_search`)
-    instead of greedy decoding."""
+    instead of greedy decoding, its final answers ranked with ``support_weight`` x their support by
+    ``question`` (``SpanConstraint.rank``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
@@ -93,7 +95,8 @@ def greedy_reference(model_dir: Path, max_tokens: int, *, prompt: str | None = N
     for source in (model.generation_config, model.config, tok):  # as ops.engine.Engine._eos_ids
         e = getattr(source, "eos_token_id", None)
         eos.update([] if e is None else [e] if isinstance(e, int) else e)
-    constraint = SpanConstraint(extract_from, tok, eos) if extract_from is not None else None
+    constraint = (SpanConstraint(extract_from, tok, eos, question=question, support_weight=support_weight)
+                  if extract_from is not None else None)
     if beams > 1:
         from tests.references import beam_search
 
@@ -128,14 +131,16 @@ def _greedy_tokens(model, tok, ids, max_tokens: int, constraint, processors) -> 
 
 
 def rag_reference(model_dir: Path, question: str, sources: list[dict], max_tokens: int, max_seq_len: int,
-                  adapter: Path | None = None, extractive: bool = True, beams: int | None = None) -> dict:
+                  adapter: Path | None = None, extractive: bool = True, beams: int | None = None,
+                  support_weight: float | None = None) -> dict:
     """:func:`greedy_reference` for a /v1/rag answer: the app's prompt from ``question`` and the
-    ``sources`` it returned, trimmed to the same token budget; ``extractive`` and ``beams`` as the
-    request's (None: the endpoint's default, a beam for extractive answers)."""
+    ``sources`` it returned, trimmed to the same token budget; ``extractive``, ``beams`` and
+    ``support_weight`` as the request's (None: the endpoint's defaults, a beam for extractive answers
+    that ranks its answers by their support)."""
     from transformers import AutoTokenizer
 
     from serve.app import DEFAULT_SYSTEM_PROMPT, rag_messages
-    from serve.schemas import DEFAULT_RAG_BEAMS
+    from serve.schemas import DEFAULT_RAG_BEAMS, DEFAULT_SUPPORT_WEIGHT
 
     tok = AutoTokenizer.from_pretrained(model_dir)
 
@@ -146,8 +151,13 @@ def rag_reference(model_dir: Path, question: str, sources: list[dict], max_token
     messages = rag_messages(question, sources, DEFAULT_SYSTEM_PROMPT, count, max_seq_len - max_tokens)
     if beams is None:
         beams = DEFAULT_RAG_BEAMS if extractive else 1
+    if not extractive or beams == 1:
+        support_weight = 0.0  # the app ranks only a beam's extractive answers
+    elif support_weight is None:
+        support_weight = DEFAULT_SUPPORT_WEIGHT
     return greedy_reference(model_dir, max_tokens, messages=messages, adapter=adapter,
-                            extract_from=[s["text"] for s in sources] if extractive else None, beams=beams)
+                            extract_from=[s["text"] for s in sources] if extractive else None, beams=beams,
+                            question=question, support_weight=support_weight)
 
 
 def wait_ready(base_url: str, deadline_s: float = 180.0) -> None:

@@ -17,7 +17,7 @@ import openai
 import pytest
 import yaml
 
-from serve.schemas import DEFAULT_RAG_BEAMS
+from serve.schemas import DEFAULT_RAG_BEAMS, DEFAULT_SUPPORT_WEIGHT
 from tests.serve.conftest import API_KEY, MAX_ADAPTERS, SQUAD, greedy_reference, rag_reference
 
 pytestmark = pytest.mark.integration
@@ -101,20 +101,24 @@ def test_rag_answer_is_copied_from_its_sources_unless_extractive_is_off(rag_app,
 
     question = "Where is the Grotto?"
     answers = {}
-    # extractive by default with a beam of DEFAULT_RAG_BEAMS; beams=1 is greedy; free generation is greedy
-    for extractive, beams in ((True, None), (True, 1), (False, None)):
+    # extractive by default with a beam of DEFAULT_RAG_BEAMS ranking its answers by their support
+    # (support_weight 0: by likelihood); beams=1 is greedy; free generation is greedy
+    for extractive, beams, weight in ((True, None, None), (True, None, 0.0), (True, 1, None), (False, None, None)):
         r = post(rag_app, "/v1/rag", {"question": question, "max_tokens": 6, "extractive": extractive,
-                                      **({"beams": beams} if beams else {})})
+                                      **({"beams": beams} if beams else {}),
+                                      **({"support_weight": weight} if weight is not None else {})})
         assert r.status_code == 200, r.text
-        body = answers[extractive, beams] = r.json()
+        body = answers[extractive, beams, weight] = r.json()
         want = rag_reference(tiny_model_dir, question, body["sources"], 6, MAX_SEQ_LEN, extractive=extractive,
-                             beams=beams)
+                             beams=beams, support_weight=weight)
         assert body["answer"] == want["text"] and body["usage"]["completion_tokens"] == want["completion_tokens"]
         assert body["beams"] == (beams or (DEFAULT_RAG_BEAMS if extractive else 1))
-    for key in ((True, None), (True, 1)):
+        ranked = extractive and beams is None and weight is None
+        assert body["support_weight"] == (DEFAULT_SUPPORT_WEIGHT if ranked else 0.0)
+    for key in ((True, None, None), (True, 1, None)):
         copied = normalize(answers[key]["answer"]).strip()
         assert copied and any(f" {copied}" in f" {normalize(s['text'])}" for s in answers[key]["sources"]), copied
-    assert answers[True, None]["answer"] != answers[False, None]["answer"]  # the random tiny model strays when free
+    assert answers[True, None, None]["answer"] != answers[False, None, None]["answer"]  # the random tiny model strays when free
 
 
 def test_rag_with_an_adapter_answers_with_the_adapter(rag_app, tiny_model_dir, serve_storage):
@@ -185,6 +189,8 @@ BAD_INPUTS = [
     ("/v1/rag", {"question": "q", "beams": 0}, AUTH, 422),
     ("/v1/rag", {"question": "q", "beams": 9}, AUTH, 422),
     ("/v1/rag", {"question": "q", "beams": 2, "temperature": 0.7}, AUTH, 422),  # a beam search is greedy
+    ("/v1/rag", {"question": "q", "support_weight": -1}, AUTH, 422),
+    ("/v1/rag", {"question": "q", "support_weight": 101}, AUTH, 422),
     ("/v1/rag", None, AUTH, 422),
     ("/v1/rag", {"question": "q"}, {}, 401),
     ("/v1/rag", {"question": "q"}, {"Authorization": "Bearer wrong"}, 401),
