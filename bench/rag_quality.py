@@ -15,8 +15,9 @@ Answers (through ``/v1/rag`` of a local Serve app, top_k 5, max_tokens 24, tempe
 match, F1, contains-gold (SQuAD normalisation), recall@5 of the sources and p50 latency, for the
 base model and the tuned one (``--tuned``: a quantized/adapter artifact or model dir), with the
 endpoint's default decoding (extractive, ``ops.extractive``, beam search; the model reads as many of
-the 5 passages as it was fine-tuned on) and, for the tuned model, extractive greedy (``beams: 1``),
-the beam reading all 5 (``read_k: 5``) and free generation.
+the 5 passages as it was fine-tuned on, and ranks its answers by their support, ``support_weight``)
+and, for the tuned model, extractive greedy (``beams: 1``), the beam's most likely answer
+(``support_weight: 0``), the beam reading all 5 (``read_k: 5``) and free generation.
 Writes docs/benchmarks/rag_quality.{json,md}.
 """
 
