@@ -30,9 +30,9 @@ token-level index of the passages miss spans that start mid-token.
 
 from __future__ import annotations
 
-import functools
 import re
 import string
+import threading
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -228,11 +228,17 @@ _QUESTION_WORDS = frozenset("what which who whom whose when where why how whats 
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
 
 
-@functools.lru_cache(maxsize=1)
-def _stemmer() -> Any:
-    import Stemmer
+_local = threading.local()
 
-    return Stemmer.Stemmer("english")  # BM25's (ops.retrieval.BM25_LANGUAGE): "founded" meets "founding"
+
+def _stemmer() -> Any:
+    """This thread's stemmer (a PyStemmer object is not safe to share between threads): BM25's
+    (ops.retrieval.BM25_LANGUAGE), so "founded" meets "founding"."""
+    if not hasattr(_local, "stemmer"):
+        import Stemmer
+
+        _local.stemmer = Stemmer.Stemmer("english")
+    return _local.stemmer
 
 
 def _content_words(text: str, stem: Any) -> set[str]:
