@@ -1,4 +1,4 @@
-"""Extractive decoding: greedy (what /v1/rag serves) vs beam search over spans, same model, same passages.
+"""Extractive decoding: greedy vs beam search over spans (what /v1/rag serves), same model, same passages.
 
     python bench/rag_decoding.py --report artifacts/reports/<name> [--beams 4] [--length-penalty 1] \
         [--support-weights 0,5]
