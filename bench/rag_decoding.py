@@ -182,6 +182,12 @@ def main() -> None:
         print(f"[{i}/{len(rows)}] {r['question'][:60]!r}: " + ", ".join(f"{k} {v[-1]!r}" for k, v in results.items())
               + f", gold {r['gold'][:2]}", flush=True)
 
+    write_report(args, summary, rows, adapter, results, seconds, weights, max_tokens)
+
+
+def write_report(args, summary: dict, rows: list[dict], adapter: Path, results: dict[str, list[str]],
+                 seconds: dict[str, float], weights: list[float], max_tokens: int) -> None:
+    """Scores every decoding against the gold answers and the served ones; writes the JSON and the table."""
     golds = [r["gold"] for r in rows]
     served = [r["answer"] for r in rows]
     table = {"served by /v1/rag (the pipeline run)": {**score_answers(served, golds), "s_per_question": None}}

@@ -864,8 +864,13 @@ class Engine:
         if not survivors or best_final >= survivors[0][0] + bonus or beam.leader.cancelled:
             self._end_beam(beam, [seq for seq, _ in hypotheses])
             return
+        self._rewrite_beam_rows(beam, [seq for seq, _ in hypotheses], survivors, expanding)
+
+    def _rewrite_beam_rows(self, beam: _Beam, members: list[_Sequence],
+                           survivors: list[tuple[float, _Sequence, int]], expanding: bool) -> None:
+        """Puts the surviving hypotheses into the beam's rows (adding follower rows on its first step),
+        copying a parent's generated keys and values into a row that continues another's tokens."""
         rows = {id(seq): b for b, seq in enumerate(self._running)}
-        members = [seq for seq, _ in hypotheses]
         if expanding:  # the leader's row only so far: followers in the rows after it
             leader = beam.leader
             for _ in range(len(survivors) - 1):
